@@ -119,8 +119,10 @@ def adapt(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def personalize(msg: Message, context: Context) -> Message:
     """Personal adapters + evaluation of every method on this user's queries; reply with statistics only."""
+    from client.history import select_history
     from client.personalize import personalize_user, task_adapted_base
     from client.store import UserStore, atomic_write_json, read_json
+    from client.tasks import get_task
 
     cfg, model_dir, model_sha, device, pristine, tokenizer = _setup(msg, context)
     user, _, user_dir = _node_user(context)
@@ -136,8 +138,9 @@ def personalize(msg: Message, context: Context) -> Message:
     else:
         task_state = arrays.to_torch_state_dict() if len(arrays) else None
         merged = task_adapted_base(model_dir, device, cfg, task_state, task_sha)
+        personal = select_history(user, get_task(cfg.task), cfg)  # what personal training and retrieval may use
         results, timings = personalize_user(
-            cfg, user, store, merged, pristine, tokenizer, model_sha, task_adapter_sha=task_sha
+            cfg, personal, store, merged, pristine, tokenizer, model_sha, task_adapter_sha=task_sha
         )
         atomic_write_json(store.result, {"key": result_key, "statistics": results, "timings": timings})
     metrics: dict[str, float | list[float]] = {p.NUM_EXAMPLES: len(user.queries)}

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from client.adapters import PEFT_KINDS, PeftSettings
-from client.tasks import TASKS, get_task
+from client.history import HISTORY_SELECTIONS
+from client.tasks import HISTORY_FORMATS, TASKS, HistoryFormat, get_task
 from client.training import PromptSettings, TrainingSettings
 
 DEFAULT_METHODS = ("base", "rag", "pag", "oppu", "oppu+rag")
@@ -52,6 +53,18 @@ class RunConfig:
     personal_lr: float = _opt(1e-3, "learning rate of personal adapters")
     max_history: int = _opt(32, "most recent history items a personal adapter trains on (0: all, as the paper)")
     task_history: int = _opt(16, "most recent history items of a training user per task-adaptation round (0: all)")
+    history_selection: str = _opt(
+        "recent",
+        "history a test user personalizes with: 'recent' (all of it; max-history takes the latest) or "
+        "'least-relevant' (the selection-items items least similar to the user's queries: behaviour shift, "
+        "paper Table 3)",
+    )
+    selection_items: int = _opt(100, "history items kept by history-selection least-relevant")
+    history_format: str = _opt(
+        "both",
+        "what a history item teaches a personal adapter: 'both' (question -> answer), 'input' (its input text "
+        "only) or 'output' (its answer only); paper Table 4. Retrieved items in prompts stay whole",
+    )
     max_prompt_tokens: int = _opt(384, "prompt token budget; profile and history are cut, the question never")
     batch_tokens: int = _opt(512, "tokens per training batch (length-bucketed)")
     profile_items: int = _opt(16, "history items sampled to write a user's profile (PAG)")
@@ -70,6 +83,14 @@ class RunConfig:
         for name in ("rounds", "k", "max_history", "task_history", "num_queries", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.history_selection not in HISTORY_SELECTIONS:
+            raise ValueError(
+                f"history-selection must be one of {', '.join(HISTORY_SELECTIONS)}, got {self.history_selection!r}"
+            )
+        if self.selection_items < 1:
+            raise ValueError(f"selection-items must be >= 1, got {self.selection_items}")
+        if self.history_format not in HISTORY_FORMATS:
+            raise ValueError(f"history-format must be one of {', '.join(HISTORY_FORMATS)}, got {self.history_format!r}")
         if self.dp_noise < 0 or self.dp_clip <= 0 or not 0 < self.dp_delta < 1:
             raise ValueError(f"dp: need noise >= 0, clip > 0, 0 < delta < 1; got {self.dp_noise}, {self.dp_clip}, {self.dp_delta}")
         if not 0.0 < self.fraction_train <= 1.0:
@@ -93,8 +114,11 @@ class RunConfig:
             target_modules=tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()),
         )
 
-    def prompt_settings(self, k: int = 0, use_profile: bool = False) -> PromptSettings:
-        return PromptSettings(k=k, use_profile=use_profile, max_prompt_tokens=self.max_prompt_tokens)
+    def prompt_settings(self, k: int = 0, use_profile: bool = False, history_format: HistoryFormat = "both") -> PromptSettings:
+        """`history_format` matters to personal training only (task adaptation keeps question -> answer)."""
+        return PromptSettings(
+            k=k, use_profile=use_profile, max_prompt_tokens=self.max_prompt_tokens, history_format=history_format
+        )
 
     def task_training(self) -> TrainingSettings:
         return TrainingSettings(epochs=self.local_epochs, lr=self.task_lr, max_batch_tokens=self.batch_tokens)

@@ -148,7 +148,8 @@ def personalize_user(
                 peft_model or merged, cfg.peft_settings(), name, derived_seed(cfg.seed, user.user_id, variant)
             )
             examples = history_examples(
-                user, task, tokenizer, cfg.prompt_settings(method.k, method.profile), profile, cfg.max_history or None
+                user, task, tokenizer, cfg.prompt_settings(method.k, method.profile, cfg.history_format), profile,
+                cfg.max_history or None,
             )
             result = train_adapter(
                 peft_model, examples, tokenizer.pad_token_id, cfg.personal_training(),

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 MetricKind = Literal["classification", "regression", "generation"]
+HistoryFormat = Literal["both", "input", "output"]
+HISTORY_FORMATS: tuple[HistoryFormat, ...] = ("both", "input", "output")
 
 NEWS_CATEGORIES = (
     "travel", "education", "parents", "style & beauty", "entertainment", "food & drink",
@@ -46,6 +48,23 @@ class TaskSpec:
     def item_example(self, item_fields: dict[str, str]) -> tuple[str, str]:
         """A (question, answer) pair made from one history item: what a personal adapter learns."""
         return self.question_template.format(**item_fields), item_fields[self.answer_field]
+
+    def item_input(self, item_fields: dict[str, str]) -> str:
+        """The item's input side: its non-answer fields' text, one per line (no instruction, no answer)."""
+        return "\n".join(item_fields[f] for f in self.retrieval_fields)
+
+    def item_target(self, item_fields: dict[str, str], history_format: HistoryFormat) -> tuple[str, str]:
+        """(question, text to learn) for a history format (paper Table 4).
+
+        'both' is the item's question and answer; 'input' and 'output' learn one side alone, with no question.
+        """
+        if history_format == "both":
+            return self.item_example(item_fields)
+        if history_format == "input":
+            return "", self.item_input(item_fields)
+        if history_format == "output":
+            return "", item_fields[self.answer_field]
+        raise ValueError(f"history format {history_format!r}: expected one of {', '.join(HISTORY_FORMATS)}")
 
     def retrieval_query(self, query_input: str) -> str:
         """The part of a query that describes the item (instructions and label lists removed)."""

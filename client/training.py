@@ -15,7 +15,7 @@ from client.data import User
 from client.forward import answer_logprobs
 from client.prompts import build_prompt
 from client.retrieval import HistoryRetriever
-from client.tasks import TaskSpec
+from client.tasks import HistoryFormat, TaskSpec
 
 
 @dataclass(frozen=True)
@@ -28,12 +28,13 @@ class Example:
 
 @dataclass(frozen=True)
 class PromptSettings:
-    """How prompts are built: retrieved items (RAG k), user profile (PAG), token budget."""
+    """How prompts are built: retrieved items (RAG k), user profile (PAG), token budget, what history items teach."""
 
     k: int = 0
     use_profile: bool = False
     max_prompt_tokens: int = 384
     max_answer_tokens: int = 64
+    history_format: HistoryFormat = "both"  # see TaskSpec.item_target
 
 
 def _answer_ids(tokenizer: PreTrainedTokenizerBase, answer: str, limit: int) -> list[int]:
@@ -48,18 +49,25 @@ def history_examples(
     profile: str | None = None,
     max_items: int | None = None,
 ) -> list[Example]:
-    """One example per history item (the latest `max_items`); item i retrieves only from items before i."""
+    """One example per history item (the latest `max_items`); item i retrieves only from items before i.
+
+    With `settings.history_format` 'input' or 'output' the prompt is the context (profile, retrieved items,
+    found with the item's question as in 'both') and the answer cue, and the loss covers that one side.
+    """
     retriever = HistoryRetriever(task, user.history)
     first = 0 if max_items is None else max(0, len(user.history) - max_items)
+    # an item's input is as long as a question may be, so it is cut at the prompt budget, not the answer's
+    limit = settings.max_prompt_tokens if settings.history_format == "input" else settings.max_answer_tokens
     examples = []
     for i in range(first, len(user.history)):
-        question, answer = task.item_example(user.history[i].fields)
+        question = task.item_example(user.history[i].fields)[0]
         retrieved = retriever.top_k(question, settings.k, before=i)
+        shown, target = task.item_target(user.history[i].fields, settings.history_format)
         prompt = build_prompt(
-            task, tokenizer, question, retrieved, profile if settings.use_profile else None,
+            task, tokenizer, shown, retrieved, profile if settings.use_profile else None,
             settings.max_prompt_tokens,
         )
-        examples.append(Example(prompt.ids, _answer_ids(tokenizer, answer, settings.max_answer_tokens)))
+        examples.append(Example(prompt.ids, _answer_ids(tokenizer, target, limit)))
     return examples
 
 

@@ -1,0 +1,38 @@
+"""Which history items a device personalizes with: the recent ones, or (behaviour shift, paper Table 3)
+the ones least relevant to the user's queries."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import torch
+
+from client.data import User
+from client.embeddings import embed
+from client.tasks import TaskSpec
+
+if TYPE_CHECKING:
+    from client.config import RunConfig
+
+HISTORY_SELECTIONS = ("recent", "least-relevant")
+
+
+def select_history(user: User, task: TaskSpec, cfg: RunConfig) -> User:
+    """The user with only the history that personal training, retrieval and the profile may use.
+
+    'recent' keeps everything (max-history then takes the latest items). 'least-relevant' keeps the
+    `cfg.selection_items` items whose highest cosine similarity to any of the user's queries is lowest
+    (MiniLM embeddings of the item's input fields and of the query's item part): with the max, a kept item
+    is far from every query, which is the shift the study simulates; a mean could keep an item that
+    nearly matches one query. Kept items stay in their original order.
+    """
+    if cfg.history_selection == "recent" or len(user.history) <= cfg.selection_items:
+        return user
+    if not user.queries:
+        raise ValueError(f"history-selection least-relevant: user {user.user_id!r} has no queries to compare with")
+    items = embed([task.item_input(h.fields) for h in user.history])  # [H, 384], unit length
+    queries = embed([task.retrieval_query(q.input) for q in user.queries])  # [Q, 384]
+    relevance = (items @ queries.T).max(dim=1).values  # [H]
+    least = torch.argsort(relevance, stable=True)[: cfg.selection_items]  # ties: the earlier item first
+    return dataclasses.replace(user, history=[user.history[i] for i in sorted(least.tolist())])
