@@ -26,7 +26,7 @@ from client.tasks import get_task
 from server.audit import AuditedGrid
 from server.distribution import announce, send_model
 from server.exchange import exchange
-from server.report import method_results, versions, write_report
+from server.report import method_results, method_statistics, versions, write_report
 from server.strategy import task_strategy
 
 log = logging.getLogger("oppu")
@@ -107,15 +107,15 @@ def adapt_task(
 
 def personalize_and_evaluate(
     grid: Grid, cfg: RunConfig, opts: ServerOptions, model_sha: str, task_arrays: ArrayRecord, test_nodes: list[int]
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every test node personalizes and evaluates; (metric records of successes, error reasons)."""
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Every test node personalizes and evaluates; (metric record of each successful node by node id, errors)."""
     config = _message_config(cfg, model_sha)
     if len(task_arrays):  # (an empty string would break Flower's ConfigRecord.count_bytes)
         config[p.TASK_ADAPTER_SHA256] = arrays_sha256(task_arrays)
     content = RecordDict({p.ARRAYS: task_arrays, p.CONFIG: config})
     messages = [Message(content, dst_node_id=node, message_type=p.PERSONALIZE) for node in test_nodes]
     bar = tqdm(total=len(messages), desc="personalize + evaluate (test users)", unit="user", disable=not opts.progress)
-    records: list[dict[str, Any]] = []
+    records: dict[str, dict[str, Any]] = {}
     errors: list[str] = []
 
     def on_reply(reply: Message) -> None:
@@ -124,7 +124,7 @@ def personalize_and_evaluate(
             errors.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
             bar.set_postfix(failed=len(errors))
         else:
-            records.append(dict(reply.content[p.METRICS]))
+            records[str(reply.metadata.src_node_id)] = dict(reply.content[p.METRICS])
 
     exchange(grid, messages, opts.timeout, on_reply)
     bar.close()
@@ -198,7 +198,9 @@ def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
             "failed_updates": {str(r): n for r, n in strategy.failures().items()} if strategy else {},
             "differential_privacy": privacy_report(cfg, opts.outcome.get("dp_strategy")),
         },
-        "methods": method_results(task, records, cfg.method_names()),
+        "methods": method_results(task, records.values(), cfg.method_names()),
+        # per test node (the server knows nodes, not users): what the studies' paired bootstrap resamples
+        "per_user": {node: method_statistics(record) for node, record in records.items()},
         "timings": timings,
     }
     write_report(opts.run_dir, task, report)

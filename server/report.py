@@ -11,25 +11,30 @@ from typing import Any
 
 from client import protocol as p
 from client.metrics import Statistics, combine, finalize, primary_metric
-from client.store import atomic_write_json, atomic_write_text
+from client.store import atomic_write_bytes, atomic_write_json, atomic_write_text
 from client.tasks import TaskSpec
 
 
+def method_statistics(record: Mapping[str, Any]) -> dict[str, Statistics]:
+    """One reply's flat metric record split back into {method: statistics} (one user's view)."""
+    by_method: dict[str, Statistics] = {}
+    for key, value in record.items():
+        parsed = p.split_method_key(key)
+        if parsed:
+            by_method.setdefault(parsed[0], {})[parsed[1]] = list(value) if isinstance(value, list) else value
+    return by_method
+
+
 def statistics_by_method(replies: Iterable[Mapping[str, Any]]) -> dict[str, list[Statistics]]:
-    """Each reply's flat metric record split back into {method: [per-user statistics]}."""
+    """Replies regrouped as {method: [per-user statistics]}."""
     by_method: dict[str, list[Statistics]] = {}
     for record in replies:
-        per_user: dict[str, Statistics] = {}
-        for key, value in record.items():
-            parsed = p.split_method_key(key)
-            if parsed:
-                per_user.setdefault(parsed[0], {})[parsed[1]] = list(value) if isinstance(value, list) else value
-        for method, stats in per_user.items():
+        for method, stats in method_statistics(record).items():
             by_method.setdefault(method, []).append(stats)
     return by_method
 
 
-def method_results(task: TaskSpec, replies: list[Mapping[str, Any]], methods: list[str]) -> dict[str, dict[str, Any]]:
+def method_results(task: TaskSpec, replies: Iterable[Mapping[str, Any]], methods: list[str]) -> dict[str, dict[str, Any]]:
     """Per method: final metrics, number of users and of queries."""
     by_method = statistics_by_method(replies)
     results = {}
@@ -88,12 +93,17 @@ def plot(task: TaskSpec, results: Mapping[str, Mapping[str, Any]], path: Path) -
     ax.set_title(f"{task.name}: {task.description}")
     fig.autofmt_xdate(rotation=20)
     fig.tight_layout()
+    write_png(fig, path)
+
+
+def write_png(fig: Any, path: Path) -> None:
+    """Save a matplotlib figure atomically as PNG and close it."""
+    import matplotlib.pyplot as plt
+
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(path)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _privacy_line(dp: Mapping[str, Any] | None) -> str:
