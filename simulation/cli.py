@@ -31,7 +31,7 @@ class SetupError(Exception):
 
 
 def build_parser(simulation: bool = True) -> argparse.ArgumentParser:
-    """Flags: the run's own (below) plus one per RunConfig field, with its help text and default.
+    """Flags: the run's own plus one per RunConfig field, with its help text and default.
 
     `simulation=False` leaves out what only the simulation engine has (resume, Ray resources).
     """
@@ -42,14 +42,29 @@ def build_parser(simulation: bool = True) -> argparse.ArgumentParser:
         "on-device and sends back metric statistics only.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    add_run_flags(parser, simulation)
+    return parser
+
+
+def add_run_flags(
+    parser: argparse.ArgumentParser, simulation: bool = True, one_run: bool = True, fixed: frozenset[str] = frozenset()
+) -> None:
+    """Add the run flags to `parser` (also a study's subcommand).
+
+    `one_run=False` leaves out --run-dir and --resume (a study names and resumes its runs itself);
+    `fixed` names RunConfig fields a study sets per run, so they are no flags there.
+    """
     run = parser.add_argument_group("run")
     run.add_argument("--num-clients", type=int, default=100, help="test users (one node each): the longest histories")
     run.add_argument("--train-clients", type=int, default=20,
                      help="training-user nodes for task adaptation (a seeded sample of the other users)")
-    run.add_argument("--run-dir", type=Path, default=None,
-                     help="where everything is written (default: runs/<time>-<task>; with --resume: the latest run)")
+    if one_run:
+        run.add_argument("--run-dir", type=Path, default=None,
+                         help="where everything is written (default: runs/<time>-<task>; with --resume: the latest run)")
     if simulation:
-        run.add_argument("--resume", action="store_true", help="continue an interrupted run: finished users are skipped")
+        if one_run:
+            run.add_argument("--resume", action="store_true",
+                             help="continue an interrupted run: finished users are skipped")
         run.add_argument("--cache-dir", type=Path, default=None,
                          help="model cache (default: $OPPU_CACHE_DIR or ~/.cache/oppu-fl)")
         run.add_argument("--cpus-per-client", type=float, default=1.0, help="CPU cores per simulated client (Ray)")
@@ -59,9 +74,9 @@ def build_parser(simulation: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds to wait for a phase's replies")
     method = parser.add_argument_group("method (also [tool.flwr.app.config] keys for `flwr run`)")
     for f in dataclasses.fields(RunConfig):
-        method.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                            help=f.metadata["help"])
-    return parser
+        if f.name not in fixed:
+            method.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                                help=f.metadata["help"])
 
 
 def _latest_run() -> Path | None:

@@ -1,0 +1,108 @@
+"""`oppu-study`: the paper's studies, each a subcommand that runs its arms as ordinary federated runs.
+
+Every arm is a `flower-simulation` run in `<study-dir>/<arm>/`; an arm whose report is complete is reused
+and an interrupted one is resumed, so rerunning the same command continues a study. Then the study's
+table (markdown + json) and plot are written into the study directory (simulation/studies.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from client.store import read_json
+from simulation.cli import (
+    RUNS_DIR,
+    SetupError,
+    add_run_flags,
+    run_config_of,
+    run_settings,
+    simulate,
+)
+from simulation.studies import STUDIES, Arm
+
+STUDY_CLIENTS = {"num_clients": 20, "train_clients": 10}  # the main run's 100 + 20 users take an hour on 2 cores
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One subcommand per study, each with flower-simulation's flags except those its arms set."""
+    parser = argparse.ArgumentParser(
+        prog="oppu-study",
+        description="The OPPU paper's studies as federated runs; each writes <study>.md, .json and .png "
+        "(bootstrap CIs over users for every difference) into its study directory.",
+    )
+    subcommands = parser.add_subparsers(dest="study", required=True, metavar="STUDY")
+    for study in STUDIES.values():
+        sub = subcommands.add_parser(study.name, help=study.help, description=study.help,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add_run_flags(sub, one_run=False, fixed=study.fixed)
+        sub.add_argument("--study-dir", type=Path, default=None,
+                         help="where the arms' runs and the study's files go (default: runs/<time>-study-<name>)")
+        if study.flags:
+            study.flags(sub)
+        sub.set_defaults(**STUDY_CLIENTS, **study.defaults)
+    return parser
+
+
+def _complete(report: dict[str, Any] | None, num_clients: int) -> bool:
+    return bool(report) and report["users"]["failed"] == 0 and report["users"]["evaluated"] == num_clients
+
+
+def run_arm(args: argparse.Namespace, arm: Arm, run_dir: Path) -> dict[str, Any] | None:
+    """The arm's report: reused when complete, else the run is made (or resumed); None if it did not finish."""
+    arm_args = argparse.Namespace(**{**vars(args), "run_dir": run_dir, "resume": False})
+    earlier = read_json(run_dir / "run.json")
+    if earlier is not None:
+        if earlier != run_settings(arm_args, arm.config):
+            raise SystemExit(f"oppu-study: {run_dir} was run with other settings; pass another --study-dir")
+        report = read_json(run_dir / "report.json")
+        if _complete(report, args.num_clients):
+            print(f"  reusing the finished run in {run_dir}", flush=True)
+            return report
+        arm_args.resume = True
+        print("  resuming the unfinished run", flush=True)
+    _, outcome = simulate(arm_args, arm.config)
+    return outcome.get("report")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.num_clients < 1 or args.train_clients < 0:
+        parser.error("--num-clients must be >= 1 and --train-clients >= 0")
+    cfg = run_config_of(args, parser)
+    study = STUDIES[args.study]
+    study_dir = (args.study_dir or RUNS_DIR / f"{datetime.now():%Y%m%d-%H%M%S}-study-{study.name}").resolve()
+    start = time.perf_counter()
+    arms = study.arms(cfg, args)
+    runs, failed = {}, []
+    for i, arm in enumerate(arms, 1):
+        run_dir = study_dir / arm.name
+        print(f"[{i}/{len(arms)}] {study.name}: arm {arm.name!r} -> {run_dir}", flush=True)
+        try:
+            report = run_arm(args, arm, run_dir)
+        except SetupError as e:
+            print(f"oppu-study: {e}", file=sys.stderr)
+            return 2
+        if _complete(report, args.num_clients):
+            runs[arm.name] = run_dir
+        else:
+            failed.append(arm.name)
+    if failed:
+        print(f"oppu-study: arm(s) {', '.join(failed)} did not finish with every test user evaluated; see the log "
+              f"above and their report.md; rerun the same command to resume them ({study_dir})", file=sys.stderr)
+        return 1
+    markdown = study.finish(cfg, runs, args, study_dir)
+    print(markdown.read_text())
+    print(f"wall time {time.perf_counter() - start:.0f} s; study: {markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
