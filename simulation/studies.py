@@ -154,7 +154,7 @@ def _activity_analysis(task: TaskSpec, cfg: RunConfig, runs: dict[str, Path], ar
     stats = stored_statistics(run_dir)
     lengths = history_lengths(run_dir)
     users = sorted(stats, key=lambda user: (lengths[user], user))
-    methods = list(next(iter(stats.values())))
+    methods = cfg.method_names()
     reference = "base" if "base" in methods else methods[0]
     rows = [(reference, None), *((m, reference) for m in methods if m != reference)]
     tables, labels = [], []

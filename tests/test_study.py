@@ -122,12 +122,12 @@ def test_a_finished_study_is_reused_and_other_settings_are_refused(
 def test_activity_buckets_read_from_the_node_stores(depth_study: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(depth_study / "run", run_dir)
-    args = build_parser().parse_args(["activity", "--buckets", "2", *TINY_STUDY])
+    args = build_parser().parse_args(["activity", "--buckets", "2", "--methods", ",".join(DEPTH_METHODS), *TINY_STUDY])
     cfg = run_config_of(args, build_parser())
     STUDIES["activity"].finish(cfg, {"run": run_dir}, args, tmp_path)
     written = json.loads((tmp_path / "activity.json").read_text())
     lengths = sorted(history_lengths(run_dir).values())
-    assert [len(t["rows"]) for t in written["tables"]] == [len(DEPTH_METHODS)] * 2
+    assert [[row["label"] for row in t["rows"]] for t in written["tables"]] == [DEPTH_METHODS] * 2
     assert [t["rows"][0]["users"] for t in written["tables"]] == [2, 1]
     assert written["figure"]["x"] == [f"{lengths[0]}–{lengths[1]} items", f"{lengths[2]}–{lengths[2]} items"]
     assert (tmp_path / "activity.png").read_bytes()[:8] == PNG
