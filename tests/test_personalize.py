@@ -12,12 +12,13 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
+from client.adapters import attach_fresh, load_adapter_state
 from client.config import RunConfig, parse_method
 from client.data import synthetic_users
 from client.evaluate import predict, query_prompts
 from client.metrics import combine, finalize, statistics
 from client.model import load_base, load_fresh, model_hash
-from client.personalize import personalize_user
+from client.personalize import initial_task_state, personalize_user, task_adapted_base, task_lora
 from client.profile import user_profile
 from client.store import UserStore, read_json
 from client.tasks import get_task
@@ -230,3 +231,28 @@ def test_personalize_writes_the_profile_into_the_store(tiny, tiny_model_dir, tmp
                    "max_new_tokens": 48}
     assert isinstance(stored["profile"], str)
     assert not (store.root / "adapters").exists()  # no personal adapter for a non-personal method
+
+
+# ------------------------------------------------------------------------------ task-adapted base
+
+
+def test_task_adapted_base_owns_only_the_merged_weights(tiny, tiny_model_dir):
+    """The merged base equals a merge into a freshly loaded copy, shares every untouched tensor, and leaves the base alone."""
+    base, _ = tiny
+    before = snapshot(base)
+    state = {k: v + 0.05 for k, v in initial_task_state(base, CFG).items()}  # a task LoRA with nonzero B
+    merged = task_adapted_base(tiny_model_dir, "cpu", CFG, state, "test-state")
+
+    reference = attach_fresh(load_fresh(tiny_model_dir, "cpu"), task_lora(CFG), "task", 0)
+    load_adapter_state(reference, "task", state)
+    reference = reference.merge_and_unload()
+    expected = dict(reference.named_parameters())
+    base_params = dict(base.named_parameters())
+    owned = set()
+    for name, param in merged.named_parameters():
+        assert torch.allclose(param, expected[name], atol=1e-6), name
+        if param.data_ptr() != base_params[name].data_ptr():
+            owned.add(name)
+    assert owned and all(name.split(".")[-2] in CFG.peft_settings().target_modules for name in owned)
+    assert all(not torch.equal(merged.get_parameter(n), base_params[n]) for n in owned), "a copied weight is unchanged"
+    assert not changed_weights(base, before), "building the merged base changed the shared base"

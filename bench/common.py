@@ -1,0 +1,107 @@
+"""What every benchmark shares: the machine's measured matmul peak, model FLOPs, real users, and result output.
+
+Figures are only comparable within one run on one machine, so each script measures its own peak and its
+baselines side by side; nothing here is a timed assertion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from client.store import atomic_write_json
+
+PEAK_SHAPES = ((512, 576, 1536), (1024, 1536, 576), (2048, 2048, 2048))
+
+
+def matmul_peak_gflops(dtype: torch.dtype, repeats: int = 20) -> float:
+    """Best GFLOP/s of plain matmuls at the current thread count (shapes of a small LLM's layers and a square)."""
+    best = 0.0
+    for m, k, n in PEAK_SHAPES:
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        seconds = (time.perf_counter() - start) / repeats
+        best = max(best, 2 * m * k * n / seconds / 1e9)
+        if best < 20:  # a dtype without a fast kernel: one shape says enough and the square would take minutes
+            break
+    return best
+
+
+def linear_params(model: nn.Module) -> tuple[int, int]:
+    """(weights of the decoder's linear layers, weights of the vocabulary head): what a token's FLOPs scale with."""
+    head = model.get_output_embeddings()
+    body = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head
+               and m.weight.requires_grad is False and m.weight.ndim == 2)
+    return body, head.weight.numel()
+
+
+def training_flops(model: nn.Module, tokens: int, answer_tokens: int) -> float:
+    """Useful FLOPs of LoRA training on `tokens` real tokens, `answer_tokens` of them scored.
+
+    Forward 2 FLOPs per weight per token, backward 2 more for activation gradients (the frozen base gets no
+    weight gradients); the vocabulary head is needed only where a loss is taken. Padding and logits of
+    prompt positions are waste and not counted, so both training loops are measured against the same work.
+    """
+    body, head = linear_params(model)
+    return 4.0 * body * tokens + 4.0 * head * answer_tokens
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "amx": bool(torch.cpu._is_amx_tile_supported()), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def common_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags every benchmark takes."""
+    parser.add_argument("--model", default="smollm2", help="base model (as flower-simulation --model)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 = what one simulated client gets with --cpus-per-client 1)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+
+
+def finish(args: argparse.Namespace, results: dict[str, Any], table: list[str]) -> dict[str, Any]:
+    """Print the table and the JSON; write the JSON to --out (atomically)."""
+    results = {"machine": machine(), **results}
+    print("\n".join(table))
+    print(json.dumps(results, indent=1))
+    if args.out:
+        atomic_write_json(args.out, results)
+    return results
+
+
+def test_users(count: int, data: str = "default") -> list:
+    """The first `count` test users of the default run (MovieLens, longest histories), or synthetic users."""
+    from client.config import RunConfig
+    from simulation.partition import load_users, split_users
+
+    cfg = RunConfig() if data == "default" else RunConfig(task="LaMP-2M", data="synthetic")
+    return split_users(load_users(cfg, count), count, 0, cfg.seed)[0]
+
+
+def load_model(args: argparse.Namespace, dtype: str = "float32"):
+    """(model, tokenizer) of --model in `dtype`, on the CPU, with --threads set first."""
+    from client.model import load_base, resolve_model
+
+    torch.set_num_threads(args.threads)
+    return load_base(resolve_model(args.model), "cpu", dtype)

@@ -1,0 +1,118 @@
+"""The whole default run, measured: wall time, peak memory of the process tree, time and bytes per phase.
+
+    python -m bench.end_to_end                          # flower-simulation --num-clients 100 (the default run)
+    python -m bench.end_to_end --num-clients 10 -- --rounds 1   # flags after -- go to flower-simulation
+
+It starts `flower-simulation` as a child process (run directory under runs/bench-e2e-<time> unless given)
+and samples every process it starts (driver, Ray's services, client workers) once a second:
+- RSS summed over the tree: what `top` shows added up; pages the processes share (the base model's
+  safetensors, mapped read-only by every worker) are counted once per process, so it overstates;
+- PSS summed over the tree: shared pages split between the processes that map them, i.e. the memory the
+  run really occupies.
+Phase times come from the run's report.json, bytes per phase from its server-side audit log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.common import finish
+from client.store import read_json
+from simulation.audit import read_log, traffic
+
+GIB = 2**30
+
+
+class TreeMemory:
+    """Peak RSS and PSS summed over a process and all its descendants, sampled in a background thread."""
+
+    def __init__(self, pid: int, interval: float = 1.0) -> None:
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        self.peak_rss = self.peak_pss = 0
+        self.peak_processes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            rss = pss = 0
+            try:
+                processes = [self.root, *self.root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            for process in processes:
+                try:
+                    info = process.memory_full_info()
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                rss, pss = rss + info.rss, pss + info.pss
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            self.peak_processes = max(self.peak_processes, len(processes))
+
+
+def run_simulation(command: list[str]) -> tuple[int, float, TreeMemory]:
+    """Run the command to its end; (exit status, wall seconds, memory peaks)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command)
+    with TreeMemory(process.pid) as memory:
+        status = process.wait()
+    return status, time.perf_counter() - start, memory
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m bench.end_to_end", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-clients", type=int, default=100, help="test users (flower-simulation --num-clients)")
+    parser.add_argument("--run-dir", type=Path, default=None, help="run directory (default runs/bench-e2e-<time>)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("simulation_flags", nargs="*", help="more flower-simulation flags, after --")
+    args = parser.parse_args(argv)
+    run_dir = args.run_dir or Path("runs") / f"bench-e2e-{datetime.now():%Y%m%d-%H%M%S}"
+    executable = Path(sys.executable).with_name("flower-simulation")
+    command = [str(executable), "--num-clients", str(args.num_clients), "--run-dir", str(run_dir),
+               *args.simulation_flags]
+    status, wall, memory = run_simulation(command)
+    report = read_json(run_dir / "report.json")
+    if status != 0 or report is None:
+        raise SystemExit(f"bench.end_to_end: {' '.join(command)} exited {status}; see {run_dir}")
+    phases, _ = traffic(read_log(run_dir / "audit" / "server.jsonl"))
+    results = {
+        "command": command, "wall_seconds": wall, "exit_status": status,
+        "peak_tree_rss_gib": memory.peak_rss / GIB, "peak_tree_pss_gib": memory.peak_pss / GIB,
+        "peak_processes": memory.peak_processes, "phase_seconds": report["timings"], "phase_bytes": phases,
+        "users": report["users"],
+        "methods": report["methods"],
+    }
+    table = [
+        f"`{' '.join(command)}`: exit {status}, wall {wall / 60:.1f} min, {report['users']['evaluated']} users evaluated",
+        f"peak memory of the process tree ({memory.peak_processes} processes): "
+        f"RSS {results['peak_tree_rss_gib']:.2f} GiB, PSS {results['peak_tree_pss_gib']:.2f} GiB",
+        "| phase | seconds |", "|---|---|",
+        *(f"| {name.removesuffix('-seconds')} | {seconds:.0f} |" for name, seconds in report["timings"].items()),
+        "", "| phase | bytes down | messages down | bytes up | messages up |", "|---|---|---|---|---|",
+        *(f"| {phase} | {s.get('bytes_down', 0):,} | {s.get('messages_down', 0)} | {s.get('bytes_up', 0):,} | "
+          f"{s.get('messages_up', 0)} |" for phase, s in phases.items()),
+    ]
+    return finish(args, results, table)
+
+
+if __name__ == "__main__":
+    main()

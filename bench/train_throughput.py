@@ -1,0 +1,148 @@
+"""Personal-adapter training throughput and model-FLOPs utilisation, ours vs a naive loop, side by side.
+
+    python -m bench.train_throughput                  # SmolLM2, 2 MovieLens test users, 1 thread
+    python -m bench.train_throughput --threads 2 --users 4 --out runs/bench/train.json
+
+Both loops train a fresh LoRA (r=8 on q,v) per user on the same examples (each history item with one
+BM25-retrieved earlier item, the default run's `oppu+rag` adapter), one epoch, from the same base:
+- ours: `client.training.train_adapter`, length-bucketed batches of `--batch-tokens`, left padding and
+  vocabulary logits only where the loss is taken, in the dtype `pick_dtype` chooses for this machine;
+- naive (the reference code's settings): plain peft, shuffled batches of 16 examples padded to the longest
+  (multiple of 8), labels -100 on the prompt, the model's own loss over full logits, fp32.
+MFU is useful model FLOPs per second (`bench.common.training_flops`: padding and prompt logits are not
+counted) over the best matmul rate this script measures at the same thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import PreTrainedModel
+
+from bench.common import common_flags, finish, load_model, matmul_peak_gflops, test_users, training_flops
+from client.adapters import PeftSettings, attach_fresh
+from client.model import pick_dtype
+from client.tasks import get_task
+from client.training import Example, PromptSettings, TrainingSettings, history_examples, train_adapter
+
+NAIVE_BATCH = 16
+
+
+def naive_batches(examples: list[Example], pad_id: int, rng: random.Random) -> list[dict[str, torch.Tensor]]:
+    """Shuffled fixed-size batches padded on the left to the longest row (multiple of 8), as the reference."""
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    batches = []
+    for start in range(0, len(order), NAIVE_BATCH):
+        rows = [examples[i] for i in order[start : start + NAIVE_BATCH]]
+        width = -(-max(len(e.prompt) + len(e.answer) for e in rows) // 8) * 8
+        ids = torch.full((len(rows), width), pad_id)
+        labels = torch.full((len(rows), width), -100)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, e in enumerate(rows):
+            seq = e.prompt + e.answer
+            ids[r, width - len(seq):] = torch.tensor(seq)
+            labels[r, width - len(e.answer):] = torch.tensor(e.answer)
+            mask[r, width - len(seq):] = 1
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return batches
+
+
+def naive_training(base: PreTrainedModel, examples: list[Example], pad_id: int, seed: int) -> dict[str, float]:
+    """One epoch of the reference code's loop on a fresh plain-peft LoRA; returns seconds, loss, padded tokens."""
+    torch.manual_seed(seed)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                                            task_type="CAUSAL_LM"))
+    try:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        batches = naive_batches(examples, pad_id, random.Random(seed))
+        model.train()
+        start, losses = time.perf_counter(), []
+        for batch in batches:
+            loss = model(**batch, use_cache=False).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return {"seconds": time.perf_counter() - start, "loss": sum(losses) / len(losses),
+                "padded_tokens": float(sum(b["input_ids"].numel() for b in batches))}
+    finally:
+        model.unload()
+
+
+def our_training(base: PreTrainedModel, examples: list[Example], pad_id: int, seed: int, batch_tokens: int) -> dict[str, float]:
+    """One epoch of `train_adapter` on a fresh LoRA, as a personal adapter is trained in a run."""
+    model = attach_fresh(base, PeftSettings(), "bench", seed)
+    try:
+        return train_adapter(model, examples, pad_id, TrainingSettings(epochs=1, lr=1e-3, max_batch_tokens=batch_tokens), seed)
+    finally:
+        model.unload()
+
+
+def user_examples(tokenizer, users: int, items: int, k: int) -> list[list[Example]]:
+    """Each benchmark user's training examples, built exactly as in a run."""
+    task = get_task("MovieLens")
+    return [history_examples(user, task, tokenizer, PromptSettings(k=k), max_items=items) for user in test_users(users)]
+
+
+def measure(name: str, run, base: PreTrainedModel, per_user: list[list[Example]], peak: float) -> dict[str, Any]:
+    """Train every user with `run` (after one warm-up user) and sum up tokens, FLOPs, time and MFU."""
+    run(base, per_user[0][:4])  # warm-up: first-call allocations and kernel choices
+    seconds = loss = 0.0
+    tokens = answer_tokens = 0
+    for examples in per_user:
+        result = run(base, examples)
+        seconds += result["seconds"]
+        loss += result["loss"] / len(per_user)
+        tokens += sum(len(e.prompt) + len(e.answer) for e in examples)
+        answer_tokens += sum(len(e.answer) for e in examples)
+    flops = training_flops(base, tokens, answer_tokens)
+    return {
+        "loop": name, "dtype": str(base.dtype).removeprefix("torch."), "seconds": seconds, "tokens": tokens,
+        "tokens_per_s": tokens / seconds, "model_gflops": flops / seconds / 1e9,
+        "mfu": flops / seconds / 1e9 / peak, "mean_loss": loss,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m bench.train_throughput", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_flags(parser)
+    parser.add_argument("--users", type=int, default=2, help="MovieLens test users (longest histories first)")
+    parser.add_argument("--items", type=int, default=32, help="latest history items per user (the default run's)")
+    parser.add_argument("--k", type=int, default=1, help="retrieved items in each training prompt")
+    parser.add_argument("--batch-tokens", type=int, default=512, help="our token budget per batch (the run's default)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    peaks = {"float32": matmul_peak_gflops(torch.float32), "bfloat16": matmul_peak_gflops(torch.bfloat16)}
+    ours_dtype = str(pick_dtype(torch.device("cpu"))).removeprefix("torch.")
+    fp32, tokenizer = load_model(args, "float32")
+    per_user = user_examples(tokenizer, args.users, args.items, args.k)
+    pad = tokenizer.pad_token_id
+    rows = [measure("naive (reference settings)", lambda m, ex: naive_training(m, ex, pad, 0), fp32, per_user,
+                    peaks["float32"])]
+    ours = lambda m, ex: our_training(m, ex, pad, 0, args.batch_tokens)  # noqa: E731
+    rows.append(measure("ours", ours, fp32, per_user, peaks["float32"]))
+    if ours_dtype != "float32":
+        rows.append(measure("ours", ours, load_model(args, ours_dtype)[0], per_user, peaks[ours_dtype]))
+    naive_tokens_per_s = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["speedup_vs_naive"] = row["tokens_per_s"] / naive_tokens_per_s
+    table = [
+        f"matmul peak at {args.threads} thread(s): fp32 {peaks['float32']:.1f} GFLOP/s, bf16 {peaks['bfloat16']:.1f} GFLOP/s",
+        "| loop | dtype | tokens | seconds | tokens/s | model GFLOP/s | MFU | x naive | mean loss |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *(f"| {r['loop']} | {r['dtype']} | {r['tokens']} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | "
+          f"{r['model_gflops']:.1f} | {r['mfu']:.0%} | {r['speedup_vs_naive']:.2f} | {r['mean_loss']:.3f} |" for r in rows),
+    ]
+    settings = {k: getattr(args, k) for k in ("model", "users", "items", "k", "batch_tokens")}
+    return finish(args, {"settings": settings, "peak_gflops": peaks, "rows": rows}, table)
+
+
+if __name__ == "__main__":
+    main()
