@@ -62,17 +62,13 @@ def _message_config(cfg: RunConfig, model_sha: str) -> ConfigRecord:
 def _save_task_adapter(cfg: RunConfig, model_dir: Path, arrays: ArrayRecord, target: Path, key: str) -> None:
     """The global task LoRA as standard peft files, plus the key that says which run made it."""
     from client.adapters import attach_fresh, load_adapter_state
-    from client.model import load_base
+    from client.model import load_fresh
     from client.personalize import TASK_ADAPTER, task_lora
     from client.store import atomic_save_adapter
 
-    base, _ = load_base(model_dir, "cpu")
-    model = attach_fresh(base, task_lora(cfg), TASK_ADAPTER, 0)
-    try:
-        load_adapter_state(model, TASK_ADAPTER, arrays.to_torch_state_dict())
-        atomic_save_adapter(model, TASK_ADAPTER, target)
-    finally:
-        model.unload()
+    model = attach_fresh(load_fresh(model_dir, "cpu"), task_lora(cfg), TASK_ADAPTER, 0)  # a throwaway copy
+    load_adapter_state(model, TASK_ADAPTER, arrays.to_torch_state_dict())
+    atomic_save_adapter(model, TASK_ADAPTER, target)
     atomic_write_json(target.parent / "task_adapter.json", {"key": key, "sha256": arrays_sha256(arrays)})
 
 
@@ -80,7 +76,7 @@ def adapt_task(
     grid: Grid, cfg: RunConfig, opts: ServerOptions, model_dir: Path, model_sha: str, train_nodes: list[int]
 ) -> ArrayRecord:
     """FedAvg rounds of the shared task LoRA over training nodes (skipped on resume when already done)."""
-    from client.model import load_base
+    from client.model import load_fresh
     from client.personalize import initial_task_state
 
     target = opts.run_dir / "server" / "task_adapter"
@@ -91,8 +87,7 @@ def adapt_task(
 
         log.info("resume: reusing the task adapter of the interrupted run")
         return ArrayRecord(load_file(target / "adapter_model.safetensors"))
-    base, _ = load_base(model_dir, "cpu")
-    initial = ArrayRecord(initial_task_state(base, cfg))
+    initial = ArrayRecord(initial_task_state(load_fresh(model_dir, "cpu"), cfg))  # not kept: the server holds no model
     fedavg, strategy = task_strategy(cfg, train_nodes)
     opts.outcome["strategy"] = fedavg
     opts.outcome["dp_strategy"] = strategy if strategy is not fedavg else None
