@@ -22,21 +22,29 @@ from client.store import atomic_write_json
 PEAK_SHAPES = ((512, 576, 1536), (1024, 1536, 576), (2048, 2048, 2048))
 
 
-def matmul_peak_gflops(dtype: torch.dtype, repeats: int = 20) -> float:
+def matmul_peak_gflops(dtype: torch.dtype, device: str = "cpu", repeats: int = 20) -> float:
     """Best GFLOP/s of plain matmuls at the current thread count (shapes of a small LLM's layers and a square)."""
     best = 0.0
     for m, k, n in PEAK_SHAPES:
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
         for _ in range(2):
             a @ b
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(repeats):
             a @ b
+        synchronize(device)
         seconds = (time.perf_counter() - start) / repeats
         best = max(best, 2 * m * k * n / seconds / 1e9)
         if best < 20:  # a dtype without a fast kernel: one shape says enough and the square would take minutes
             break
     return best
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued CUDA work, so a timer reads finished work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def linear_params(model: nn.Module) -> tuple[int, int]:
@@ -75,6 +83,7 @@ def machine() -> dict[str, Any]:
 def common_flags(parser: argparse.ArgumentParser) -> None:
     """Flags every benchmark takes."""
     parser.add_argument("--model", default="smollm2", help="base model (as flower-simulation --model)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 = what one simulated client gets with --cpus-per-client 1)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
@@ -100,8 +109,8 @@ def test_users(count: int, data: str = "default") -> list:
 
 
 def load_model(args: argparse.Namespace, dtype: str = "float32"):
-    """(model, tokenizer) of --model in `dtype`, on the CPU, with --threads set first."""
-    from client.model import load_base, resolve_model
+    """(model, tokenizer) of --model in `dtype` on --device, with --threads set first."""
+    from client.model import load_base, pick_device, resolve_model
 
     torch.set_num_threads(args.threads)
-    return load_base(resolve_model(args.model), "cpu", dtype)
+    return load_base(resolve_model(args.model), str(pick_device(args.device)), dtype)

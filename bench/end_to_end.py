@@ -68,7 +68,7 @@ class TreeMemory:
             self.peak_processes = max(self.peak_processes, len(processes))
 
 
-def run_simulation(command: list[str]) -> tuple[int, float, TreeMemory]:
+def run_measured(command: list[str]) -> tuple[int, float, TreeMemory]:
     """Run the command to its end; (exit status, wall seconds, memory peaks)."""
     start = time.perf_counter()
     process = subprocess.Popen(command)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     executable = Path(sys.executable).with_name("flower-simulation")
     command = [str(executable), "--num-clients", str(args.num_clients), "--run-dir", str(run_dir),
                *args.simulation_flags]
-    status, wall, memory = run_simulation(command)
+    status, wall, memory = run_measured(command)
     report = read_json(run_dir / "report.json")
     if status != 0 or report is None:
         raise SystemExit(f"bench.end_to_end: {' '.join(command)} exited {status}; see {run_dir}")

@@ -50,7 +50,7 @@ def reference_predictions(
     texts, counts = [], []
     for ids in prompt_ids_list:
         prompt = tokenizer.decode(ids)
-        inputs = tokenizer(prompt, return_tensors="pt")
+        inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
         out = model.generate(
             **inputs, do_sample=True, top_k=10, temperature=0.1, top_p=0.9,
             max_new_tokens=REFERENCE_MAX_NEW_TOKENS,
@@ -88,7 +88,7 @@ def _valid_share(outputs: Sequence[str], labels: Sequence[str]) -> float:
 def _warm_up(model: PreTrainedModel, ids: list[int]) -> None:
     """One forward before any timing, so neither way pays the first call's one-time costs."""
     with torch.inference_mode():
-        model(input_ids=torch.tensor([ids]))
+        model(input_ids=torch.tensor([ids], device=model.device))
 
 
 def classification(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n: int) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 
 from bench.common import common_flags, finish, load_model, matmul_peak_gflops, test_users, training_flops
 from client.adapters import PeftSettings, attach_fresh
-from client.model import pick_dtype
+from client.model import pick_device, pick_dtype
 from client.tasks import get_task
 from client.training import Example, PromptSettings, TrainingSettings, history_examples, train_adapter
 
@@ -64,7 +64,7 @@ def naive_training(base: PreTrainedModel, examples: list[Example], pad_id: int, 
         model.train()
         start, losses = time.perf_counter(), []
         for batch in batches:
-            loss = model(**batch, use_cache=False).loss
+            loss = model(**{k: v.to(base.device) for k, v in batch.items()}, use_cache=False).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -119,8 +119,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-tokens", type=int, default=512, help="our token budget per batch (the run's default)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    peaks = {"float32": matmul_peak_gflops(torch.float32), "bfloat16": matmul_peak_gflops(torch.bfloat16)}
-    ours_dtype = str(pick_dtype(torch.device("cpu"))).removeprefix("torch.")
+    device = str(pick_device(args.device))
+    peaks = {"float32": matmul_peak_gflops(torch.float32, device), "bfloat16": matmul_peak_gflops(torch.bfloat16, device)}
+    ours_dtype = str(pick_dtype(torch.device(device))).removeprefix("torch.")
     fp32, tokenizer = load_model(args, "float32")
     per_user = user_examples(tokenizer, args.users, args.items, args.k)
     pad = tokenizer.pad_token_id
