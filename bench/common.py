@@ -51,7 +51,7 @@ def linear_params(model: nn.Module) -> tuple[int, int]:
     """(weights of the decoder's linear layers, weights of the vocabulary head): what a token's FLOPs scale with."""
     head = model.get_output_embeddings()
     body = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head
-               and m.weight.requires_grad is False and m.weight.ndim == 2)
+               and m.weight.requires_grad is False)
     return body, head.weight.numel()
 
 
@@ -99,12 +99,12 @@ def finish(args: argparse.Namespace, results: dict[str, Any], table: list[str]) 
     return results
 
 
-def test_users(count: int, data: str = "default") -> list:
-    """The first `count` test users of the default run (MovieLens, longest histories), or synthetic users."""
+def test_users(count: int) -> list:
+    """The first `count` test users of the default run (MovieLens, longest histories)."""
     from client.config import RunConfig
     from simulation.partition import load_users, split_users
 
-    cfg = RunConfig() if data == "default" else RunConfig(task="LaMP-2M", data="synthetic")
+    cfg = RunConfig()
     return split_users(load_users(cfg, count), count, 0, cfg.seed)[0]
 
 
@@ -114,3 +114,15 @@ def load_model(args: argparse.Namespace, dtype: str = "float32"):
 
     torch.set_num_threads(args.threads)
     return load_base(resolve_model(args.model), str(pick_device(args.device)), dtype)
+
+
+def train_fresh_lora(base: nn.Module, examples: list, pad_id: int, settings, seed: int) -> dict[str, float]:
+    """`train_adapter` on a fresh LoRA (r=8 on q,v), as a personal adapter is trained in a run; the base is left clean."""
+    from client.adapters import PeftSettings, attach_fresh
+    from client.training import train_adapter
+
+    model = attach_fresh(base, PeftSettings(), "bench", seed)
+    try:
+        return train_adapter(model, examples, pad_id, settings, seed)
+    finally:
+        model.unload()

@@ -24,12 +24,11 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from bench.common import common_flags, finish, load_model, training_flops
-from client.adapters import PeftSettings, attach_fresh
+from bench.common import common_flags, finish, load_model, train_fresh_lora, training_flops
 from client.data import HistoryItem, User
 from client.store import atomic_write_bytes
 from client.tasks import RATINGS, get_task
-from client.training import PromptSettings, TrainingSettings, history_examples, train_adapter
+from client.training import PromptSettings, TrainingSettings, history_examples
 
 TASK = "MovieLens"
 SETTINGS = TrainingSettings(epochs=1, lr=1e-3, max_batch_tokens=512)  # the run's personal-training batch budget
@@ -72,11 +71,7 @@ def synthetic_user(tokenizer: PreTrainedTokenizerBase, items: int, tokens_per_it
 def time_training(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, user: User) -> dict[str, float]:
     """One epoch of a fresh personal LoRA on the user's history; the base is left clean (adapter unloaded)."""
     examples = history_examples(user, get_task(TASK), tokenizer, PromptSettings(k=0))
-    peft_model = attach_fresh(model, PeftSettings(), "bench", 0)
-    try:
-        result = train_adapter(peft_model, examples, tokenizer.pad_token_id, SETTINGS, seed=0)
-    finally:
-        peft_model.unload()
+    result = train_fresh_lora(model, examples, tokenizer.pad_token_id, SETTINGS, seed=0)
     flops = training_flops(model, int(result["tokens"]), sum(len(e.answer) for e in examples))
     return {
         "examples": len(examples), "steps": result["steps"], "tokens": result["tokens"],

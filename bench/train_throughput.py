@@ -21,14 +21,17 @@ import time
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
 
-from bench.common import common_flags, finish, load_model, matmul_peak_gflops, test_users, training_flops
-from client.adapters import PeftSettings, attach_fresh
+from bench.common import (
+    common_flags, finish, load_model, matmul_peak_gflops, test_users, train_fresh_lora, training_flops,
+)
+from client.forward import left_pad
 from client.model import pick_device, pick_dtype
 from client.tasks import get_task
-from client.training import Example, PromptSettings, TrainingSettings, history_examples, train_adapter
+from client.training import Example, PromptSettings, TrainingSettings, history_examples
 
 NAIVE_BATCH = 16
 
@@ -40,21 +43,16 @@ def naive_batches(examples: list[Example], pad_id: int, rng: random.Random) -> l
     batches = []
     for start in range(0, len(order), NAIVE_BATCH):
         rows = [examples[i] for i in order[start : start + NAIVE_BATCH]]
-        width = -(-max(len(e.prompt) + len(e.answer) for e in rows) // 8) * 8
-        ids = torch.full((len(rows), width), pad_id)
-        labels = torch.full((len(rows), width), -100)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, e in enumerate(rows):
-            seq = e.prompt + e.answer
-            ids[r, width - len(seq):] = torch.tensor(seq)
-            labels[r, width - len(e.answer):] = torch.tensor(e.answer)
-            mask[r, width - len(seq):] = 1
-        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+        ids, mask = left_pad([e.prompt + e.answer for e in rows], pad_id)
+        labels, _ = left_pad([[-100] * len(e.prompt) + e.answer for e in rows], -100)
+        extra = (-ids.shape[1] % 8, 0)  # (left, right): widen on the left to a multiple of 8
+        batches.append({"input_ids": F.pad(ids, extra, value=pad_id), "attention_mask": F.pad(mask, extra),
+                        "labels": F.pad(labels, extra, value=-100)})
     return batches
 
 
 def naive_training(base: PreTrainedModel, examples: list[Example], pad_id: int, seed: int) -> dict[str, float]:
-    """One epoch of the reference code's loop on a fresh plain-peft LoRA; returns seconds, loss, padded tokens."""
+    """One epoch of the reference code's loop on a fresh plain-peft LoRA; returns seconds and mean loss."""
     torch.manual_seed(seed)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
                                             task_type="CAUSAL_LM"))
@@ -69,17 +67,7 @@ def naive_training(base: PreTrainedModel, examples: list[Example], pad_id: int, 
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-        return {"seconds": time.perf_counter() - start, "loss": sum(losses) / len(losses),
-                "padded_tokens": float(sum(b["input_ids"].numel() for b in batches))}
-    finally:
-        model.unload()
-
-
-def our_training(base: PreTrainedModel, examples: list[Example], pad_id: int, seed: int, batch_tokens: int) -> dict[str, float]:
-    """One epoch of `train_adapter` on a fresh LoRA, as a personal adapter is trained in a run."""
-    model = attach_fresh(base, PeftSettings(), "bench", seed)
-    try:
-        return train_adapter(model, examples, pad_id, TrainingSettings(epochs=1, lr=1e-3, max_batch_tokens=batch_tokens), seed)
+        return {"seconds": time.perf_counter() - start, "loss": sum(losses) / len(losses)}
     finally:
         model.unload()
 
@@ -127,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pad = tokenizer.pad_token_id
     rows = [measure("naive (reference settings)", lambda m, ex: naive_training(m, ex, pad, 0), fp32, per_user,
                     peaks["float32"])]
-    ours = lambda m, ex: our_training(m, ex, pad, 0, args.batch_tokens)  # noqa: E731
+    settings = TrainingSettings(epochs=1, lr=1e-3, max_batch_tokens=args.batch_tokens)
+    ours = lambda m, ex: train_fresh_lora(m, ex, pad, settings, 0)  # noqa: E731
     rows.append(measure("ours", ours, fp32, per_user, peaks["float32"]))
     if ours_dtype != "float32":
         rows.append(measure("ours", ours, load_model(args, ours_dtype)[0], per_user, peaks[ours_dtype]))
