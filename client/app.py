@@ -66,7 +66,7 @@ def _setup(msg: Message, context: Context):
     if model_dir is None:
         raise RuntimeError(f"base model {model_sha[:12]} is not in this node's cache (the announce phase fetches it)")
     device = str(pick_device(cfg.device))
-    base, tokenizer = load_base(model_dir, device)
+    base, tokenizer = load_base(model_dir, device, cfg.dtype)
     return cfg, model_dir, model_sha, device, base, tokenizer
 
 

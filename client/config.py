@@ -14,6 +14,7 @@ from typing import Any
 
 from client.adapters import PEFT_KINDS, PeftSettings
 from client.history import HISTORY_SELECTIONS
+from client.model import DTYPES
 from client.tasks import HISTORY_FORMATS, TASKS, HistoryFormat, get_task
 from client.training import PromptSettings, TrainingSettings
 
@@ -74,6 +75,11 @@ class RunConfig:
     dp_delta: float = _opt(1e-5, "DP delta at which epsilon is reported")
     seed: int = _opt(0, "seed of sampling, adapter initialisation and data order")
     device: str = _opt("auto", "where clients compute: auto (CUDA if present), cpu, cuda")
+    dtype: str = _opt(
+        "auto",
+        "base model dtype on clients: auto (bf16 on CUDA, and on a CPU where a measured bf16 matmul is at least "
+        "1.5x fp32), float32, bfloat16; adapters always train in fp32",
+    )
 
     def __post_init__(self) -> None:
         get_task(self.task)
@@ -93,6 +99,8 @@ class RunConfig:
             raise ValueError(f"history-format must be one of {', '.join(HISTORY_FORMATS)}, got {self.history_format!r}")
         if self.dp_noise < 0 or self.dp_clip <= 0 or not 0 < self.dp_delta < 1:
             raise ValueError(f"dp: need noise >= 0, clip > 0, 0 < delta < 1; got {self.dp_noise}, {self.dp_clip}, {self.dp_delta}")
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"dtype must be auto, {' or '.join(DTYPES)}; got {self.dtype!r}")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ValueError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
 

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
@@ -28,6 +29,8 @@ from client.store import atomic_directory
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2"
+DTYPES = ("float32", "bfloat16")
+BF16_MIN_SPEEDUP = 1.5  # a CPU computes in bf16 only if it is at least this much faster than fp32
 TINY_MODEL = "tiny-random"
 MANIFEST = "oppu-model.json"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -145,41 +148,72 @@ def pick_device(prefer: str = "auto") -> torch.device:
 
 
 def pick_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the hardware computes it fast (CUDA with bf16; CPUs with AMX tiles), else fp32.
+    """bf16 where this device computes it clearly faster than fp32, else fp32.
 
-    CPUs with only AVX512-bf16 run bf16 matmuls slower than fp32 (measured: 0.5-0.8x), so they get fp32.
+    CPU feature flags do not tell: AVX512-bf16 ran bf16 matmuls at 0.5x fp32 on one Intel and 4.4x on an AMD
+    Zen 5, and an AVX2-only CPU at 0.01x. So a CPU's choice is measured once per process.
     """
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu" and torch.cpu._is_amx_tile_supported():
+    if device.type == "cpu" and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP:
         return torch.bfloat16
     return torch.float32
 
 
+@cache
+def cpu_bf16_speedup(rows: int = 128, width: int = 576, repeats: int = 3) -> float:
+    """bf16 over fp32 matmul rate on a layer-sized product at the current thread count (about 0.1 s)."""
+
+    def best_seconds(dtype: torch.dtype) -> float:
+        a, b = torch.randn(rows, width, dtype=dtype), torch.randn(width, width, dtype=dtype)
+        a @ b  # first call: kernel choice and allocation
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best_seconds(torch.float32) / best_seconds(torch.bfloat16)
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """A dtype name from 'auto' (pick_dtype), 'float32' or 'bfloat16'; anything else is an error."""
+    if dtype == "auto":
+        return str(pick_dtype(torch.device(device))).removeprefix("torch.")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto, {' or '.join(DTYPES)}; got {dtype!r}")
+    return dtype
+
+
 def load_base(model_dir: Path, device: str = "cpu", dtype: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Base model and tokenizer, loaded once per process and shared by every user on this worker."""
-    if dtype == "auto":
-        dtype = str(pick_dtype(torch.device(device))).removeprefix("torch.")
-    return _load_base(Path(model_dir).resolve(), device, dtype)
+    return _load_base(Path(model_dir).resolve(), device, resolve_dtype(dtype, device))
 
 
 def load_fresh(model_dir: Path, device: str = "cpu", dtype: str = "auto") -> PreTrainedModel:
     """An unshared copy of the base (for merging a task adapter into it)."""
-    if dtype == "auto":
-        dtype = str(pick_dtype(torch.device(device))).removeprefix("torch.")
-    return _load_base.__wrapped__(Path(model_dir).resolve(), device, dtype)[0]
+    return _load_base.__wrapped__(Path(model_dir).resolve(), device, resolve_dtype(dtype, device))[0]
 
 
 @cache
 def _load_base(model_dir: Path, device: str, dtype: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     torch_device = torch.device(device)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(torch_device)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, dtype), attn_implementation=attention_for(torch_device, dtype)
+    ).to(torch_device)
     model.eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def attention_for(device: torch.device, dtype: str) -> str:
+    """Eager attention for bf16 on a CPU, where torch's fused attention backward made a LoRA step 25% slower
+    (SmolLM2, 1 thread, 64-512 tokens); the library default (sdpa) elsewhere."""
+    return "eager" if device.type == "cpu" and dtype == "bfloat16" else "sdpa"
 
 
 def find_model_by_hash(sha256: str, cache_dir: Path | None = None) -> Path | None:

@@ -95,17 +95,17 @@ def task_adaptation_step(
         _remove_adapters(model)
 
 
-_merged_cache: dict[tuple[Path, str, str], PreTrainedModel] = {}
+_merged_cache: dict[tuple[Path, str, str, str], PreTrainedModel] = {}
 
 
 def task_adapted_base(
     model_dir: Path, device: str, cfg: RunConfig, task_state: dict[str, torch.Tensor] | None, state_hash: str
 ) -> PreTrainedModel:
     """The base with the task LoRA merged in; built once per (model, task adapter) in each process."""
-    pristine = load_base(model_dir, device)[0]
+    pristine = load_base(model_dir, device, cfg.dtype)[0]
     if task_state is None:
         return pristine
-    key = (model_dir, device, state_hash)
+    key = (model_dir, device, cfg.dtype, state_hash)
     if key not in _merged_cache:
         _merged_cache.clear()  # one merged copy at a time bounds memory
         settings = task_lora(cfg)

@@ -66,7 +66,7 @@ def _save_task_adapter(cfg: RunConfig, model_dir: Path, arrays: ArrayRecord, tar
     from client.personalize import TASK_ADAPTER, task_lora
     from client.store import atomic_save_adapter
 
-    model = attach_fresh(load_fresh(model_dir, "cpu"), task_lora(cfg), TASK_ADAPTER, 0)  # a throwaway copy
+    model = attach_fresh(load_fresh(model_dir, "cpu", "float32"), task_lora(cfg), TASK_ADAPTER, 0)  # a throwaway copy
     load_adapter_state(model, TASK_ADAPTER, arrays.to_torch_state_dict())
     atomic_save_adapter(model, TASK_ADAPTER, target)
     atomic_write_json(target.parent / "task_adapter.json", {"key": key, "sha256": arrays_sha256(arrays)})
@@ -87,7 +87,7 @@ def adapt_task(
 
         log.info("resume: reusing the task adapter of the interrupted run")
         return ArrayRecord(load_file(target / "adapter_model.safetensors"))
-    initial = ArrayRecord(initial_task_state(load_fresh(model_dir, "cpu"), cfg))  # not kept: the server holds no model
+    initial = ArrayRecord(initial_task_state(load_fresh(model_dir, "cpu", "float32"), cfg))  # not kept: the server holds no model
     fedavg, strategy = task_strategy(cfg, train_nodes)
     opts.outcome["strategy"] = fedavg
     opts.outcome["dp_strategy"] = strategy if strategy is not fedavg else None

@@ -28,4 +28,6 @@ def test_from_record_rejects_unknown_keys_and_bad_values() -> None:
         RunConfig(fraction_train=0.0)
     with pytest.raises(ValueError, match="peft kind 'adapterx'"):
         RunConfig(peft="adapterx")
+    with pytest.raises(ValueError, match="dtype must be auto, float32 or bfloat16; got 'fp16'"):
+        RunConfig(dtype="fp16")
     assert RunConfig.from_record({"k": 2, "methods": "rag,oppu+rag"}).method_names() == ["rag-k2", "oppu+rag-k2"]

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from client.model import (
+    BF16_MIN_SPEEDUP,
     MANIFEST,
+    cpu_bf16_speedup,
     default_cache_dir,
     find_model_by_hash,
     load_base,
@@ -19,6 +21,7 @@ from client.model import (
     model_slug,
     pick_dtype,
     receive_model_chunk,
+    resolve_dtype,
     resolve_model,
     verify_model_dir,
 )
@@ -80,8 +83,31 @@ def test_verify_model_dir_detects_added_and_removed_files(tiny_model_dir, tmp_pa
         verify_model_dir(copy)
 
 
-def test_pick_dtype_cpu():
-    assert pick_dtype(torch.device("cpu")) in (torch.bfloat16, torch.float32)
+def test_pick_dtype_follows_the_measured_cpu_speed():
+    """bf16 only where this CPU's measured bf16 matmul beats fp32 clearly (flags alone mislead: see pick_dtype)."""
+    speedup = cpu_bf16_speedup()
+    assert speedup > 0
+    expected = torch.bfloat16 if speedup >= BF16_MIN_SPEEDUP else torch.float32
+    assert pick_dtype(torch.device("cpu")) == expected
+    assert cpu_bf16_speedup() == speedup  # measured once per process
+
+
+def test_resolve_dtype():
+    assert resolve_dtype("auto", "cpu") == str(pick_dtype(torch.device("cpu"))).removeprefix("torch.")
+    assert resolve_dtype("float32", "cpu") == "float32"
+    with pytest.raises(ValueError, match="float16"):
+        resolve_dtype("float16", "cpu")
+
+
+def test_bf16_on_cpu_uses_eager_attention_and_matches_fp32(tiny_model_dir):
+    """Eager attention for bf16 CPU (faster backward); its logits stay close to the fp32 sdpa model's."""
+    bf16, _ = load_base(tiny_model_dir, "cpu", "bfloat16")
+    fp32, _ = load_base(tiny_model_dir, "cpu", "float32")
+    assert bf16.config._attn_implementation == "eager" and fp32.config._attn_implementation == "sdpa"
+    ids = torch.tensor([[1, 504, 2378, 314, 9023, 28, 1030, 44]])
+    with torch.no_grad():
+        low, high = bf16(input_ids=ids).logits.float(), fp32(input_ids=ids).logits
+    assert (low.softmax(-1) - high.softmax(-1)).abs().max() < 0.02
 
 
 def test_load_base_uses_picked_dtype_and_is_shared(tiny_model_dir, tiny):
