@@ -18,9 +18,10 @@ from flwr.clientapp import ClientApp
 
 from client import protocol as p
 from client.audit import audit_mod
+from client.memory import free_memory_mod
 
 log = logging.getLogger(__name__)
-app = ClientApp(mods=[audit_mod])
+app = ClientApp(mods=[audit_mod, free_memory_mod])
 
 
 def _user_dir(context: Context) -> Path:
