@@ -33,13 +33,19 @@ GIB = 2**30
 
 
 class TreeMemory:
-    """Peak RSS and PSS summed over a process and all its descendants, sampled in a background thread."""
+    """Peak RSS and PSS summed over a process and all its descendants, sampled in a background thread.
+
+    Also kept: each process's RSS at the sample where the tree's RSS peaked, and each process's CPU seconds
+    when last seen, so a table can say which part of the run (driver, Ray services, client workers) costs what.
+    """
 
     def __init__(self, pid: int, interval: float = 1.0) -> None:
         self.root = psutil.Process(pid)
         self.interval = interval
         self.peak_rss = self.peak_pss = 0
         self.peak_processes = 0
+        self.rss_at_peak: dict[int, tuple[str, int]] = {}  # pid -> (name, RSS bytes)
+        self.cpu_seconds: dict[int, tuple[str, float]] = {}  # pid -> (name, user + system seconds)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -54,18 +60,34 @@ class TreeMemory:
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
             rss = pss = 0
+            sample: dict[int, tuple[str, int]] = {}
             try:
                 processes = [self.root, *self.root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 return
             for process in processes:
                 try:
-                    info = process.memory_full_info()
+                    with process.oneshot():
+                        info, times, name = process.memory_full_info(), process.cpu_times(), process.name()
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
                 rss, pss = rss + info.rss, pss + info.pss
+                sample[process.pid] = (name, info.rss)
+                self.cpu_seconds[process.pid] = (name, times.user + times.system)
+            if rss > self.peak_rss:
+                self.rss_at_peak = sample
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
             self.peak_processes = max(self.peak_processes, len(processes))
+
+    def by_name(self) -> dict[str, dict[str, float]]:
+        """Per process name: how many, RSS at the tree's peak (GiB) and CPU seconds, largest RSS first."""
+        rows: dict[str, dict[str, float]] = {}
+        for pid, (name, seconds) in self.cpu_seconds.items():
+            row = rows.setdefault(name, {"processes": 0, "rss_at_peak_gib": 0.0, "cpu_seconds": 0.0})
+            row["processes"] += 1
+            row["cpu_seconds"] += seconds
+            row["rss_at_peak_gib"] += self.rss_at_peak.get(pid, (name, 0))[1] / GIB
+        return dict(sorted(rows.items(), key=lambda item: -item[1]["rss_at_peak_gib"]))
 
 
 def run_measured(command: list[str]) -> tuple[int, float, TreeMemory]:
@@ -97,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = {
         "command": command, "wall_seconds": wall, "exit_status": status,
         "peak_tree_rss_gib": memory.peak_rss / GIB, "peak_tree_pss_gib": memory.peak_pss / GIB,
-        "peak_processes": memory.peak_processes, "phase_seconds": report["timings"], "phase_bytes": phases,
+        "peak_processes": memory.peak_processes, "processes": memory.by_name(),
+        "phase_seconds": report["timings"], "phase_bytes": phases,
         "users": report["users"],
         "methods": report["methods"],
     }
@@ -105,7 +128,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"`{' '.join(command)}`: exit {status}, wall {wall / 60:.1f} min, {report['users']['evaluated']} users evaluated",
         f"peak memory of the process tree ({memory.peak_processes} processes): "
         f"RSS {results['peak_tree_rss_gib']:.2f} GiB, PSS {results['peak_tree_pss_gib']:.2f} GiB",
-        "| phase | seconds |", "|---|---|",
+        "| process | count | RSS at the peak (GiB) | CPU seconds |", "|---|---|---|---|",
+        *(f"| {name} | {row['processes']:.0f} | {row['rss_at_peak_gib']:.2f} | {row['cpu_seconds']:.0f} |"
+          for name, row in results["processes"].items()),
+        "", "| phase | seconds |", "|---|---|",
         *(f"| {name.removesuffix('-seconds')} | {seconds:.0f} |" for name, seconds in report["timings"].items()),
         "", "| phase | bytes down | messages down | bytes up | messages up |", "|---|---|---|---|---|",
         *(f"| {phase} | {s.get('bytes_down', 0):,} | {s.get('messages_down', 0)} | {s.get('bytes_up', 0):,} | "
