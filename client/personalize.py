@@ -11,6 +11,7 @@ import copy
 import hashlib
 import logging
 import random
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -144,15 +145,17 @@ def personalize_user(
     methods = [parse_method(m) for m in cfg.method_names()]
     golds = [q.gold for q in user.queries]
     profile = None
+    timings: dict[str, float] = {}
     if any(m.profile for m in methods):
+        start = time.perf_counter()
         profile = user_profile(
             pristine, tokenizer, task, user, store.profile, model_hash, cfg.seed, cfg.profile_items
         )
+        timings["profile-seconds"] = time.perf_counter() - start
     variants: dict[str, Method] = {}
     for m in methods:
         if m.personal:
             variants.setdefault(m.variant, m)
-    timings: dict[str, float] = {}
     peft_model: PeftModel | None = None
     try:
         for variant, method in variants.items():
@@ -177,6 +180,7 @@ def personalize_user(
             })
         results: dict[str, Statistics] = {}
         kept: dict[str, list[dict[str, str]]] = {}
+        start = time.perf_counter()
         for method in methods:
             prompts = query_prompts(user, task, tokenizer, cfg.prompt_settings(method.k, method.profile), profile)
             if method.personal:
@@ -190,6 +194,7 @@ def personalize_user(
             kept[method.name] = [
                 {"id": q.id, "prediction": pred, "gold": q.gold} for q, pred in zip(user.queries, predictions)
             ]
+        timings["evaluate-seconds"] = time.perf_counter() - start
         atomic_write_json(store.predictions, kept)  # stays on the device, for the user's own inspection
         return results, timings
     finally:
