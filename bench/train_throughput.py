@@ -22,7 +22,6 @@ import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
 
@@ -44,11 +43,9 @@ def naive_batches(examples: list[Example], pad_id: int, rng: random.Random) -> l
     batches = []
     for start in range(0, len(order), NAIVE_BATCH):
         rows = [examples[i] for i in order[start : start + NAIVE_BATCH]]
-        ids, mask = left_pad([e.prompt + e.answer for e in rows], pad_id)
-        labels, _ = left_pad([[-100] * len(e.prompt) + e.answer for e in rows], -100)
-        extra = (-ids.shape[1] % 8, 0)  # (left, right): widen on the left to a multiple of 8
-        batches.append({"input_ids": F.pad(ids, extra, value=pad_id), "attention_mask": F.pad(mask, extra),
-                        "labels": F.pad(labels, extra, value=-100)})
+        ids, mask = left_pad([e.prompt + e.answer for e in rows], pad_id, multiple_of=8)
+        labels, _ = left_pad([[-100] * len(e.prompt) + e.answer for e in rows], -100, multiple_of=8)
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
     return batches
 
 

@@ -13,9 +13,15 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, T] token ids and attention mask, padded on the left."""
-    width = max(len(s) for s in sequences)
+WIDTH_MULTIPLE = 8
+"""Batches are padded to a width that is a multiple of this. In bf16 on a CPU, oneDNN keeps about 3 MB of state
+per distinct matmul shape that is never freed: over 50 users of a run a worker grew by hundreds of MB. Rounding
+the width bounds the number of shapes (MovieLens: about 5% more tokens); the reference code pads to 8 too."""
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, multiple_of: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] token ids and attention mask, padded on the left to a width T that is a multiple of `multiple_of`."""
+    width = -(-max(len(s) for s in sequences) // multiple_of) * multiple_of
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
@@ -37,7 +43,7 @@ def _last_logits(
     Prompt tuning runs row by row: peft puts its virtual tokens before the padding and ignores position
     ids, so a padded row would see its prompt at another distance than when run alone.
     """
-    ids, mask = left_pad(sequences, pad_id)
+    ids, mask = left_pad(sequences, pad_id, WIDTH_MULTIPLE)
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
     if _uses_prompt_learning(model):

@@ -12,7 +12,7 @@ from peft import PeftModel
 from client.adapters import PeftSettings, attach_fresh
 from client.data import HistoryItem, User, synthetic_users
 from client.evaluate import generate, score_labels
-from client.forward import answer_logprobs, left_pad
+from client.forward import WIDTH_MULTIPLE, answer_logprobs, left_pad
 from client.model import load_base
 from client.prompts import HISTORY_HEADER
 from client.tasks import get_task
@@ -117,6 +117,26 @@ def test_left_pad():
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0, multiple_of=4)
+    assert ids.tolist() == [[0, 5, 6, 7], [0, 0, 0, 8]]
+    assert mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+
+
+def test_forward_widths_are_multiples_of_the_padding_multiple(fp32):
+    """Bounded matmul shapes (oneDNN keeps state per shape in bf16): every batch is WIDTH_MULTIPLE-aligned."""
+    model, tokenizer = fp32
+    batches = [PROMPTS, PROMPTS[1:2], [p + [9] * extra for p, extra in zip(PROMPTS, (3, 11, 20))]]
+    widths = []
+    hook = model.get_input_embeddings().register_forward_pre_hook(lambda _, args: widths.append(args[0].shape[1]))
+    try:
+        with torch.no_grad():
+            for rows in batches:
+                answer_logprobs(model, rows, ANSWERS[: len(rows)], tokenizer.pad_token_id)
+    finally:
+        hook.remove()
+    longest = [max(len(p) + len(a) for p, a in zip(rows, ANSWERS)) for rows in batches]
+    assert widths == [-(-n // WIDTH_MULTIPLE) * WIDTH_MULTIPLE for n in longest]
+    assert len(set(widths)) > 1 and all(w % WIDTH_MULTIPLE == 0 for w in widths)
 
 
 def test_answer_mask_has_one_entry_per_answer_token(fp32):
