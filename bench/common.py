@@ -108,8 +108,8 @@ def test_users(count: int) -> list:
     return split_users(load_users(cfg, count), count, 0, cfg.seed)[0]
 
 
-def load_model(args: argparse.Namespace, dtype: str = "float32"):
-    """(model, tokenizer) of --model in `dtype` on --device, with --threads set first."""
+def load_model(args: argparse.Namespace, dtype: str):
+    """(model, tokenizer) of --model in `dtype` ('auto': as a run picks it) on --device, with --threads set first."""
     from client.model import load_base, pick_device, resolve_model
 
     torch.set_num_threads(args.threads)

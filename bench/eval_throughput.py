@@ -10,6 +10,7 @@ decodes generation tasks greedily, batched with the KV cache (`generate`). Two w
 - generation: LaMP-4-style headline prompts. There is no LaMP text offline, so each article is built from a
   real MovieLens user: the `item_text` of the user's latest 12 history items, oldest first, joined by "; ".
 
+Both ways run on the same base, in the dtype a run picks on this machine (`client.model.pick_dtype`).
 Figures are seconds of wall time on this machine at --threads, both ways in one run; the reference's
 "new tokens" are the sampled ids up to and including EOS, ours are 0 for scoring (nothing is generated) and,
 for generation, the re-tokenized output text plus the EOS where it stopped early, capped at the limit (an
@@ -139,6 +140,7 @@ def generation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n: in
 
 def _table(results: dict[str, Any]) -> list[str]:
     rows = [
+        f"{results['model']} in {results['dtype']} (both ways)",
         "| workload | way | prompts | seconds | prompts/s | new tokens | valid share | speed-up |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -160,9 +162,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prompts", type=int, default=20, help="MovieLens rating prompts (classification)")
     parser.add_argument("--generation-prompts", type=int, default=8, help="LaMP-4-style headline prompts")
     args = parser.parse_args(argv)
-    model, tokenizer = load_model(args)
+    model, tokenizer = load_model(args, "auto")  # the dtype a run would pick here; both ways share it
     results = {
-        "model": args.model,
+        "model": args.model, "dtype": str(model.dtype).removeprefix("torch."),
         "classification": classification(model, tokenizer, args.prompts),
         "generation": generation(model, tokenizer, args.generation_prompts),
     }

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from bench.eval_throughput import REFERENCE_MAX_NEW_TOKENS, main
+from client.model import pick_dtype
 
 
 def test_eval_throughput_reports_both_ways(tiny_model_dir, tmp_path):
@@ -12,6 +15,7 @@ def test_eval_throughput_reports_both_ways(tiny_model_dir, tmp_path):
     results = main(["--model", "tiny-random", "--prompts", "4", "--generation-prompts", "2", "--out", str(out)])
     assert json.loads(out.read_text()) == results
     assert results["classification"]["prompts"] == 4
+    assert results["dtype"] == str(pick_dtype(torch.device("cpu"))).removeprefix("torch.")  # as a run computes
     assert results["generation"]["prompts"] == 2
     assert results["classification"]["ours"]["valid_share"] == 1.0  # label scoring always returns a label
     assert results["classification"]["ours"]["new_tokens"] == 0
