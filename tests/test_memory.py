@@ -8,7 +8,7 @@ import psutil
 import pytest
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
-from client.memory import _libc, free_memory_mod
+from client.memory import _libc, free_memory_mod, return_freed_memory
 
 MIB = 2**20
 
@@ -34,6 +34,7 @@ def fragment_the_heap(msg: Message, context: Context) -> Message:
 @pytest.mark.skipif(_libc() is None, reason="not glibc: nothing to trim")
 def test_free_memory_mod_returns_the_handlers_freed_heap():
     msg, context = message(RecordDict()), CONTEXT
+    return_freed_memory()  # earlier tests in this process may have left free heap the blocks would reuse
     before = psutil.Process().memory_info().rss
     fragment_the_heap(msg, context)  # without the mod the freed blocks stay in RSS
     held = psutil.Process().memory_info().rss - before
