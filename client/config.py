@@ -14,7 +14,7 @@ from typing import Any
 
 from client.adapters import PEFT_KINDS, PeftSettings
 from client.history import HISTORY_SELECTIONS
-from client.model import DTYPES
+from client.model import check_dtype_name
 from client.tasks import HISTORY_FORMATS, TASKS, HistoryFormat, get_task
 from client.training import PromptSettings, TrainingSettings
 
@@ -99,8 +99,7 @@ class RunConfig:
             raise ValueError(f"history-format must be one of {', '.join(HISTORY_FORMATS)}, got {self.history_format!r}")
         if self.dp_noise < 0 or self.dp_clip <= 0 or not 0 < self.dp_delta < 1:
             raise ValueError(f"dp: need noise >= 0, clip > 0, 0 < delta < 1; got {self.dp_noise}, {self.dp_clip}, {self.dp_delta}")
-        if self.dtype not in ("auto", *DTYPES):
-            raise ValueError(f"dtype must be auto, {' or '.join(DTYPES)}; got {self.dtype!r}")
+        check_dtype_name(self.dtype)
         if not 0.0 < self.fraction_train <= 1.0:
             raise ValueError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
 
