@@ -8,6 +8,7 @@ message's ConfigRecord, since `context.run_config` is empty under the simulation
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,7 +75,7 @@ class RunConfig:
     dp_clip: float = _opt(1.0, "DP clipping norm of each client's task-adapter update")
     dp_delta: float = _opt(1e-5, "DP delta at which epsilon is reported")
     seed: int = _opt(0, "seed of sampling, adapter initialisation and data order")
-    device: str = _opt("auto", "where clients compute: auto (CUDA if present), cpu, cuda")
+    device: str = _opt("auto", "where clients compute: auto (CUDA if present), cpu, cuda or cuda:N")
     dtype: str = _opt(
         "auto",
         "base model dtype on clients: auto (bf16 on CUDA, and on a CPU where a measured bf16 matmul is at least "
@@ -100,6 +101,8 @@ class RunConfig:
         if self.dp_noise < 0 or self.dp_clip <= 0 or not 0 < self.dp_delta < 1:
             raise ValueError(f"dp: need noise >= 0, clip > 0, 0 < delta < 1; got {self.dp_noise}, {self.dp_clip}, {self.dp_delta}")
         check_dtype_name(self.dtype)
+        if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ValueError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
 

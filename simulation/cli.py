@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -28,6 +29,38 @@ RUNS_DIR = Path("runs")
 
 class SetupError(Exception):
     """Bad data or settings found before the simulation starts (exit status 2)."""
+
+
+def gpu_share(text: str) -> str | float:
+    """--gpus-per-client: 'auto' or a share >= 0."""
+    if text == "auto":
+        return text
+    try:
+        share = float(text)
+    except ValueError:
+        share = -1.0
+    if share < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got {text!r}")
+    return share
+
+
+def client_resources(cpus_per_client: float, gpus_per_client: str | float, device: str, gpus: int, cpus: int) -> dict:
+    """Ray resources of one simulated client.
+
+    Ray hides every GPU from an actor that asks for none, so clients told to use CUDA (or 'auto' on a GPU
+    host) need a share; 'auto' splits the visible GPUs evenly among the clients that run at once.
+    """
+    if gpus_per_client == "auto":
+        concurrent = max(1, int(cpus // cpus_per_client))
+        share = min(1.0, gpus / concurrent) if device != "cpu" and gpus else 0.0
+    else:
+        share = float(gpus_per_client)
+    if device.startswith("cuda") and not share:
+        raise SetupError(
+            f"--device {device} needs a GPU, but none is visible" if not gpus
+            else f"--device {device} with --gpus-per-client 0: Ray would hide the GPU from every client"
+        )
+    return {"num_cpus": cpus_per_client, "num_gpus": math.floor(share * 1e4) / 1e4}  # Ray counts in 1e-4 units
 
 
 def build_parser(simulation: bool = True) -> argparse.ArgumentParser:
@@ -68,7 +101,9 @@ def add_run_flags(
         run.add_argument("--cache-dir", type=Path, default=None,
                          help="model cache (default: $OPPU_CACHE_DIR or ~/.cache/oppu-fl)")
         run.add_argument("--cpus-per-client", type=float, default=1.0, help="CPU cores per simulated client (Ray)")
-        run.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share per simulated client (Ray)")
+        run.add_argument("--gpus-per-client", type=gpu_share, default="auto",
+                         help="GPU share per simulated client (Ray): a number, or 'auto': the visible GPUs shared "
+                         "evenly by the clients that run at once (--device auto or cuda; 0 without a GPU)")
         run.add_argument("--canaries", action="store_true",
                          help="plant a unique marker string in every user's history; `oppu-audit` checks none is sent")
     run.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds to wait for a phase's replies")
@@ -111,6 +146,7 @@ def simulate(args: argparse.Namespace, cfg: RunConfig, client_app: ClientApp | N
 
     `client_app` replaces ours (the privacy tests run a deliberately leaky one).
     """
+    import torch
     from flwr.simulation import run_simulation
 
     from client.app import app as default_client_app
@@ -118,6 +154,9 @@ def simulate(args: argparse.Namespace, cfg: RunConfig, client_app: ClientApp | N
     from client.store import atomic_write_json
     from simulation.partition import load_users, plant_canaries, split_users, write_partitions
 
+    resources = client_resources(
+        args.cpus_per_client, args.gpus_per_client, cfg.device, torch.cuda.device_count(), len(os.sched_getaffinity(0))
+    )
     run_dir = prepare_run_dir(args, cfg).resolve()
     if args.resume and (run_dir / "nodes.json").exists():  # the stores of the interrupted run stay as they are
         nodes = json.loads((run_dir / "nodes.json").read_text())
@@ -143,7 +182,7 @@ def simulate(args: argparse.Namespace, cfg: RunConfig, client_app: ClientApp | N
         client_app=client_app or default_client_app,
         num_supernodes=len(nodes),
         backend_config={
-            "client_resources": {"num_cpus": args.cpus_per_client, "num_gpus": args.gpus_per_client},
+            "client_resources": resources,
             "init_args": {"logging_level": logging.WARNING, "log_to_driver": True},
         },
     )

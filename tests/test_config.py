@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from client.config import RunConfig
+from simulation.cli import SetupError, build_parser, client_resources
 from simulation.partition import RUN_KEYS, split_run_config
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
@@ -30,4 +31,36 @@ def test_from_record_rejects_unknown_keys_and_bad_values() -> None:
         RunConfig(peft="adapterx")
     with pytest.raises(ValueError, match="dtype must be auto, float32 or bfloat16; got 'fp16'"):
         RunConfig(dtype="fp16")
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N, got 'gpu'"):
+        RunConfig(device="gpu")
+    assert RunConfig(device="cuda:1").device == "cuda:1"
     assert RunConfig.from_record({"k": 2, "methods": "rag,oppu+rag"}).method_names() == ["rag-k2", "oppu+rag-k2"]
+
+
+def test_auto_gpu_share_splits_visible_gpus_among_concurrent_clients() -> None:
+    # no GPU, or clients told to stay on the CPU: no share (Ray then hides GPUs, as wanted)
+    assert client_resources(1.0, "auto", "auto", gpus=0, cpus=2) == {"num_cpus": 1.0, "num_gpus": 0.0}
+    assert client_resources(1.0, "auto", "cpu", gpus=1, cpus=16)["num_gpus"] == 0.0
+    # one H200 and 16 cores: 16 clients at once, a sixteenth each; 2 cores per client: an eighth
+    assert client_resources(1.0, "auto", "auto", gpus=1, cpus=16)["num_gpus"] == 0.0625
+    assert client_resources(2.0, "auto", "cuda", gpus=1, cpus=16)["num_gpus"] == 0.125
+    # never more than one GPU per client; thirds round down to Ray's 1e-4 units so three fit on one GPU
+    assert client_resources(1.0, "auto", "auto", gpus=4, cpus=2)["num_gpus"] == 1.0
+    assert client_resources(1.0, "auto", "auto", gpus=1, cpus=3)["num_gpus"] * 3 <= 1.0
+    assert client_resources(1.0, 0.5, "auto", gpus=0, cpus=2)["num_gpus"] == 0.5
+
+
+def test_cuda_without_a_gpu_share_is_a_setup_error() -> None:
+    with pytest.raises(SetupError, match="--device cuda needs a GPU, but none is visible"):
+        client_resources(1.0, "auto", "cuda", gpus=0, cpus=2)
+    with pytest.raises(SetupError, match="--gpus-per-client 0: Ray would hide the GPU"):
+        client_resources(1.0, 0.0, "cuda:0", gpus=1, cpus=2)
+
+
+def test_gpus_per_client_flag_takes_auto_or_a_share(capsys: pytest.CaptureFixture[str]) -> None:
+    assert build_parser().parse_args([]).gpus_per_client == "auto"
+    assert build_parser().parse_args(["--gpus-per-client", "0.25"]).gpus_per_client == 0.25
+    for bad in ("-1", "half"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--gpus-per-client", bad])
+        assert f"expected 'auto' or a number >= 0, got '{bad}'" in capsys.readouterr().err
