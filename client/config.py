@@ -8,14 +8,13 @@ message's ConfigRecord, since `context.run_config` is empty under the simulation
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from client.adapters import PEFT_KINDS, PeftSettings
 from client.history import HISTORY_SELECTIONS
-from client.model import check_dtype_name
+from client.model import check_device_name, check_dtype_name
 from client.tasks import HISTORY_FORMATS, TASKS, HistoryFormat, get_task
 from client.training import PromptSettings, TrainingSettings
 
@@ -101,8 +100,7 @@ class RunConfig:
         if self.dp_noise < 0 or self.dp_clip <= 0 or not 0 < self.dp_delta < 1:
             raise ValueError(f"dp: need noise >= 0, clip > 0, 0 < delta < 1; got {self.dp_noise}, {self.dp_clip}, {self.dp_delta}")
         check_dtype_name(self.dtype)
-        if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check_device_name(self.device)
         if not 0.0 < self.fraction_train <= 1.0:
             raise ValueError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from functools import cache
@@ -181,6 +182,12 @@ def check_dtype_name(dtype: str) -> None:
     """'auto', 'float32' or 'bfloat16'; anything else is an error (checked without measuring anything)."""
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"dtype must be auto, {' or '.join(DTYPES)}; got {dtype!r}")
+
+
+def check_device_name(device: str) -> None:
+    """'auto', 'cpu', 'cuda' or 'cuda:N'; anything else is an error (checked without touching a device)."""
+    if device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
