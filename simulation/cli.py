@@ -39,7 +39,7 @@ def gpu_share(text: str) -> str | float:
         share = float(text)
     except ValueError:
         share = -1.0
-    if share < 0:
+    if not (math.isfinite(share) and share >= 0):
         raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got {text!r}")
     return share
 

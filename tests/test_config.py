@@ -60,7 +60,7 @@ def test_cuda_without_a_gpu_share_is_a_setup_error() -> None:
 def test_gpus_per_client_flag_takes_auto_or_a_share(capsys: pytest.CaptureFixture[str]) -> None:
     assert build_parser().parse_args([]).gpus_per_client == "auto"
     assert build_parser().parse_args(["--gpus-per-client", "0.25"]).gpus_per_client == 0.25
-    for bad in ("-1", "half"):
+    for bad in ("-1", "half", "nan", "inf"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["--gpus-per-client", bad])
         assert f"expected 'auto' or a number >= 0, got '{bad}'" in capsys.readouterr().err
