@@ -60,7 +60,7 @@ def _setup(msg: Message, context: Context):
 
     config = dict(msg.content[p.CONFIG])
     model_sha = str(config.pop(p.MODEL_SHA256))
-    for key in (p.MODEL_NAME, p.SERVER_ROUND, p.TASK_ADAPTER_SHA256):
+    for key in (p.MODEL_NAME, p.SERVER_ROUND, p.TASK_ADAPTER_SHA256, p.CONSTANT_ANSWER):
         config.pop(key, None)
     cfg = RunConfig.from_record(config)
     model_dir = find_model_by_hash(model_sha, _cache_dir(context))
@@ -99,21 +99,20 @@ def model_chunk(msg: Message, context: Context) -> Message:
 def adapt(msg: Message, context: Context) -> Message:
     """Task adaptation: local steps on the shared task LoRA; reply with it and the example count."""
     from client.personalize import task_adaptation_step
+    from client.references import answer_frequencies
+    from client.tasks import get_task
 
     cfg, _, _, _, base, tokenizer = _setup(msg, context)
     user, _, _ = _node_user(context)
     state = msg.content[p.ARRAYS].to_torch_state_dict()
     server_round = int(msg.content[p.CONFIG][p.SERVER_ROUND])
     new_state, num_examples, metrics = task_adaptation_step(base, tokenizer, cfg, user, state, server_round)
-    reply = RecordDict(
-        {
-            p.ARRAYS: ArrayRecord(new_state),
-            # with DP, updates are averaged uniformly (Flower's accountant requires equal weights)
-            p.METRICS: MetricRecord(
-                {p.NUM_EXAMPLES: 1 if cfg.dp_noise > 0 else num_examples, p.TRAIN_LOSS: metrics["loss"]}
-            ),
-        }
-    )
+    task = get_task(cfg.task)
+    # with DP, updates are averaged uniformly (Flower's accountant requires equal weights)
+    reply_metrics = {p.NUM_EXAMPLES: 1 if cfg.dp_noise > 0 else num_examples, p.TRAIN_LOSS: metrics["loss"]}
+    if task.labels:  # FedAvg averages these shares weighted like the updates: the training users' answer mix
+        reply_metrics[p.ANSWER_FREQUENCIES] = answer_frequencies(task, user)
+    reply = RecordDict({p.ARRAYS: ArrayRecord(new_state), p.METRICS: MetricRecord(reply_metrics)})
     return Message(reply, reply_to=msg)
 
 
@@ -140,8 +139,10 @@ def personalize(msg: Message, context: Context) -> Message:
         task_state = arrays.to_torch_state_dict() if len(arrays) else None
         merged = task_adapted_base(model_dir, device, cfg, task_state, task_sha)
         personal = select_history(user, get_task(cfg.task), cfg)  # what personal training and retrieval may use
+        constant = msg.content[p.CONFIG].get(p.CONSTANT_ANSWER)
         results, timings = personalize_user(
-            cfg, personal, store, merged, pristine, tokenizer, model_sha, task_adapter_sha=task_sha
+            cfg, personal, store, merged, pristine, tokenizer, model_sha, task_adapter_sha=task_sha,
+            constant=str(constant) if constant is not None else None,
         )
         atomic_write_json(store.result, {"key": result_key, "statistics": results, "timings": timings})
     metrics: dict[str, float | list[float]] = {p.NUM_EXAMPLES: len(user.queries)}

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from client.adapters import PEFT_KINDS, PeftSettings
+from client.evaluate import DECISION_RULES, decision_rule
 from client.history import HISTORY_SELECTIONS
 from client.model import check_device_name, check_dtype_name
 from client.tasks import HISTORY_FORMATS, TASKS, HistoryFormat, get_task
@@ -42,6 +43,12 @@ class RunConfig:
         "'rag' uses --k, or name the depth: rag-k2",
     )
     k: int = _opt(1, "retrieved history items for 'rag' methods")
+    decision: str = _opt(
+        "auto",
+        f"how a label task's answer is read from the model's label probabilities: {', '.join(DECISION_RULES)}. "
+        "auto: the median for rating tasks (it minimises MAE), the most likely label (argmax, as the paper) "
+        "otherwise; 'mean' (RMSE's minimiser) and 'median' need ratings",
+    )
     peft: str = _opt("lora", f"personal PEFT module: {', '.join(PEFT_KINDS)}")
     lora_r: int = _opt(8, "LoRA rank")
     lora_alpha: int = _opt(16, "LoRA alpha")
@@ -82,7 +89,7 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
-        get_task(self.task)
+        decision_rule(get_task(self.task), self.decision)
         PeftSettings(kind=self.peft, r=self.lora_r)  # type: ignore[arg-type]
         for method in self.method_names():
             parse_method(method)

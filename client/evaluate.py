@@ -20,6 +20,38 @@ from client.tasks import TaskSpec
 from client.training import PromptSettings
 
 Decoding = Literal["auto", "score", "generate"]
+DecisionRule = Literal["argmax", "median", "mean"]
+DECISION_RULES: tuple[str, ...] = ("auto", "argmax", "median", "mean")
+
+
+def decision_rule(task: TaskSpec, rule: str = "auto") -> DecisionRule:
+    """The rule that turns label probabilities into an answer; 'auto' fits the task's primary metric.
+
+    MAE is minimised by the median of a distribution over ratings, accuracy by its mode (the paper's argmax);
+    the mean (RMSE's minimiser) and the median need ordered numeric labels, so only rating tasks take them.
+    """
+    if rule not in DECISION_RULES:
+        raise ValueError(f"decision rule {rule!r}: expected one of {', '.join(DECISION_RULES)}")
+    if rule == "auto":
+        return "median" if task.metric == "regression" else "argmax"
+    if rule != "argmax" and task.metric != "regression":
+        raise ValueError(f"decision rule {rule!r} needs numeric labels; {task.name} is scored by {task.metric}")
+    return rule  # type: ignore[return-value]
+
+
+def decide(labels: Sequence[str], probabilities: Sequence[float], rule: DecisionRule) -> str:
+    """One answer from a distribution over `labels` (numeric labels in ascending order for median/mean)."""
+    if rule == "argmax":  # ties go to the earlier label
+        return labels[max(range(len(labels)), key=lambda j: (probabilities[j], -j))]
+    total = sum(probabilities)
+    if rule == "mean":
+        return f"{sum(float(label) * p for label, p in zip(labels, probabilities)) / total:.3f}"
+    cumulative = 0.0
+    for label, p in zip(labels, probabilities):
+        cumulative += p / total
+        if cumulative >= 0.5:
+            return label
+    return labels[-1]
 
 
 def query_prompts(
@@ -37,14 +69,14 @@ def query_prompts(
 
 
 @torch.inference_mode()
-def score_labels(
+def label_probabilities(
     model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     labels: Sequence[str],
     prompts: Sequence[list[int]],
     max_rows: int = 32,
-) -> list[str]:
-    """The most likely label after each prompt; ties go to the earlier label.
+) -> list[list[float]]:
+    """The model's distribution over `labels` after each prompt (renormalised over the labels alone).
 
     Labels that are single distinct tokens (ratings) are read from one forward of the prompt; others are
     scored as the sum of log-probs of their tokens + EOS, one row per (prompt, label).
@@ -65,7 +97,7 @@ def score_labels(
             logprobs, mask = answer_logprobs(model, [p for p, _ in chunk], [c for _, c in chunk], tokenizer.pad_token_id)
             flat += (logprobs * mask).sum(-1).tolist()
         totals = [flat[i * len(labels) : (i + 1) * len(labels)] for i in range(len(prompts))]
-    return [labels[max(range(len(row)), key=lambda j: (row[j], -j))] for row in totals]
+    return torch.tensor(totals, dtype=torch.float64).reshape(len(prompts), len(labels)).softmax(-1).tolist()
 
 
 @torch.inference_mode()
@@ -100,10 +132,26 @@ def predict(
     task: TaskSpec,
     prompts: Sequence[list[int]],
     decoding: Decoding = "auto",
+    rule: str = "auto",
 ) -> list[str]:
-    """Predictions for prompts: label scoring where the task has labels (unless told to generate)."""
+    """Predictions for prompts: label scoring with a decision rule where the task has labels (unless told to
+    generate), greedy generation otherwise."""
+    return predict_with_probabilities(model, tokenizer, task, prompts, decoding, rule)[0]
+
+
+def predict_with_probabilities(
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: TaskSpec,
+    prompts: Sequence[list[int]],
+    decoding: Decoding = "auto",
+    rule: str = "auto",
+) -> tuple[list[str], list[list[float]] | None]:
+    """(predictions, label probabilities per prompt or None when generating)."""
     if decoding == "score" or (decoding == "auto" and task.labels):
         if not task.labels:
             raise ValueError(f"{task.name} has no label list to score; use generation")
-        return score_labels(model, tokenizer, task.labels, prompts)
-    return generate(model, tokenizer, prompts, task.max_new_tokens)
+        chosen = decision_rule(task, rule)
+        probabilities = label_probabilities(model, tokenizer, task.labels, prompts)
+        return [decide(task.labels, row, chosen) for row in probabilities], probabilities
+    return generate(model, tokenizer, prompts, task.max_new_tokens), None

@@ -22,11 +22,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from client.adapters import PeftSettings, adapter_state, attach_fresh, load_adapter_state, personal_adapter_name
 from client.config import Method, RunConfig, parse_method
 from client.data import User
-from client.evaluate import predict, query_prompts
+from client.evaluate import predict_with_probabilities, query_prompts
 from client.export import TRAINING_RECORD
 from client.metrics import Statistics, statistics
 from client.model import load_base
 from client.profile import user_profile
+from client.references import reference_predictions
 from client.store import UserStore, atomic_save_adapter, atomic_write_json
 from client.tasks import get_task
 from client.training import history_examples, query_examples, train_adapter
@@ -136,9 +137,11 @@ def personalize_user(
     model_hash: str,
     progress: bool = False,
     task_adapter_sha: str = "",
+    constant: str | None = None,
 ) -> tuple[dict[str, Statistics], dict[str, float]]:
-    """Train this user's personal adapters, evaluate every method; (statistics per method, timings).
+    """Train this user's personal adapters, evaluate every method and reference row; (statistics per row, timings).
 
+    `constant` is the best constant answer the server learned from training users (its reference row).
     Adapters and predictions are written to the user's node-local store; only the statistics are returned.
     """
     task = get_task(cfg.task)
@@ -179,22 +182,30 @@ def personalize_user(
                 "variant": variant, "seed": cfg.seed, "config": cfg.to_record(),
             })
         results: dict[str, Statistics] = {}
-        kept: dict[str, list[dict[str, str]]] = {}
+        kept: dict[str, list[dict[str, object]]] = {}
         start = time.perf_counter()
         for method in methods:
             prompts = query_prompts(user, task, tokenizer, cfg.prompt_settings(method.k, method.profile), profile)
             if method.personal:
                 assert peft_model is not None
                 peft_model.set_adapter(personal_adapter_name(user.user_id, method.variant))
-                predictions = predict(peft_model, tokenizer, task, prompts)
+                predictions, probabilities = predict_with_probabilities(
+                    peft_model, tokenizer, task, prompts, rule=cfg.decision
+                )
             else:
                 with peft_model.disable_adapter() if peft_model else nullcontext():
-                    predictions = predict(peft_model or merged, tokenizer, task, prompts)
+                    predictions, probabilities = predict_with_probabilities(
+                        peft_model or merged, tokenizer, task, prompts, rule=cfg.decision
+                    )
             results[method.name] = statistics(task, predictions, golds)
             kept[method.name] = [
-                {"id": q.id, "prediction": pred, "gold": q.gold} for q, pred in zip(user.queries, predictions)
+                {"id": q.id, "prediction": pred, "gold": q.gold, **({"probabilities": probs} if probs else {})}
+                for q, pred, probs in zip(user.queries, predictions, probabilities or [None] * len(predictions))
             ]
         timings["evaluate-seconds"] = time.perf_counter() - start
+        for name, predictions in reference_predictions(task, user, constant).items():
+            results[name] = statistics(task, predictions, golds)
+            kept[name] = [{"id": q.id, "prediction": pred, "gold": q.gold} for q, pred in zip(user.queries, predictions)]
         atomic_write_json(store.predictions, kept)  # stays on the device, for the user's own inspection
         return results, timings
     finally:

@@ -3,8 +3,10 @@
 Phases and their messages (server -> node, node -> server):
 - announce   query.announce    config: base model name + sha256         reply config: role, has-model
 - transfer   query.model_chunk config: file, offset, bytes, hashes      reply config: stored
-- adapt      train             arrays: task LoRA, config: run config     reply arrays: task LoRA, metrics
+- adapt      train             arrays: task LoRA, config: run config     reply arrays: task LoRA, metrics (loss,
+                                                                          the user's answer-label shares)
 - personalize evaluate         arrays: task LoRA, config: run config     reply metrics: statistics only
+                               + the best constant answer
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ MODEL_NAME = "model-name"
 MODEL_SHA256 = "model-sha256"
 SERVER_ROUND = "server-round"
 TASK_ADAPTER_SHA256 = "task-adapter-sha256"
+CONSTANT_ANSWER = "constant-answer"  # the best constant (reference row), from training users' answer shares
 
 # reply keys
 ROLE = "role"
 HAS_MODEL = "has-model"
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
+ANSWER_FREQUENCIES = "answer-frequencies"  # share of each task label among a training user's answers
 CHUNK_STORED = "stored"
 
 # chunk keys
@@ -41,11 +45,11 @@ ROLES = ("train", "test")
 STATISTIC_NAMES = ("n", "correct", "tp", "fp", "fn", "abs_error", "sq_error", "rouge1", "rougeL")
 
 # a personalize reply may carry "<method>/<statistic>" and "time/<phase>-seconds", nothing else
-_METHOD = r"(base|oppu|pag|rag-k\d+)(\+(base|oppu|pag|rag-k\d+))*"
+_METHOD = r"((base|oppu|pag|rag-k\d+)(\+(base|oppu|pag|rag-k\d+))*|ref-[a-z]+(-[a-z]+)*)"
 ALLOWED_PERSONALIZE_METRIC = re.compile(
     rf"^({NUM_EXAMPLES}|{_METHOD}/({'|'.join(STATISTIC_NAMES)})|time/[a-z0-9-]+-seconds)$"
 )
-ALLOWED_ADAPT_METRIC = re.compile(rf"^({NUM_EXAMPLES}|{TRAIN_LOSS})$")
+ALLOWED_ADAPT_METRIC = re.compile(rf"^({NUM_EXAMPLES}|{TRAIN_LOSS}|{ANSWER_FREQUENCIES})$")
 
 
 def method_key(method: str, statistic: str) -> str:

@@ -21,12 +21,14 @@ from tqdm import tqdm
 
 from client import protocol as p
 from client.config import RunConfig
+from client.evaluate import decision_rule
+from client.references import best_constant, reference_names
 from client.store import atomic_write_json, read_json
 from client.tasks import get_task
 from server.audit import AuditedGrid
 from server.distribution import announce, send_model
 from server.exchange import exchange
-from server.report import method_results, method_statistics, versions, write_report
+from server.report import comparisons, method_results, method_statistics, versions, write_report
 from server.strategy import task_strategy
 
 log = logging.getLogger("oppu")
@@ -59,8 +61,11 @@ def _message_config(cfg: RunConfig, model_sha: str) -> ConfigRecord:
     return ConfigRecord({**cfg.to_record(), p.MODEL_NAME: cfg.model, p.MODEL_SHA256: model_sha})
 
 
-def _save_task_adapter(cfg: RunConfig, model_dir: Path, arrays: ArrayRecord, target: Path, key: str) -> None:
-    """The global task LoRA as standard peft files, plus the key that says which run made it."""
+def _save_task_adapter(
+    cfg: RunConfig, model_dir: Path, arrays: ArrayRecord, target: Path, key: str, answer_frequencies: list[float]
+) -> None:
+    """The global task LoRA as standard peft files, plus the key that says which run made it and the training
+    users' answer shares (so a resumed run reports the same best constant)."""
     from client.adapters import attach_fresh, load_adapter_state
     from client.model import load_fresh
     from client.personalize import TASK_ADAPTER, task_lora
@@ -69,13 +74,16 @@ def _save_task_adapter(cfg: RunConfig, model_dir: Path, arrays: ArrayRecord, tar
     model = attach_fresh(load_fresh(model_dir, "cpu", "float32"), task_lora(cfg), TASK_ADAPTER, 0)  # a throwaway copy
     load_adapter_state(model, TASK_ADAPTER, arrays.to_torch_state_dict())
     atomic_save_adapter(model, TASK_ADAPTER, target)
-    atomic_write_json(target.parent / "task_adapter.json", {"key": key, "sha256": arrays_sha256(arrays)})
+    atomic_write_json(target.parent / "task_adapter.json", {
+        "key": key, "sha256": arrays_sha256(arrays), "answer_frequencies": answer_frequencies,
+    })
 
 
 def adapt_task(
     grid: Grid, cfg: RunConfig, opts: ServerOptions, model_dir: Path, model_sha: str, train_nodes: list[int]
-) -> ArrayRecord:
-    """FedAvg rounds of the shared task LoRA over training nodes (skipped on resume when already done)."""
+) -> tuple[ArrayRecord, list[float]]:
+    """FedAvg rounds of the shared task LoRA over training nodes (skipped on resume when already done);
+    (the task LoRA, the training users' answer-label shares averaged as FedAvg averages metrics)."""
     from client.model import load_fresh
     from client.personalize import initial_task_state
 
@@ -86,7 +94,7 @@ def adapt_task(
         from safetensors.torch import load_file
 
         log.info("resume: reusing the task adapter of the interrupted run")
-        return ArrayRecord(load_file(target / "adapter_model.safetensors"))
+        return ArrayRecord(load_file(target / "adapter_model.safetensors")), saved.get("answer_frequencies", [])
     initial = ArrayRecord(initial_task_state(load_fresh(model_dir, "cpu", "float32"), cfg))  # not kept: the server holds no model
     fedavg, strategy = task_strategy(cfg, train_nodes)
     opts.outcome["strategy"] = fedavg
@@ -96,17 +104,23 @@ def adapt_task(
         grid=grid, initial_arrays=initial, num_rounds=cfg.rounds, timeout=opts.timeout,
         train_config=_message_config(cfg, model_sha),
     )
-    _save_task_adapter(cfg, model_dir, result.arrays, target, key)
-    return result.arrays
+    _save_task_adapter(cfg, model_dir, result.arrays, target, key, fedavg.answer_frequencies)
+    return result.arrays, fedavg.answer_frequencies
 
 
 def personalize_and_evaluate(
-    grid: Grid, cfg: RunConfig, opts: ServerOptions, model_sha: str, task_arrays: ArrayRecord, test_nodes: list[int]
+    grid: Grid, cfg: RunConfig, opts: ServerOptions, model_sha: str, task_arrays: ArrayRecord, test_nodes: list[int],
+    constant: str | None = None,
 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Every test node personalizes and evaluates; (metric record of each successful node by node id, errors)."""
+    """Every test node personalizes and evaluates; (metric record of each successful node by node id, errors).
+
+    `constant` (the best constant answer, a reference row) travels in the config when task adaptation found one.
+    """
     config = _message_config(cfg, model_sha)
     if len(task_arrays):  # (an empty string would break Flower's ConfigRecord.count_bytes)
         config[p.TASK_ADAPTER_SHA256] = arrays_sha256(task_arrays)
+    if constant is not None:
+        config[p.CONSTANT_ANSWER] = constant
     content = RecordDict({p.ARRAYS: task_arrays, p.CONFIG: config})
     messages = [Message(content, dst_node_id=node, message_type=p.PERSONALIZE) for node in test_nodes]
     bar = tqdm(total=len(messages), desc="personalize + evaluate (test users)", unit="user", disable=not opts.progress)
@@ -161,23 +175,29 @@ def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
     timings["announce-seconds"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    task_arrays = ArrayRecord()
+    task_arrays, answer_frequencies = ArrayRecord(), []
     if cfg.rounds > 0:
         if not train_nodes:
             raise RuntimeError(
                 "task adaptation needs training-user nodes, but none is ready (use --rounds 0 to skip it); "
                 f"errors: {errors[:3]}"
             )
-        task_arrays = adapt_task(grid, cfg, opts, model_dir, model_sha, train_nodes)
+        task_arrays, answer_frequencies = adapt_task(grid, cfg, opts, model_dir, model_sha, train_nodes)
     timings["task-adaptation-seconds"] = time.perf_counter() - start
+    constant = best_constant(task, answer_frequencies, decision_rule(task, cfg.decision))
 
     start = time.perf_counter()
     unready_test_users = len(errors)
-    records, personalize_errors = personalize_and_evaluate(grid, cfg, opts, model_sha, task_arrays, test_nodes)
+    records, personalize_errors = personalize_and_evaluate(
+        grid, cfg, opts, model_sha, task_arrays, test_nodes, constant
+    )
     errors += personalize_errors
     timings["personalize-seconds"] = time.perf_counter() - start
 
     strategy = opts.outcome.get("strategy")
+    # per test node (the server knows nodes, not users): what the paired bootstraps resample
+    per_user = {node: method_statistics(record) for node, record in records.items()}
+    references = reference_names(task, constant is not None)
     report = {
         "config": cfg.to_record(),
         "model": {"name": cfg.model, "sha256": model_sha, "sent_to_nodes": len(lacking)},
@@ -193,9 +213,13 @@ def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
             "failed_updates": {str(r): n for r, n in strategy.failures().items()} if strategy else {},
             "differential_privacy": privacy_report(cfg, opts.outcome.get("dp_strategy")),
         },
+        "decision_rule": decision_rule(task, cfg.decision) if task.labels else None,
         "methods": method_results(task, records.values(), cfg.method_names()),
-        # per test node (the server knows nodes, not users): what the studies' paired bootstrap resamples
-        "per_user": {node: method_statistics(record) for node, record in records.items()},
+        # non-LLM predictors from each user's own history (and the training users' best constant)
+        "references": method_results(task, records.values(), references),
+        "constant_answer": constant,
+        "comparisons": comparisons(task, per_user, cfg.method_names(), references),
+        "per_user": per_user,
         "timings": timings,
     }
     write_report(opts.run_dir, task, report)

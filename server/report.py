@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import platform
 from collections.abc import Iterable, Mapping
@@ -11,8 +12,10 @@ from typing import Any
 
 from client import protocol as p
 from client.metrics import Statistics, combine, finalize, primary_metric
+from client.references import DESCRIPTIONS
 from client.store import atomic_write_bytes, atomic_write_json, atomic_write_text
 from client.tasks import TaskSpec
+from server.bootstrap import paired_difference
 
 
 def method_statistics(record: Mapping[str, Any]) -> dict[str, Statistics]:
@@ -76,6 +79,49 @@ def markdown_table(task: TaskSpec, results: Mapping[str, Mapping[str, Any]]) -> 
     return "\n".join(lines) + "\n"
 
 
+def best_reference(task: TaskSpec, references: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The reference row with the best primary metric (the bar a method must clear)."""
+    lead, higher_better = primary_metric(task)
+    scored = {name: r["metrics"][lead] for name, r in references.items() if lead in r["metrics"]}
+    if not scored:
+        return None
+    return (max if higher_better else min)(scored, key=scored.__getitem__)
+
+
+def comparisons(
+    task: TaskSpec, per_user: Mapping[str, Mapping[str, Statistics]], methods: list[str], references: list[str]
+) -> list[dict[str, Any]]:
+    """Each method against `base` and against every reference row: the primary-metric difference over the
+    same users with its paired per-user bootstrap 95% CI."""
+    users = list(per_user.values())
+    rows = []
+    for method in methods:
+        for other in (["base"] if method != "base" and "base" in methods else []) + references:
+            if any(u.get(method, {}).get("n") and u.get(other, {}).get("n") for u in users):
+                rows.append(dataclasses.asdict(paired_difference(task, users, method, other)))
+    return rows
+
+
+def _comparison_lines(task: TaskSpec, report: Mapping[str, Any]) -> str:
+    lead, higher_better = primary_metric(task)
+    best = best_reference(task, report["references"])
+    shown = [c for c in report["comparisons"] if c["reference"] in ("base", best)]
+    if not shown:
+        return ""
+    lines = [
+        f"\n{lead} difference (method minus the other; {'higher' if higher_better else 'lower'} is better), "
+        "paired per-user bootstrap 95% CI over users:\n",
+        "| method | vs | difference | 95% CI | users |", "|---|---|---|---|---|",
+    ]
+    for c in shown:
+        better = c["low"] > 0 if higher_better else c["high"] < 0
+        worse = c["high"] < 0 if higher_better else c["low"] > 0
+        verdict = " (better)" if better else " (worse)" if worse else ""
+        lines.append(f"| {c['method']} | {c['reference']} | {c['difference']:+.4f}{verdict} | "
+                     f"[{c['low']:+.4f}, {c['high']:+.4f}] | {c['users']} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(task: TaskSpec, results: Mapping[str, Mapping[str, Any]], path: Path) -> None:
     """Bar chart of the primary metric per method."""
     import matplotlib
@@ -114,15 +160,35 @@ def _privacy_line(dp: Mapping[str, Any] | None) -> str:
             f"release(s), {dp['accounting']} accounting.\n")
 
 
+def _decision_line(report: Mapping[str, Any]) -> str:
+    rule = report.get("decision_rule")
+    if not rule:
+        return ""
+    how = {"median": "the median of the model's label distribution (minimises MAE)",
+           "mean": "the mean of the model's label distribution (minimises squared error)",
+           "argmax": "the most likely label (argmax, as the paper)"}[rule]
+    return f"Answers read from label probabilities by decision rule `{rule}`: {how}.\n\n"
+
+
+def _references_line(report: Mapping[str, Any]) -> str:
+    if not report["references"]:
+        return ""
+    constant = report.get("constant_answer")
+    return ("\nReference rows (`ref-*`, no LLM; computed on each device from the user's own history, only their "
+            "statistics leave it): " + ", ".join(f"`{name}` {DESCRIPTIONS[name]}" for name in report["references"])
+            + (f"; the best constant is {constant!r}" if constant is not None else "") + ".\n\n")
+
+
 def write_report(run_dir: Path, task: TaskSpec, report: dict[str, Any]) -> None:
     """report.json, report.md and plot.png under the run directory."""
     atomic_write_json(run_dir / "report.json", report)
-    results = report["methods"]
+    results = {**report["methods"], **report["references"]}
     summary = (
         f"# OPPU-FL report: {task.name} ({task.description})\n\n"
         f"Base model `{report['model']['name']}` (sha256 {report['model']['sha256'][:12]}…), "
         f"{report['users']['evaluated']} of {report['users']['test']} test users evaluated, "
-        f"{report['users']['failed']} failed.\n\n" + markdown_table(task, results)
+        f"{report['users']['failed']} failed.\n\n" + _decision_line(report) + markdown_table(task, results)
+        + _references_line(report) + _comparison_lines(task, report)
         + _privacy_line(report["task_adaptation"].get("differential_privacy"))
         + "\nTimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()) + "\n"
     )

@@ -32,6 +32,7 @@ class TaskAdapterFedAvg(FedAvg):
         self.sampled: dict[int, int] = {}
         self.round_updates: dict[int, list[tuple[int, ArrayRecord]]] = {}  # round -> (weight, arrays)
         self.train_loss: dict[int, float] = {}
+        self.answer_frequencies: list[float] = []  # training users' answer-label shares (the best constant's input)
 
     @property
     def sample_size(self) -> int:
@@ -54,6 +55,8 @@ class TaskAdapterFedAvg(FedAvg):
         ]
         metrics = aggregate_metricrecords(contents, weighted_by_key)
         self.train_loss[server_round] = float(metrics[p.TRAIN_LOSS])
+        if p.ANSWER_FREQUENCIES in metrics:
+            self.answer_frequencies = list(metrics[p.ANSWER_FREQUENCIES])  # type: ignore[arg-type]
         return metrics
 
     def failures(self) -> dict[int, int]:

@@ -131,3 +131,40 @@ def test_differential_privacy_reports_epsilon(tmp_path: Path) -> None:
     assert dp["releases"] == 2 and dp["noise_multiplier"] == 1.0 and dp["delta"] == 1e-5
     assert 0 < dp["epsilon"] < float("inf")
     assert "client-level DP" in (run_dir / "report.md").read_text()
+
+
+def test_reference_rows_and_best_constant_on_values(federated_run: tuple[Path, dict]) -> None:
+    """The user's most frequent label and the training users' most frequent answer, recomputed from the stores."""
+    from collections import Counter
+
+    from client.data import load_oppu
+
+    run_dir, outcome = federated_run
+    task = get_task("LaMP-2M")
+    report = outcome["report"]
+    nodes = json.loads((run_dir / "nodes.json").read_text())
+    users = {n["role"]: [] for n in nodes}
+    for n in nodes:
+        users[n["role"]] += load_oppu(run_dir / "clients" / n["user"] / "data.json", "LaMP-2M")
+    train_answers = Counter()
+    for user in users["train"]:  # each training user's shares, weighted by its task-adaptation examples
+        answers = [h.fields["tag"] for h in user.history] + [q.gold for q in user.queries]
+        weight = len(user.queries) + min(8, len(user.history))
+        train_answers.update({a: weight * c / len(answers) for a, c in Counter(answers).items()})
+    assert report["constant_answer"] == max(task.labels, key=lambda t: (train_answers[t], -task.labels.index(t)))
+    assert report["decision_rule"] == "argmax"
+    predictions, golds = {"ref-mode": [], "ref-constant": []}, []
+    for user in users["test"]:
+        answers = [h.fields["tag"] for h in user.history]
+        mode = max(set(answers), key=lambda a: (answers.count(a), max(i for i, b in enumerate(answers) if b == a)))
+        predictions["ref-mode"] += [mode] * len(user.queries)
+        predictions["ref-constant"] += [report["constant_answer"]] * len(user.queries)
+        golds += [q.gold for q in user.queries]
+    assert list(report["references"]) == ["ref-mode", "ref-constant"]
+    for name, predicted in predictions.items():
+        central = finalize(task, statistics(task, predicted, golds))
+        assert report["references"][name]["metrics"] == pytest.approx(central, abs=1e-12)
+    compared = {(c["method"], c["reference"]) for c in report["comparisons"]}
+    assert {("oppu", "base"), ("oppu", "ref-mode"), ("base", "ref-constant")} <= compared
+    markdown = (run_dir / "report.md").read_text()
+    assert "| ref-mode | ref-constant |" in markdown and "decision rule `argmax`" in markdown

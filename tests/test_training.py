@@ -11,7 +11,7 @@ from peft import PeftModel
 
 from client.adapters import PeftSettings, attach_fresh
 from client.data import HistoryItem, User, synthetic_users
-from client.evaluate import generate, score_labels
+from client.evaluate import generate, label_probabilities
 from client.forward import WIDTH_MULTIPLE, answer_logprobs, left_pad
 from client.model import load_base
 from client.prompts import HISTORY_HEADER
@@ -332,16 +332,17 @@ def test_train_adapter_step_plan(tiny):
 # ---------------------------------------------------------------------- consumers of the forward pass
 
 
-def test_label_scoring_picks_the_most_likely_label(fp32):
+def test_label_probabilities_are_the_renormalised_sequence_likelihoods(fp32):
     model, tokenizer = fp32
     labels = ("comedy", "based on a book", "sci-fi", "twist ending")
     prompts = [PROMPTS[0], PROMPTS[2]]
-    predictions = score_labels(model, tokenizer, labels, prompts, max_rows=3)  # chunks cut across prompts
+    probabilities = label_probabilities(model, tokenizer, labels, prompts, max_rows=3)  # chunks cut across prompts
     eos = [tokenizer.eos_token_id]
     candidates = [tokenizer(label, add_special_tokens=False)["input_ids"] + eos for label in labels]
-    for prompt, prediction in zip(prompts, predictions):
-        sums = naive_answer_logprob_sums(model, [prompt] * len(labels), candidates)
-        assert prediction == labels[max(range(len(labels)), key=lambda j: sums[j])], sums
+    for prompt, row in zip(prompts, probabilities):
+        sums = torch.tensor(naive_answer_logprob_sums(model, [prompt] * len(labels), candidates), dtype=torch.float64)
+        assert row == pytest.approx(sums.softmax(-1).tolist(), abs=1e-4)
+        assert sum(row) == pytest.approx(1.0)
 
 
 def test_batched_greedy_generation_equals_one_at_a_time(fp32):
