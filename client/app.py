@@ -119,7 +119,7 @@ def adapt(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def personalize(msg: Message, context: Context) -> Message:
     """Personal adapters + evaluation of every method on this user's queries; reply with statistics only."""
-    from client.history import select_history
+    from client.history import select_history, validation_view
     from client.personalize import personalize_user, task_adapted_base
     from client.store import UserStore, atomic_write_json, read_json
     from client.tasks import get_task
@@ -138,14 +138,17 @@ def personalize(msg: Message, context: Context) -> Message:
     else:
         task_state = arrays.to_torch_state_dict() if len(arrays) else None
         merged = task_adapted_base(model_dir, device, cfg, task_state, task_sha)
-        personal = select_history(user, get_task(cfg.task), cfg)  # what personal training and retrieval may use
+        task = get_task(cfg.task)
+        seen = validation_view(user, task, cfg.validation_items) if cfg.split == "validation" else user
+        personal = select_history(seen, task, cfg)  # what personal training and retrieval may use
         constant = msg.content[p.CONFIG].get(p.CONSTANT_ANSWER)
         results, timings = personalize_user(
             cfg, personal, store, merged, pristine, tokenizer, model_sha, task_adapter_sha=task_sha,
             constant=str(constant) if constant is not None else None,
         )
         atomic_write_json(store.result, {"key": result_key, "statistics": results, "timings": timings})
-    metrics: dict[str, float | list[float]] = {p.NUM_EXAMPLES: len(user.queries)}
+    queries = cfg.validation_items if cfg.split == "validation" else len(user.queries)
+    metrics: dict[str, float | list[float]] = {p.NUM_EXAMPLES: queries}
     for method, stats in results.items():
         for name, value in stats.items():
             metrics[p.method_key(method, name)] = value

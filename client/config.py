@@ -14,7 +14,7 @@ from typing import Any
 
 from client.adapters import PEFT_KINDS, PeftSettings
 from client.evaluate import DECISION_RULES, decision_rule
-from client.history import HISTORY_SELECTIONS
+from client.history import HISTORY_SELECTIONS, SPLITS
 from client.model import check_device_name, check_dtype_name
 from client.tasks import HISTORY_FORMATS, TASKS, HistoryFormat, get_task
 from client.training import PromptSettings, TrainingSettings
@@ -77,6 +77,12 @@ class RunConfig:
     batch_tokens: int = _opt(512, "tokens per training batch (length-bucketed)")
     profile_items: int = _opt(16, "history items sampled to write a user's profile (PAG)")
     num_queries: int = _opt(5, "MovieLens: most recent ratings per user held out as queries")
+    split: str = _opt(
+        "test",
+        "what test users are evaluated on: 'test' (their queries) or 'validation' (their validation-items latest "
+        "history items, just before the queries, which personal training then does not see): tune on validation",
+    )
+    validation_items: int = _opt(5, "history items per test user that split validation evaluates on")
     dp_noise: float = _opt(0.0, "task adaptation with client-level DP: Gaussian noise multiplier (0: off)")
     dp_clip: float = _opt(1.0, "DP clipping norm of each client's task-adapter update")
     dp_delta: float = _opt(1e-5, "DP delta at which epsilon is reported")
@@ -100,6 +106,10 @@ class RunConfig:
             raise ValueError(
                 f"history-selection must be one of {', '.join(HISTORY_SELECTIONS)}, got {self.history_selection!r}"
             )
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.validation_items < 1:
+            raise ValueError(f"validation-items must be >= 1, got {self.validation_items}")
         if self.selection_items < 1:
             raise ValueError(f"selection-items must be >= 1, got {self.selection_items}")
         if self.history_format not in HISTORY_FORMATS:

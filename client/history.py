@@ -1,5 +1,6 @@
 """Which history items a device personalizes with: the recent ones, or (behaviour shift, paper Table 3)
-the ones least relevant to the user's queries."""
+the ones least relevant to the user's queries; and the validation view that tuning uses instead of the test
+queries."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from client.data import User
+from client.data import Query, User
 from client.embeddings import embed
 from client.tasks import TaskSpec
 
@@ -16,6 +17,24 @@ if TYPE_CHECKING:
     from client.config import RunConfig
 
 HISTORY_SELECTIONS = ("recent", "least-relevant")
+SPLITS = ("test", "validation")
+
+
+def validation_view(user: User, task: TaskSpec, items: int) -> User:
+    """The user as tuning sees it: the `items` latest history items (those just before the test queries) become
+    the queries, with their answers as golds, and the test queries are dropped, so no choice made on this view
+    ever reads a test query. Personal training and retrieval see only the history before them."""
+    if len(user.history) <= items:
+        raise ValueError(
+            f"split validation: user {user.user_id!r} has {len(user.history)} history items, needs more than "
+            f"--validation-items {items}"
+        )
+    cut = len(user.history) - items
+    queries = [
+        Query(id=f"val-{h.id}", input=task.item_example(h.fields)[0], gold=h.fields[task.answer_field])
+        for h in user.history[cut:]
+    ]
+    return dataclasses.replace(user, history=user.history[:cut], queries=queries)
 
 
 def select_history(user: User, task: TaskSpec, cfg: RunConfig) -> User:

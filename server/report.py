@@ -85,7 +85,8 @@ def best_reference(task: TaskSpec, references: Mapping[str, Mapping[str, Any]]) 
     scored = {name: r["metrics"][lead] for name, r in references.items() if lead in r["metrics"]}
     if not scored:
         return None
-    return (max if higher_better else min)(scored, key=scored.__getitem__)
+    sign = -1 if higher_better else 1
+    return min(scored, key=lambda name: (sign * scored[name], name))  # ties: the first name, on any machine
 
 
 def comparisons(
@@ -160,6 +161,13 @@ def _privacy_line(dp: Mapping[str, Any] | None) -> str:
             f"release(s), {dp['accounting']} accounting.\n")
 
 
+def _split_text(config: Mapping[str, Any]) -> str:
+    if config.get("split") == "validation":
+        return (f"**validation** (each test user's {config['validation-items']} latest history items, unseen by "
+                "personal training; the test queries were not read)")
+    return "the test queries"
+
+
 def _decision_line(report: Mapping[str, Any]) -> str:
     rule = report.get("decision_rule")
     if not rule:
@@ -187,7 +195,8 @@ def write_report(run_dir: Path, task: TaskSpec, report: dict[str, Any]) -> None:
         f"# OPPU-FL report: {task.name} ({task.description})\n\n"
         f"Base model `{report['model']['name']}` (sha256 {report['model']['sha256'][:12]}…), "
         f"{report['users']['evaluated']} of {report['users']['test']} test users evaluated, "
-        f"{report['users']['failed']} failed.\n\n" + _decision_line(report) + markdown_table(task, results)
+        f"{report['users']['failed']} failed. Evaluated on: {_split_text(report['config'])}.\n\n"
+        + _decision_line(report) + markdown_table(task, results)
         + _references_line(report) + _comparison_lines(task, report)
         + _privacy_line(report["task_adaptation"].get("differential_privacy"))
         + "\nTimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()) + "\n"

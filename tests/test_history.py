@@ -96,3 +96,19 @@ def test_config_checks_the_selection_keys():
         RunConfig(selection_items=0)
     record = RunConfig.from_record({"history-selection": "least-relevant", "selection-items": 7})
     assert (record.history_selection, record.selection_items) == ("least-relevant", 7)
+
+
+def test_validation_view_holds_out_the_latest_history_items_and_drops_the_test_queries():
+    from client.data import HistoryItem, Query, User
+    from client.history import validation_view
+    from client.tasks import get_task
+
+    task = get_task("MovieLens")
+    history = [HistoryItem(f"h{i}", {"movie": f"movie {i}", "score": str(1 + i % 5)}) for i in range(8)]
+    user = User("u", "MovieLens", history, [Query("q", "Rate the movie from 1 to 5. movie: test", "5")])
+    seen = validation_view(user, task, 3)
+    assert [h.id for h in seen.history] == ["h0", "h1", "h2", "h3", "h4"]
+    assert [(q.id, q.gold) for q in seen.queries] == [("val-h5", "1"), ("val-h6", "2"), ("val-h7", "3")]
+    assert seen.queries[0].input == "Rate the movie from 1 to 5. movie: movie 5"
+    with pytest.raises(ValueError, match="needs more than --validation-items 8"):
+        validation_view(user, task, 8)

@@ -1,0 +1,125 @@
+"""Quality beside the simplest baselines, in one run: every method and reference row, paired CIs, rules, cost.
+
+    python -m bench.quality --num-clients 20                      # validation split (the default here)
+    python -m bench.quality --num-clients 100 --split test        # the final check, after choices are made
+    python -m bench.quality --num-clients 20 -- --personal-lr 2e-3   # flags after -- go to flower-simulation
+
+It runs `flower-simulation` (run directory runs/bench-quality-<time> unless given) and prints:
+- each method and non-LLM reference row (`ref-*`): primary metric, difference to `base` and to the best
+  reference row with paired per-user bootstrap 95% CIs (what report.md shows);
+- for label tasks, every decision rule on the same adapters: the label probabilities each device kept in its
+  store are re-read here (this bench runs where the node stores are, like the adapter-similarity study);
+- cost: CPU seconds per test user (training, profile, evaluation) and the primary-metric gain over `base`
+  per CPU second.
+Tune with `--split validation` (each test user's latest history items before the queries); the test
+queries are for the final figures only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from bench.common import finish
+from client.evaluate import DECISION_RULES, decide
+from client.metrics import combine, finalize, primary_metric, statistics
+from client.store import read_json
+from client.tasks import get_task
+from server.report import best_reference
+
+
+def rule_statistics(task, run_dir: Path, rules: list[str]) -> dict[str, dict[str, list]]:
+    """{method: {rule: [per-user statistics]}} recomputed from the label probabilities kept in node stores."""
+    nodes = json.loads((run_dir / "nodes.json").read_text())
+    by_method: dict[str, dict[str, list]] = {}
+    for node in nodes:
+        if node["role"] != "test":
+            continue
+        kept = read_json(run_dir / "clients" / node["user"] / "predictions.json") or {}
+        for method, rows in kept.items():
+            if not rows or "probabilities" not in rows[0]:
+                continue
+            golds = [r["gold"] for r in rows]
+            for rule in rules:
+                predictions = [decide(task.labels, r["probabilities"], rule) for r in rows]  # type: ignore[arg-type]
+                by_method.setdefault(method, {}).setdefault(rule, []).append(statistics(task, predictions, golds))
+    return by_method
+
+
+def cpu_seconds_per_user(run_dir: Path) -> float:
+    """Mean over test users of the seconds their device spent (each node's own timings, one core each)."""
+    nodes = json.loads((run_dir / "nodes.json").read_text())
+    totals = [sum((read_json(run_dir / "clients" / n["user"] / "result.json") or {}).get("timings", {}).values())
+              for n in nodes if n["role"] == "test"]
+    return sum(totals) / len(totals) if totals else 0.0
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-clients", type=int, default=20, help="test users (flower-simulation --num-clients)")
+    parser.add_argument("--split", choices=("validation", "test"), default="validation",
+                        help="what test users are evaluated on (flower-simulation --split)")
+    parser.add_argument("--run-dir", type=Path, default=None, help="run directory (default runs/bench-quality-<time>)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("simulation_flags", nargs="*", help="more flower-simulation flags, after --")
+    args = parser.parse_args(argv)
+    run_dir = args.run_dir or Path("runs") / f"bench-quality-{datetime.now():%Y%m%d-%H%M%S}"
+    command = [str(Path(sys.executable).with_name("flower-simulation")), "--num-clients", str(args.num_clients),
+               "--split", args.split, "--run-dir", str(run_dir), *args.simulation_flags]
+    start = time.perf_counter()
+    status = subprocess.run(command).returncode
+    wall = time.perf_counter() - start
+    report = read_json(run_dir / "report.json")
+    if status != 0 or report is None:
+        raise SystemExit(f"bench.quality: {' '.join(command)} exited {status}; see {run_dir}")
+    task = get_task(report["config"]["task"])
+    lead, higher_better = primary_metric(task)
+    rows = {**report["methods"], **report["references"]}
+    best = best_reference(task, report["references"])
+    compared = {(c["method"], c["reference"]): c for c in report["comparisons"]}
+
+    def cell(method: str, other: str | None) -> str:
+        c = compared.get((method, other)) if other else None
+        return f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]" if c else "–"
+
+    table = [
+        f"{task.name}, split {args.split}, {report['users']['evaluated']} users, decision rule "
+        f"{report['decision_rule']}; {lead} ({'higher' if higher_better else 'lower'} is better)",
+        "", f"| row | {lead} | vs base (95% CI) | vs {best} (95% CI) |", "|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        table.append(f"| {name} | {row['metrics'].get(lead, float('nan')):.4f} | {cell(name, 'base')} | "
+                     f"{cell(name, best) if name != best else '–'} |")
+    results: dict[str, Any] = {"command": command, "wall_seconds": wall, "split": args.split, "best_reference": best,
+                               "rows": rows, "comparisons": report["comparisons"]}
+    if task.labels:
+        rules = [r for r in DECISION_RULES if r != "auto" and (task.metric == "regression" or r == "argmax")]
+        by_rule = rule_statistics(task, run_dir, rules)
+        table += ["", "| method | " + " | ".join(f"{lead} ({r})" for r in rules) + " |", "|---|" + "---|" * len(rules)]
+        results["rules"] = {}
+        for method, stats in by_rule.items():
+            values = {rule: finalize(task, combine(users))[lead] for rule, users in stats.items()}
+            results["rules"][method] = values
+            table.append(f"| {method} | " + " | ".join(f"{values[r]:.4f}" for r in rules) + " |")
+    seconds = cpu_seconds_per_user(run_dir)
+    base = rows.get("base", {}).get("metrics", {}).get(lead)
+    table += ["", f"CPU seconds per test user: {seconds:.1f}; wall {wall / 60:.1f} min"]
+    results["cpu_seconds_per_user"] = seconds
+    if base is not None and seconds:
+        gains = {m: (r["metrics"][lead] - base) * (1 if higher_better else -1) / seconds
+                 for m, r in report["methods"].items() if m != "base" and lead in r["metrics"]}
+        results["gain_over_base_per_cpu_second"] = gains
+        table += [f"{lead} gain over base per CPU second of a user: "
+                  + ", ".join(f"{m} {g:+.5f}" for m, g in gains.items())]
+    return finish(args, results, table)
+
+
+if __name__ == "__main__":
+    main()
