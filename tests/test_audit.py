@@ -34,7 +34,7 @@ def test_honest_run_passes_the_audit(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert summary["personal_adapters_checked"] == 2
     assert set(summary["phases"]) == {"announce", "adapt", "personalize"}
     # the adapt phase carries the task LoRA both ways; personalize replies are small metric records
-    assert summary["phases"]["adapt"]["bytes_up"] > 10 * summary["phases"]["personalize"]["bytes_up"]
+    assert summary["phases"]["adapt"]["bytes_up"] > 5 * summary["phases"]["personalize"]["bytes_up"]
     assert summary["messages"]["server"] == summary["messages"]["client"]
     lines = [json.loads(x) for x in (run_dir / "audit" / "server.jsonl").read_text().splitlines()]
     train = next(e for e in lines if e["message_type"] == "train" and e["direction"] == "out")

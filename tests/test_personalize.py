@@ -100,7 +100,7 @@ def test_second_variant_does_not_disturb_the_first(tiny, tiny_model_dir, tmp_pat
     reference = snapshot(base)
     stats, timings = personalize_user(cfg, user, UserStore(tmp_path, user.user_id), base, base, tokenizer,
                                       model_hash(tiny_model_dir))
-    assert set(stats) == {"base", "oppu", "oppu+rag-k1"}
+    assert set(stats) == {"base", "oppu", "oppu+rag-k1", "ref-mode"}  # the reference row comes with every run
     assert set(timings) == {"train-k0-seconds", "train-k1-seconds", "evaluate-seconds"}
     single = shared_run["results"][user.user_id]
     assert stats["base"] == single["base"] and stats["oppu"] == single["oppu"]
@@ -224,7 +224,7 @@ def test_personalize_writes_the_profile_into_the_store(tiny, tiny_model_dir, tmp
     cfg = dataclasses.replace(CFG, methods="pag")
     store = UserStore(tmp_path, user.user_id)
     stats, timings = personalize_user(cfg, user, store, base, base, tokenizer, digest)
-    assert set(stats) == {"pag"} and stats["pag"]["n"] == len(user.queries)
+    assert set(stats) == {"pag", "ref-mode"} and stats["pag"]["n"] == len(user.queries)
     assert set(timings) == {"profile-seconds", "evaluate-seconds"}  # no personal adapter: nothing trained
     stored = read_json(store.profile)
     key = dict(stored["key"])
