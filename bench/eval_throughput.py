@@ -101,7 +101,7 @@ def classification(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n
         if len(prompts) == n:
             break
     _warm_up(model, prompts[0])
-    ours, ours_s = _timed(lambda: predict(model, tokenizer, task, prompts))
+    ours, ours_s = _timed(lambda: predict(model, tokenizer, task, prompts)[0])
     (texts, counts), ref_s = _timed(lambda: reference_predictions(model, tokenizer, prompts))
     return _compare(
         prompts,

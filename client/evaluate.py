@@ -133,21 +133,9 @@ def predict(
     prompts: Sequence[list[int]],
     decoding: Decoding = "auto",
     rule: str = "auto",
-) -> list[str]:
-    """Predictions for prompts: label scoring with a decision rule where the task has labels (unless told to
-    generate), greedy generation otherwise."""
-    return predict_with_probabilities(model, tokenizer, task, prompts, decoding, rule)[0]
-
-
-def predict_with_probabilities(
-    model: PreTrainedModel | PeftModel,
-    tokenizer: PreTrainedTokenizerBase,
-    task: TaskSpec,
-    prompts: Sequence[list[int]],
-    decoding: Decoding = "auto",
-    rule: str = "auto",
 ) -> tuple[list[str], list[list[float]] | None]:
-    """(predictions, label probabilities per prompt or None when generating)."""
+    """(predictions, label probabilities per prompt): label scoring with a decision rule where the task has
+    labels (unless told to generate); greedy generation otherwise, with no probabilities."""
     if decoding == "score" or (decoding == "auto" and task.labels):
         if not task.labels:
             raise ValueError(f"{task.name} has no label list to score; use generation")

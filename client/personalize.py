@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from client.adapters import PeftSettings, adapter_state, attach_fresh, load_adapter_state, personal_adapter_name
 from client.config import Method, RunConfig, parse_method
 from client.data import User
-from client.evaluate import predict_with_probabilities, query_prompts
+from client.evaluate import predict, query_prompts
 from client.export import TRAINING_RECORD
 from client.metrics import Statistics, statistics
 from client.model import load_base
@@ -127,6 +127,14 @@ def copy_targets(model: PreTrainedModel, targets: tuple[str, ...]) -> PreTrained
     return copy.deepcopy(model, memo=shared)
 
 
+def _kept(user: User, predictions: list[str], probabilities: list[list[float]] | None = None) -> list[dict[str, object]]:
+    """What the device keeps of one row's predictions (with the label probabilities where there are some)."""
+    return [
+        {"id": q.id, "prediction": pred, "gold": q.gold, **({"probabilities": probabilities[i]} if probabilities else {})}
+        for i, (q, pred) in enumerate(zip(user.queries, predictions))
+    ]
+
+
 def personalize_user(
     cfg: RunConfig,
     user: User,
@@ -189,23 +197,18 @@ def personalize_user(
             if method.personal:
                 assert peft_model is not None
                 peft_model.set_adapter(personal_adapter_name(user.user_id, method.variant))
-                predictions, probabilities = predict_with_probabilities(
-                    peft_model, tokenizer, task, prompts, rule=cfg.decision
-                )
+                predictions, probabilities = predict(peft_model, tokenizer, task, prompts, rule=cfg.decision)
             else:
                 with peft_model.disable_adapter() if peft_model else nullcontext():
-                    predictions, probabilities = predict_with_probabilities(
+                    predictions, probabilities = predict(
                         peft_model or merged, tokenizer, task, prompts, rule=cfg.decision
                     )
             results[method.name] = statistics(task, predictions, golds)
-            kept[method.name] = [
-                {"id": q.id, "prediction": pred, "gold": q.gold, **({"probabilities": probs} if probs else {})}
-                for q, pred, probs in zip(user.queries, predictions, probabilities or [None] * len(predictions))
-            ]
+            kept[method.name] = _kept(user, predictions, probabilities)
         timings["evaluate-seconds"] = time.perf_counter() - start
         for name, predictions in reference_predictions(task, user, constant).items():
             results[name] = statistics(task, predictions, golds)
-            kept[name] = [{"id": q.id, "prediction": pred, "gold": q.gold} for q, pred in zip(user.queries, predictions)]
+            kept[name] = _kept(user, predictions)
         atomic_write_json(store.predictions, kept)  # stays on the device, for the user's own inspection
         return results, timings
     finally:

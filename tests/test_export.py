@@ -45,7 +45,7 @@ def test_export_then_plain_peft_load_reproduces_predictions(tiny, tiny_model_dir
     loaded = PeftModel.from_pretrained(load_fresh(tiny_model_dir), out)
     loaded.eval()
     stored = json.loads((UserStore(run_dir, user.user_id).predictions).read_text())["oppu"]
-    assert predict(loaded, tokenizer, task, prompts) == [s["prediction"] for s in stored]
+    assert predict(loaded, tokenizer, task, prompts)[0] == [s["prediction"] for s in stored]
 
 
 def test_import_verifies_hashes_and_base(tiny_model_dir, trained, tmp_path: Path) -> None:

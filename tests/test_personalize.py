@@ -148,7 +148,7 @@ def test_store_layout_and_adapters_load_with_peft(tiny_model_dir, shared_run):
     loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     assert len(loaded) == len(saved)
     prompts = query_prompts(user, TASK, tokenizer, CFG.prompt_settings(), None)
-    predictions = predict(model, tokenizer, TASK, prompts)
+    predictions, _ = predict(model, tokenizer, TASK, prompts)
     assert statistics(TASK, predictions, [q.gold for q in user.queries]) == shared_run["results"][user.user_id]["oppu"]
 
 
