@@ -2,10 +2,12 @@
 
     python -m bench.train_throughput                  # SmolLM2, 2 MovieLens test users, 1 thread
     python -m bench.train_throughput --threads 2 --users 4 --out runs/bench/train.json
+    python -m bench.train_throughput --k 0 --batch-tokens 64,128,512    # cost of more, smaller steps
 
 Both loops train a fresh LoRA (r=8 on q,v) per user on the same examples (each history item with one
 BM25-retrieved earlier item, the default run's `oppu+rag` adapter), one epoch, from the same base:
-- ours: `client.training.train_adapter`, length-bucketed batches of `--batch-tokens`, left padding and
+- ours: `client.training.train_adapter`, length-bucketed batches of `--batch-tokens` (each budget given is
+  measured, the run's default first: smaller batches are more optimiser steps for the same examples), left padding and
   vocabulary logits only where the loss is taken, in fp32 and in the dtype `pick_dtype` chooses for this machine;
 - naive (the reference code's settings): plain peft, shuffled batches of 16 examples padded to the longest
   (multiple of 8), labels -100 on the prompt, the model's own loss over full logits, fp32 (and, where the
@@ -65,7 +67,7 @@ def naive_training(base: PreTrainedModel, examples: list[Example], pad_id: int, 
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-        return {"seconds": time.perf_counter() - start, "loss": sum(losses) / len(losses)}
+        return {"seconds": time.perf_counter() - start, "loss": sum(losses) / len(losses), "steps": len(batches)}
     finally:
         model.unload()
 
@@ -80,16 +82,17 @@ def measure(name: str, run, base: PreTrainedModel, per_user: list[list[Example]]
     """Train every user with `run` (after one warm-up user) and sum up tokens, FLOPs, time and MFU."""
     run(base, per_user[0][:4])  # warm-up: first-call allocations and kernel choices
     seconds = loss = 0.0
-    tokens = answer_tokens = 0
+    tokens = answer_tokens = steps = 0
     for examples in per_user:
         result = run(base, examples)
         seconds += result["seconds"]
+        steps += int(result["steps"])
         loss += result["loss"] / len(per_user)
         tokens += sum(len(e.prompt) + len(e.answer) for e in examples)
         answer_tokens += sum(len(e.answer) for e in examples)
     flops = training_flops(base, tokens, answer_tokens)
     return {
-        "loop": name, "dtype": str(base.dtype).removeprefix("torch."), "seconds": seconds, "tokens": tokens,
+        "loop": name, "dtype": str(base.dtype).removeprefix("torch."), "seconds": seconds, "tokens": tokens, "steps": steps,
         "tokens_per_s": tokens / seconds, "model_gflops": flops / seconds / 1e9,
         "mfu": flops / seconds / 1e9 / peak, "mean_loss": loss,
     }
@@ -102,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--users", type=int, default=2, help="MovieLens test users (longest histories first)")
     parser.add_argument("--items", type=int, default=32, help="latest history items per user (the default run's)")
     parser.add_argument("--k", type=int, default=1, help="retrieved items in each training prompt")
-    parser.add_argument("--batch-tokens", type=int, default=512, help="our token budget per batch (the run's default)")
+    parser.add_argument("--batch-tokens", type=lambda text: [int(v) for v in text.split(",")], default=[128],
+                        help="our token budgets per batch, comma-separated, each measured (default: 128, the run's)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = str(pick_device(args.device))
@@ -113,21 +117,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pad = tokenizer.pad_token_id
     naive = lambda m, ex: naive_training(m, ex, pad, 0)  # noqa: E731
     rows = [measure("naive (reference settings)", naive, fp32, per_user, peaks["float32"])]
-    settings = TrainingSettings(epochs=1, lr=1e-3, max_batch_tokens=args.batch_tokens)
-    ours = lambda m, ex: train_fresh_lora(m, ex, pad, settings, 0)  # noqa: E731
-    rows.append(measure("ours", ours, fp32, per_user, peaks["float32"]))
+
+    def ours_at(budget: int):
+        settings = TrainingSettings(epochs=1, lr=1e-3, max_batch_tokens=budget)
+        return lambda m, ex: train_fresh_lora(m, ex, pad, settings, 0)
+
+    ours = {budget: ours_at(budget) for budget in args.batch_tokens}
+    rows += [measure(f"ours, {budget} tokens/batch", run, fp32, per_user, peaks["float32"]) for budget, run in ours.items()]
     if ours_dtype != "float32":  # the naive loop in the same dtype too, to tell the dtype's gain from the loop's
         picked = load_model(args, ours_dtype)[0]
         rows.append(measure("naive (reference settings)", naive, picked, per_user, peaks[ours_dtype]))
-        rows.append(measure("ours", ours, picked, per_user, peaks[ours_dtype]))
+        rows += [measure(f"ours, {budget} tokens/batch", run, picked, per_user, peaks[ours_dtype])
+                 for budget, run in ours.items()]
     naive_tokens_per_s = rows[0]["tokens_per_s"]
     for row in rows:
         row["speedup_vs_naive"] = row["tokens_per_s"] / naive_tokens_per_s
     table = [
         f"matmul peak at {args.threads} thread(s): fp32 {peaks['float32']:.1f} GFLOP/s, bf16 {peaks['bfloat16']:.1f} GFLOP/s",
-        "| loop | dtype | tokens | seconds | tokens/s | model GFLOP/s | MFU | x naive | mean loss |",
-        "|---|---|---|---|---|---|---|---|---|",
-        *(f"| {r['loop']} | {r['dtype']} | {r['tokens']} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | "
+        "| loop | dtype | tokens | steps | seconds | tokens/s | model GFLOP/s | MFU | x naive | mean loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *(f"| {r['loop']} | {r['dtype']} | {r['tokens']} | {r['steps']} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | "
           f"{r['model_gflops']:.1f} | {r['mfu']:.0%} | {r['speedup_vs_naive']:.2f} | {r['mean_loss']:.3f} |" for r in rows),
     ]
     settings = {k: getattr(args, k) for k in ("model", "users", "items", "k", "batch_tokens")}

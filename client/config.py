@@ -56,7 +56,7 @@ class RunConfig:
     rounds: int = _opt(2, "task-adaptation FedAvg rounds (0 skips task adaptation)")
     fraction_train: float = _opt(1.0, "fraction of training-user nodes sampled per round")
     local_epochs: float = _opt(1.0, "local epochs over a training user's examples per round")
-    task_lr: float = _opt(5e-4, "learning rate of the shared task LoRA")
+    task_lr: float = _opt(2e-3, "learning rate of the shared task LoRA")
     personal_epochs: float = _opt(2.0, "epochs over the user's history for a personal adapter")
     personal_lr: float = _opt(1e-3, "learning rate of personal adapters")
     max_history: int = _opt(32, "most recent history items a personal adapter trains on (0: all, as the paper)")
@@ -74,7 +74,7 @@ class RunConfig:
         "only) or 'output' (its answer only); paper Table 4. Retrieved items in prompts stay whole",
     )
     max_prompt_tokens: int = _opt(384, "prompt token budget; profile and history are cut, the question never")
-    batch_tokens: int = _opt(512, "tokens per training batch (length-bucketed)")
+    batch_tokens: int = _opt(128, "tokens per training batch (length-bucketed; small: more steps, same compute)")
     profile_items: int = _opt(16, "history items sampled to write a user's profile (PAG)")
     num_queries: int = _opt(5, "MovieLens: most recent ratings per user held out as queries")
     split: str = _opt(
