@@ -365,7 +365,10 @@ def test_load_oppu(tmp_path):
             ],
             "query": [{"id": 1, "input": "review: new", "gold": 4}, {"id": "2", "input": "review: old", "gold": "3"}],
         },
-        {"user_id": "u2", "task": "LaMP-3", "profile": [{"id": "c", "text": "t", "score": "1"}], "query": []},
+        {
+            "user_id": "u2", "task": "LaMP-3", "profile": [{"id": "c", "text": "t", "score": "1"}],
+            "query": [{"id": "3", "input": "review: u2", "gold": 2.0}],
+        },
     ]
     path = tmp_path / "users.json"
     path.write_text(json.dumps(records))
@@ -380,14 +383,15 @@ def test_load_oppu(tmp_path):
             ],
             queries=[Query("1", "review: new", "4"), Query("2", "review: old", "3")],
         ),
-        User(user_id="u2", task="LaMP-3", history=[HistoryItem("c", {"text": "t", "score": "1"}, None)], queries=[]),
+        User("u2", "LaMP-3", [HistoryItem("c", {"text": "t", "score": "1"}, None)], [Query("3", "review: u2", "2")]),
     ]
 
 
 def test_load_oppu_single_user_file(tmp_path):
     path = tmp_path / "one.json"
-    path.write_text(json.dumps({"user_id": "x", "profile": [{"id": "1", "text": "hi"}], "query": []}))
-    assert load_oppu(path, "LaMP-7") == [User("x", "LaMP-7", [HistoryItem("1", {"text": "hi"})], [])]
+    query = {"id": "q", "input": "i", "gold": "g"}
+    path.write_text(json.dumps({"user_id": "x", "profile": [{"id": "1", "text": "hi"}], "query": [query]}))
+    assert load_oppu(path, "LaMP-7") == [User("x", "LaMP-7", [HistoryItem("1", {"text": "hi"})], [Query("q", "i", "g")])]
 
 
 @pytest.mark.parametrize(
@@ -440,13 +444,14 @@ def test_load_oppu_not_a_list_invalid_json_missing_file_unknown_task(tmp_path):
 @pytest.mark.parametrize("task_name", sorted(LAMP_CASES))
 def test_round_trip_lamp_to_oppu(tmp_path, task_name):
     file_task, query_input, profile, gold = LAMP_CASES[task_name]
+    second = gold + "!" if get_task(task_name).metric == "generation" else gold  # label tasks answer with labels
     q, o = write_lamp(
         tmp_path,
         [
             {"id": "1", "user_id": "u", "input": query_input, "profile": profile},
             {"id": "2", "user_id": "u", "input": query_input + " again", "profile": profile[:1]},
         ],
-        {"task": file_task, "golds": [{"id": "1", "output": gold}, {"id": "2", "output": gold + "!"}]},
+        {"task": file_task, "golds": [{"id": "1", "output": gold}, {"id": "2", "output": second}]},
     )
     users = load_lamp(q, o, task_name)
     path = tmp_path / "oppu.json"
@@ -457,7 +462,8 @@ def test_round_trip_lamp_to_oppu(tmp_path, task_name):
 
 def test_round_trip_without_dates_and_synthetic(tmp_path):
     users = synthetic_users(3, history_len=5, num_queries=2, seed=3) + []
-    users.append(User("nodate", "LaMP-2M", [HistoryItem("z", {"description": "d", "tag": "comedy"}), HistoryItem("y", {"description": "e", "tag": "action"})]))
+    users.append(User("nodate", "LaMP-2M", [HistoryItem("z", {"description": "d", "tag": "comedy"}), HistoryItem("y", {"description": "e", "tag": "action"})],
+                      [Query("nodate-q", "description: f", "comedy")]))
     path = tmp_path / "oppu.json"
     path.write_text(json.dumps([u.to_json() for u in users]))
     assert load_oppu(path, "LaMP-2M") == users
@@ -523,14 +529,12 @@ def test_movielens_movie_text(movielens_users):
 
 def test_movielens_num_queries(movielens_raw):
     per_user = Counter(user for user, _ in movielens_raw)
-    none = load_movielens(num_queries=0)
-    assert all(u.queries == [] and len(u.history) == per_user[u.user_id] for u in none)
     one = {u.user_id: u for u in load_movielens(num_queries=1)}
     assert all(len(u.queries) == 1 and len(u.history) == per_user[u.user_id] - 1 for u in one.values())
-    with pytest.raises(DataError, match=r"ml-100k: user '\d+' has an empty history"):
+    with pytest.raises(DataError, match=r"ml-100k\.inter: user '\d+' has an empty history"):
         load_movielens(num_queries=20)  # the smallest users have exactly 20 ratings
-    with pytest.raises(ValueError, match="num_queries must be >= 0, got -1"):
-        load_movielens(num_queries=-1)
+    with pytest.raises(ValueError, match="num_queries must be >= 1, got 0"):
+        load_movielens(num_queries=0)  # no user would have a question to answer
 
 
 # --- synthetic users -----------------------------------------------------------------------------------
@@ -566,4 +570,5 @@ def test_synthetic_users_planted_preference():
     flat = synthetic_users(8, history_len=50, preference_share=0.0, seed=0)
     shares = [Counter(h.fields["tag"] for h in u.history).most_common(1)[0][1] / 50 for u in flat]
     assert max(shares) < 0.6
-    assert synthetic_users(1, history_len=30, preference_share=1.0, labels=("a", "b"))[0].history[-1].fields["tag"] == "a"
+    only = synthetic_users(1, history_len=30, preference_share=1.0, labels=MOVIE_TAGS[4:6])[0]
+    assert only.history[-1].fields["tag"] == MOVIE_TAGS[4]
