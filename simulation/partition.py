@@ -21,19 +21,20 @@ from client.tasks import get_task
 
 
 def load_users(cfg: RunConfig, num_users_hint: int) -> list[User]:
-    """The users named by `cfg.data` (see RunConfig.data)."""
+    """The users named by `cfg.data` (see RunConfig.data), checked within the run's data limits."""
+    limits = cfg.data_limits()
     if cfg.data == "default":
         if cfg.task != "MovieLens":
             raise ValueError(f"--data default is MovieLens-100K (task MovieLens); for {cfg.task} give --data files")
-        return load_movielens(num_queries=cfg.num_queries)
+        return load_movielens(num_queries=cfg.num_queries, limits=limits)
     if cfg.data == "synthetic":
         if cfg.task != "LaMP-2M":
             raise ValueError("--data synthetic makes movie-tagging users: use it with --task LaMP-2M")
-        return synthetic_users(num_users_hint, seed=cfg.seed)
+        return synthetic_users(num_users_hint, seed=cfg.seed, limits=limits)
     if ":" in cfg.data:
         questions, outputs = cfg.data.split(":", 1)
-        return load_lamp(questions, outputs, cfg.task)
-    return load_oppu(cfg.data, cfg.task)
+        return load_lamp(questions, outputs, cfg.task, limits)
+    return load_oppu(cfg.data, cfg.task, limits)
 
 
 def split_users(users: list[User], num_test: int, num_train: int, seed: int) -> tuple[list[User], list[User]]:
