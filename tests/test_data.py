@@ -12,6 +12,7 @@ import pytest
 
 from client.data import (
     DataError,
+    DataLimits,
     HistoryItem,
     Query,
     User,
@@ -535,6 +536,42 @@ def test_movielens_num_queries(movielens_raw):
         load_movielens(num_queries=20)  # the smallest users have exactly 20 ratings
     with pytest.raises(ValueError, match="num_queries must be >= 1, got 0"):
         load_movielens(num_queries=0)  # no user would have a question to answer
+
+
+def _movielens_files(tmp_path: Path, ratings: list[str]) -> Path:
+    """A two-movie ml-100k in recbole's layout with the given rating lines (user, item, rating, time)."""
+    (tmp_path / "ml-100k.item").write_text("item_id\tmovie_title\trelease_year\tclass\n1\tToy Story\t1995\tComedy\n"
+                                           "2\tGoldenEye\t1995\tAction\n", encoding="latin-1")
+    (tmp_path / "ml-100k.inter").write_text("user_id\titem_id\trating\ttimestamp\n" + "".join(ratings), encoding="latin-1")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("7\t2\tfive\t900\n", "line 3: rating 'five' or time '900' is no number"),
+        ("7\t2\t4\n", "line 3: 3 tab-separated fields ('7\\t2\\t4\\n'); expected 4 (user, item, rating, time)"),
+        ("7\t3\t4\t900\n", "line 3: item '3' is not in"),
+        ("7\t2\t6\t900\n", "user '7': query '7-2': field 'gold' is '6'; expected a rating from 1 to 5"),
+        ("7\t2\tnan\t900\n", "user '7': query '7-2': field 'gold' is 'nan'; expected a rating from 1 to 5"),
+        ("7\t1\t5\t850\n7\t2\t3\t900\n", "user '7': history item '1': id appears twice"),  # one movie rated twice
+    ],
+)
+def test_movielens_bad_lines(tmp_path, line, message):
+    root = _movielens_files(tmp_path, ["7\t1\t4\t800\n", line])
+    with pytest.raises(DataError, match=re.escape(f"{root / 'ml-100k.inter'}: {message}")):
+        load_movielens(num_queries=1, root=root)
+
+
+def test_limits_apply_only_when_given(tmp_path):
+    """A run checks its limits at load time; a node re-reading its own store (no limits) is not refused again."""
+    root = _movielens_files(tmp_path, ["7\t1\t4\t800\n", "7\t2\t3\t900\n"])
+    (user,) = load_movielens(num_queries=1, root=root)
+    with pytest.raises(DataError, match=re.escape("user '7' has 1 history items, more than --max-user-history 0")):
+        load_movielens(num_queries=1, root=root, limits=DataLimits(max_text_chars=100, max_user_history=0))
+    with pytest.raises(DataError, match=r"field 'movie' has 32 characters, more than --max-text-chars 10 \('Toy"):
+        load_movielens(num_queries=1, root=root, limits=DataLimits(max_text_chars=10, max_user_history=5))
+    assert user.history[0].fields["movie"] == "Toy Story (1995); genres: Comedy"
 
 
 # --- synthetic users -----------------------------------------------------------------------------------
