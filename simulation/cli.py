@@ -128,10 +128,11 @@ def check_run_flags(args: argparse.Namespace, cfg: RunConfig) -> None:
         raise SetupError(f"--timeout {args.timeout}: expected a finite number of seconds > 0")
     _check_run_dir(getattr(args, "run_dir", None) or RUNS_DIR)
     modules = linear_module_names(cfg.model, getattr(args, "cache_dir", None))
-    unknown = [t for t in cfg.peft_settings().target_modules if modules is not None and t not in modules]
-    if unknown:
-        raise SetupError(f"--lora-targets {cfg.lora_targets}: {', '.join(unknown)} names no linear layer of "
-                         f"--model {cfg.model}; expected names from {', '.join(modules or ())}")
+    if modules is not None:
+        unknown = [t for t in cfg.peft_settings().target_modules if t not in modules]
+        if unknown:
+            raise SetupError(f"--lora-targets {cfg.lora_targets}: {', '.join(unknown)} names no linear layer of "
+                             f"--model {cfg.model}; expected names from {', '.join(modules)}")
 
 
 def _check_run_dir(run_dir: Path) -> None:
