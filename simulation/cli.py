@@ -166,9 +166,7 @@ def simulate(args: argparse.Namespace, cfg: RunConfig, client_app: ClientApp | N
             test, train = split_users(users, args.num_clients, args.train_clients if cfg.rounds else 0, cfg.seed)
         except ValueError as e:  # DataError included
             raise SetupError(str(e)) from e
-        if args.canaries:
-            atomic_write_json(run_dir / "audit" / "canaries.json", plant_canaries(test + train))
-        nodes = write_partitions(run_dir, test, train)
+        nodes = write_partitions(run_dir, test, train, plant_canaries(test + train) if args.canaries else {})
         atomic_write_json(run_dir / "run.json", run_settings(args, cfg))
     log.info("run directory %s: %d nodes", run_dir, len(nodes))
     os.environ["OPPU_RUN_DIR"] = str(run_dir)  # simulated nodes find their store through it
