@@ -205,9 +205,7 @@ def simulate(args: argparse.Namespace, cfg: RunConfig, client_app: ClientApp | N
             raise SetupError(f"--data: {e}") from e
         except ValueError as e:
             raise SetupError(str(e)) from e
-        if args.canaries:
-            atomic_write_json(run_dir / "audit" / "canaries.json", plant_canaries(test + train))
-        nodes = write_partitions(run_dir, test, train)
+        nodes = write_partitions(run_dir, test, train, plant_canaries(test + train) if args.canaries else {})
         atomic_write_json(run_dir / "run.json", run_settings(args, cfg))
     # Flower's engine and the apps are imported only now, so bad data stops the run quickly and quietly
     from flwr.simulation import run_simulation

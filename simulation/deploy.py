@@ -157,7 +157,7 @@ def deploy(run_dir: Path, num_clients: int, train_clients: int, run_config: dict
     cfg = RunConfig.from_record(run_config)
     test, train = split_users(load_users(cfg, num_clients + train_clients), num_clients,
                               train_clients if cfg.rounds else 0, cfg.seed)
-    nodes = write_partitions(run_dir, test, train)
+    nodes = write_partitions(run_dir, test, train, {})
     ca, cert, key = make_tls(deploy_dir / "tls")
     port = free_port()
     flwr_home = deploy_dir / "flwr-home"

@@ -3,12 +3,14 @@
 Each node gets a node-local store holding only its own user's data:
     <run_dir>/clients/<user>/data.json   (OPPU per-user format + the node's role)
     <run_dir>/nodes.json                 partition-id -> user and role (what a simulated node looks up)
+    <run_dir>/audit/canaries.json        user -> canary planted in its history (for the privacy audit)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+import re
 import secrets
 from functools import cache
 from pathlib import Path
@@ -49,8 +51,12 @@ def split_users(users: list[User], num_test: int, num_train: int, seed: int) -> 
     return test, train
 
 
-def write_partitions(run_dir: Path, test: list[User], train: list[User]) -> list[dict[str, str]]:
-    """Write each node's store and nodes.json; returns the node table (index = partition-id)."""
+def write_partitions(
+    run_dir: Path, test: list[User], train: list[User], canaries: dict[str, str]
+) -> list[dict[str, str]]:
+    """Write each node's store, nodes.json and audit/canaries.json (the planted canaries, {} if none: the audit
+    takes a missing file for a deleted one); returns the node table (index = partition-id)."""
+    atomic_write_json(run_dir / "audit" / "canaries.json", canaries)
     nodes = []
     for role, users in (("test", test), ("train", train)):
         for user in users:
@@ -58,6 +64,9 @@ def write_partitions(run_dir: Path, test: list[User], train: list[User]) -> list
             nodes.append({"user": user.user_id, "role": role})
     atomic_write_json(run_dir / "nodes.json", nodes)
     return nodes
+
+
+CANARY = re.compile(r"canary[0-9a-f]{16}")  # what plant_canaries appends; the audit finds it in node stores
 
 
 def plant_canaries(users: list[User]) -> dict[str, str]:
