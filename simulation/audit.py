@@ -2,13 +2,14 @@
 violation.
 
 Neither side's log is trusted alone: every check reads both. Checks: both logs are whole (no missing file, no
-undecodable or repeated line); no tensor in a reply (as the client sent it or the server received it) is, by name or
-content hash, a personal adapter's; every reply carries only the keys its phase allows; no planted canary string
-appears in any payload, and audit/canaries.json lists every canary the node stores hold; the logs agree per attempt
-and message id in both directions (every message one side sent the other side received, with the same content hash
-and node). An attempt is one Flower run (its run id is on every line): an interrupted attempt that a resumed one
-followed may leave messages sent but never received, nothing else. Writes <run>/audit/summary.json and prints a
-summary.
+undecodable or repeated line; a message a client received again in a new worker process, after the worker running it
+died, is a redelivery, not a repeat); no tensor in a reply (as the client sent it or the server received it) is, by
+name or content hash, a personal adapter's; every reply carries only the keys its phase allows; no planted canary
+string appears in any payload, and audit/canaries.json lists every canary the node stores hold; the logs agree per
+attempt and message id in both directions (every message one side sent the other side received, with the same
+content hash and node). An attempt is one Flower run (its run id is on every line): an interrupted attempt that a
+resumed one followed may leave messages sent but never received, nothing else. Writes <run>/audit/summary.json and
+prints a summary.
 """
 
 from __future__ import annotations
@@ -58,9 +59,10 @@ def read_log(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return entries, problems
 
 
-def read_logs(audit_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """(entries of both logs, problems): a missing log, lines that are not entries, and repeated lines."""
-    entries, problems = [], []
+def read_logs(audit_dir: Path) -> tuple[list[dict[str, Any]], list[str], int]:
+    """(entries of both logs, problems, redeliveries): problems are a missing log, lines that are not entries, and
+    repeated lines other than redeliveries (a message a client received again, on a new worker)."""
+    entries, problems, redelivered = [], [], 0
     for side in SIDES:
         path = audit_dir / f"{side}.jsonl"
         if not path.exists():
@@ -69,12 +71,24 @@ def read_logs(audit_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
         found, unreadable = read_log(path)
         entries += found
         problems += unreadable
-    first: dict[tuple[Any, ...], str] = {}
+    first: dict[tuple[Any, ...], dict[str, Any]] = {}
     for entry in entries:
-        if (seen := first.setdefault(_key(entry), entry["line"])) != entry["line"]:
-            problems.append(f"{entry['line']}: repeats {seen} ({entry['side']} {entry['direction']} message "
+        if (seen := first.setdefault(_key(entry), entry)) is entry:
+            continue
+        if _is_redelivery(entry, seen):
+            redelivered += 1
+        else:
+            problems.append(f"{entry['line']}: repeats {seen['line']} ({entry['side']} {entry['direction']} message "
                             f"{entry['message_id']})")
-    return entries, problems
+    return entries, problems, redelivered
+
+
+def _is_redelivery(entry: dict[str, Any], first: dict[str, Any]) -> bool:
+    """A client received the same message again in another process: Ray runs a message once more on the worker
+    that replaces one that died running it. A copied line (same process) stays a repeat."""
+    pids = entry.get("pid"), first.get("pid")  # logs written before lines had a pid have no redeliveries
+    return ((entry["side"], entry["direction"]) == ("client", "in")
+            and entry["content_sha256"] == first["content_sha256"] and None not in pids and pids[0] != pids[1])
 
 
 def _key(entry: dict[str, Any], way: tuple[str, str] | None = None) -> tuple[Any, ...]:
@@ -211,7 +225,7 @@ def traffic(server: list[dict[str, Any]]) -> tuple[dict[str, dict[str, int]], di
 
 def audit(run_dir: Path) -> dict[str, Any]:
     """Run every check on both logs; the summary that `oppu-audit` prints and writes."""
-    entries, log_problems = read_logs(run_dir / "audit")
+    entries, log_problems, redelivered = read_logs(run_dir / "audit")
     canaries, canary_problems = planted_canaries(run_dir)
     names, hashes = personal_tensors(run_dir)
     agreement, in_flight = agreement_violations(entries)
@@ -228,6 +242,7 @@ def audit(run_dir: Path) -> dict[str, Any]:
         "messages": {"server": len(server), "client": len(entries) - len(server)},
         "attempts": attempts(entries),
         "sent_not_received_in_interrupted_attempts": in_flight,
+        "redelivered_after_worker_death": redelivered,
         "personal_adapters_checked": len(names),
         "canaries_planted": len(canaries),
         "phases": phases,
@@ -253,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(summary["attempts"]) > 1:
         print(f"  {len(summary['attempts'])} attempts (resumed); sent but cut off by an interruption: "
               f"{summary['sent_not_received_in_interrupted_attempts']} messages")
+    if summary["redelivered_after_worker_death"]:
+        print(f"  {summary['redelivered_after_worker_death']} message(s) received again by a new worker after the "
+              "first one died running them")
     for phase, stats in summary["phases"].items():
         print(f"  {phase:12s} down {stats.get('bytes_down', 0):>14,d} B in {stats.get('messages_down', 0):>4d} msgs"
               f"   up {stats.get('bytes_up', 0):>12,d} B in {stats.get('messages_up', 0):>4d} msgs")

@@ -28,6 +28,10 @@ from client.model import linear_module_names
 log = logging.getLogger("oppu")
 
 RUNS_DIR = Path("runs")
+# Flower passes client_resources on as Ray actor options: a worker process that dies (killed, out of memory) is
+# restarted, and the message it was running is run once more on its replacement (a message that kills every
+# worker it runs on then fails alone). Retries cover system failures only: an exception in our code is not retried.
+WORKER_FAULT_TOLERANCE = {"max_restarts": -1, "max_task_retries": 1}
 
 
 class SetupError(Exception):
@@ -225,7 +229,7 @@ def simulate(args: argparse.Namespace, cfg: RunConfig, client_app: ClientApp | N
         client_app=client_app or default_client_app,
         num_supernodes=len(nodes),
         backend_config={
-            "client_resources": resources,
+            "client_resources": {**resources, **WORKER_FAULT_TOLERANCE},
             "init_args": {"logging_level": logging.WARNING, "log_to_driver": True},
         },
     )
