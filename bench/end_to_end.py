@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = read_json(run_dir / "report.json")
     if status != 0 or report is None:
         raise SystemExit(f"bench.end_to_end: {' '.join(command)} exited {status}; see {run_dir}")
-    phases, _ = traffic(read_log(run_dir / "audit" / "server.jsonl"))
+    phases, _ = traffic(read_log(run_dir / "audit" / "server.jsonl")[0])
     results = {
         "command": command, "wall_seconds": wall, "exit_status": status,
         "peak_tree_rss_gib": memory.peak_rss / GIB, "peak_tree_pss_gib": memory.peak_pss / GIB,

@@ -101,11 +101,18 @@ def load_canaries(audit_dir: Path) -> tuple[str, ...]:
     return tuple(json.loads(path.read_text()).values()) if path.exists() else ()
 
 
+def audit_entry(audit_dir: Path, side: str, direction: str, msg: Message, src: int, dst: int) -> dict[str, Any]:
+    """The audit line, less its message id, for a message seen by `side` ("server"/"client") going `direction`
+    ("out"/"in"). Its "run" (Flower's run id) tells the attempts of a resumed run apart, its "pid" a message run
+    again on a new worker after its first worker died."""
+    return {"time": time.time(), "pid": os.getpid(), "side": side, "direction": direction, "src": src, "dst": dst,
+            **describe(msg, load_canaries(audit_dir))}
+
+
 def log_message(audit_dir: Path, side: str, direction: str, msg: Message, src: int, dst: int, message_id: str) -> None:
-    """One audit line for a message seen by `side` ("server" or "client") going `direction` ("out"/"in")."""
-    entry = {"time": time.time(), "side": side, "direction": direction, "src": src, "dst": dst,
-             "message_id": message_id, **describe(msg, load_canaries(audit_dir))}
-    append_jsonl(audit_dir / f"{side}.jsonl", entry)
+    """Append the audit line of one message to <audit_dir>/<side>.jsonl."""
+    append_jsonl(audit_dir / f"{side}.jsonl",
+                 {**audit_entry(audit_dir, side, direction, msg, src, dst), "message_id": message_id})
 
 
 def client_audit_dir(context: Context) -> Path | None:
@@ -127,8 +134,10 @@ def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
         reply = call_next(msg, context)
     except Exception as e:  # the runtime turns it into an error reply; note that no content left
         append_jsonl(audit_dir / "client.jsonl", {
-            "time": time.time(), "side": "client", "direction": "out", "src": node, "dst": msg.metadata.src_node_id,
+            "time": time.time(), "pid": os.getpid(), "side": "client", "direction": "out", "src": node,
+            "dst": msg.metadata.src_node_id,
             "message_id": msg.metadata.message_id, "message_type": msg.metadata.message_type,
+            "run": msg.metadata.run_id, "round": None,
             "error": f"{type(e).__name__}: {e}", "records": {}, "bytes": 0, "content_sha256": None,
         })
         raise

@@ -8,11 +8,13 @@ message's ConfigRecord, since `context.run_config` is empty under the simulation
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from client.adapters import PEFT_KINDS, PeftSettings
+from client.data import DataLimits
 from client.evaluate import DECISION_RULES, decision_rule
 from client.history import HISTORY_SELECTIONS, SPLITS
 from client.model import check_device_name, check_dtype_name
@@ -20,10 +22,22 @@ from client.tasks import HISTORY_FORMATS, TASKS, HistoryFormat, get_task
 from client.training import PromptSettings, TrainingSettings
 
 DEFAULT_METHODS = ("base", "rag", "pag", "oppu", "oppu+rag")
+# the least value of each integer setting, and the float settings that must be positive
+AT_LEAST = {
+    "rounds": 0, "max_history": 0, "task_history": 0, "seed": 0, "k": 1, "lora_alpha": 1, "max_prompt_tokens": 1,
+    "batch_tokens": 1, "profile_items": 1, "num_queries": 1, "validation_items": 1, "selection_items": 1,
+    "max_text_chars": 1, "max_user_history": 1,
+}
+POSITIVE = ("local_epochs", "task_lr", "personal_epochs", "personal_lr")
 
 
 def _opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
+
+
+def _key(name: str) -> str:
+    """A field's config key and flag name (max_history -> max-history)."""
+    return name.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -36,6 +50,8 @@ class RunConfig:
         "'default' (MovieLens-100K from recbole), 'synthetic' (planted-preference users), "
         "QUESTIONS.json:OUTPUTS.json (LaMP) or USERS.json (OPPU per-user format)",
     )
+    max_text_chars: int = _opt(20_000, "longest text field (query input, gold, history item field) a user may bring")
+    max_user_history: int = _opt(10_000, "most history items a user may bring")
     model: str = _opt("smollm2", "base model: 'smollm2' (bundled), 'tiny-random' (tests), a local path or hub id")
     methods: str = _opt(
         ",".join(DEFAULT_METHODS),
@@ -95,27 +111,35 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if isinstance(f.default, float) and not math.isfinite(getattr(self, f.name)):
+                raise ValueError(f"{_key(f.name)} must be a finite number, got {getattr(self, f.name)}")
+        for name, least in AT_LEAST.items():
+            if getattr(self, name) < least:
+                raise ValueError(f"{_key(name)} must be >= {least}, got {getattr(self, name)}")
+        for name in POSITIVE:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{_key(name)} must be > 0, got {getattr(self, name)}")
         decision_rule(get_task(self.task), self.decision)
         PeftSettings(kind=self.peft, r=self.lora_r)  # type: ignore[arg-type]
+        if not self.peft_settings().target_modules:
+            raise ValueError(f"lora-targets names no module, got {self.lora_targets!r}; e.g. q_proj,v_proj")
         for method in self.method_names():
             parse_method(method)
-        for name in ("rounds", "k", "max_history", "task_history", "num_queries", "seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.history_selection not in HISTORY_SELECTIONS:
             raise ValueError(
                 f"history-selection must be one of {', '.join(HISTORY_SELECTIONS)}, got {self.history_selection!r}"
             )
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
-        if self.validation_items < 1:
-            raise ValueError(f"validation-items must be >= 1, got {self.validation_items}")
-        if self.selection_items < 1:
-            raise ValueError(f"selection-items must be >= 1, got {self.selection_items}")
         if self.history_format not in HISTORY_FORMATS:
             raise ValueError(f"history-format must be one of {', '.join(HISTORY_FORMATS)}, got {self.history_format!r}")
-        if self.dp_noise < 0 or self.dp_clip <= 0 or not 0 < self.dp_delta < 1:
-            raise ValueError(f"dp: need noise >= 0, clip > 0, 0 < delta < 1; got {self.dp_noise}, {self.dp_clip}, {self.dp_delta}")
+        if self.dp_noise < 0:
+            raise ValueError(f"dp-noise must be >= 0 (0: no DP), got {self.dp_noise}")
+        if self.dp_clip <= 0:
+            raise ValueError(f"dp-clip must be > 0, got {self.dp_clip}")
+        if not 0 < self.dp_delta < 1:
+            raise ValueError(f"dp-delta must be in (0, 1), got {self.dp_delta}")
         check_dtype_name(self.dtype)
         check_device_name(self.device)
         if not 0.0 < self.fraction_train <= 1.0:
@@ -132,6 +156,9 @@ class RunConfig:
         if not names:
             raise ValueError("methods: give at least one method, e.g. base,oppu")
         return names
+
+    def data_limits(self) -> DataLimits:
+        return DataLimits(max_text_chars=self.max_text_chars, max_user_history=self.max_user_history)
 
     def peft_settings(self) -> PeftSettings:
         return PeftSettings(
@@ -153,12 +180,12 @@ class RunConfig:
 
     def to_record(self) -> dict[str, Any]:
         """Flat kebab-case mapping (what a Flower ConfigRecord and pyproject hold)."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> RunConfig:
         """A config from kebab-case keys; unknown keys are rejected, missing ones take defaults."""
-        known = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+        known = {_key(f.name): f for f in dataclasses.fields(cls)}
         unknown = sorted(set(record) - set(known))
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; known keys: {', '.join(known)}")

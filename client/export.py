@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from client.model import file_sha256, model_hash, resolve_model
+from client.model import DEFAULT_MODEL, TINY_MODEL, file_sha256, model_hash, resolve_model
 from client.store import UserStore, atomic_directory, atomic_write_json, read_json
 
 MANIFEST = "oppu-manifest.json"
@@ -51,11 +51,31 @@ def export_adapter(run_dir: Path, user_id: str, out_dir: Path, variant: str = "k
     return manifest
 
 
-def verify_export(export_dir: Path, base_model_dir: Path) -> dict[str, Any]:
-    """The manifest, after checking every file's hash and that `base_model_dir` is the adapter's base."""
-    manifest = read_json(export_dir / MANIFEST)
+def _read_manifest(export_dir: Path) -> dict[str, Any]:
+    """The export's manifest, refused unless it has the shape `export_adapter` writes (plain file names only, so
+    an import never copies from or to outside the two directories)."""
+    path = export_dir / MANIFEST
+    try:
+        manifest = read_json(path)
+    except (OSError, ValueError) as e:  # a directory, not UTF-8, not JSON
+        raise AdapterImportError(f"{path}: not a readable JSON manifest ({e}); the export is damaged") from None
     if manifest is None:
         raise AdapterImportError(f"{export_dir}: no {MANIFEST}; not an exported OPPU adapter")
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not (
+        isinstance(files, dict)
+        and all(isinstance(sha, str) and name not in ("", ".", "..") and Path(name).name == name
+                for name, sha in files.items())
+        and isinstance(manifest.get("base_model_sha256"), str)
+    ):
+        raise AdapterImportError(f"{path}: expected an object with 'files' (file name -> sha256) and "
+                                 "'base_model_sha256'; the manifest is damaged")
+    return manifest
+
+
+def verify_export(export_dir: Path, base_model_dir: Path) -> dict[str, Any]:
+    """The manifest, after checking every file's hash and that `base_model_dir` is the adapter's base."""
+    manifest = _read_manifest(export_dir)
     for name, expected in manifest["files"].items():
         path = export_dir / name
         if not path.exists():
@@ -85,6 +105,17 @@ def import_adapter(export_dir: Path, target: Path, base_model_dir: Path) -> dict
     return manifest
 
 
+def _base_model(name: str, cache_dir: Path | None) -> Path:
+    """The --model directory, or an AdapterImportError saying what --model takes."""
+    try:
+        return resolve_model(name, cache_dir)
+    except OSError as e:  # transformers: neither a model directory nor a hub id it could fetch
+        raise AdapterImportError(
+            f"--model {name!r}: expected {DEFAULT_MODEL}, {TINY_MODEL}, a model directory or a reachable hub id "
+            f"({str(e).splitlines()[0]})"
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="oppu-adapter", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             manifest = export_adapter(args.run_dir, args.user, args.out_dir, args.variant)
             print(f"exported {manifest['adapter']} to {args.out_dir} ({len(manifest['files'])} files)")
         else:
-            manifest = import_adapter(args.export_dir, args.target_dir, resolve_model(args.model, args.cache_dir))
+            manifest = import_adapter(args.export_dir, args.target_dir, _base_model(args.model, args.cache_dir))
             print(f"imported {manifest['adapter']} into {args.target_dir}: hashes and base model verified")
     except (AdapterImportError, FileNotFoundError, FileExistsError) as e:
         print(f"oppu-adapter: {e}", file=sys.stderr)

@@ -22,7 +22,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from transformers import PreTrainedTokenizerBase
 
 from client.store import atomic_directory
@@ -34,6 +34,7 @@ DTYPES = ("float32", "bfloat16")
 BF16_MIN_SPEEDUP = 1.5  # a CPU computes in bf16 only if it is at least this much faster than fp32
 TINY_MODEL = "tiny-random"
 MANIFEST = "oppu-model.json"
+LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -126,6 +127,22 @@ def resolve_model(name: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> P
             _build_from_transformers(name, staging)
         _write_manifest(staging, name)
     return target
+
+
+def linear_module_names(name: str, cache_dir: Path | None = None) -> tuple[str, ...] | None:
+    """What a LoRA target may name in this model (its linear layers' own names), known before any weight is read:
+    the bundled models are Llamas; another model's config, in the cache or its local directory, is built on the
+    meta device. None while no config is at hand (a hub id not fetched yet): peft then checks at load time."""
+    if name in (DEFAULT_MODEL, TINY_MODEL):
+        return LLAMA_LINEAR_MODULES
+    for directory in ((cache_dir or default_cache_dir()) / "models" / model_slug(name), Path(name)):
+        if (directory / "config.json").is_file():
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
+            head = model.get_output_embeddings()
+            linear = (n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head)
+            return tuple(dict.fromkeys(n.rsplit(".", 1)[-1] for n in linear))
+    return None
 
 
 def model_hash(model_dir: Path) -> str:

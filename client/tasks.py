@@ -38,6 +38,7 @@ class TaskSpec:
     answer_field: str  # the history item field that answers `question_template`
     metric: MetricKind
     labels: tuple[str, ...] = ()
+    item_answers_are_labels: bool = True  # history answers come from `labels` (LaMP-1's are paper titles)
     query_marker: str = ""  # text after this marker in a query input is what BM25 searches with
     max_new_tokens: int = 8
 
@@ -95,6 +96,7 @@ TASKS: dict[str, TaskSpec] = {
             answer_field="title",
             metric="classification",
             labels=("[1]", "[2]"),
+            item_answers_are_labels=False,
             query_marker="without explanation.",  # the input ends with [1]: "..." [2]: "..."
         ),
         TaskSpec(

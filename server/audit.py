@@ -12,7 +12,7 @@ from flwr.app import Message
 from flwr.supercore.run import Run
 from flwr.serverapp import Grid
 
-from client.audit import log_message
+from client.audit import append_jsonl, audit_entry, log_message
 
 
 class AuditedGrid(Grid):
@@ -36,10 +36,15 @@ class AuditedGrid(Grid):
         return self._grid.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Hash the messages before the push, so their lines are written the moment it returns: hashing after
+        it, a run killed meanwhile would leave nodes' receipts of messages the server never logged sending."""
         messages = list(messages)
+        entries = [audit_entry(self._audit_dir, "server", "out", m, 0, m.metadata.dst_node_id) for m in messages]
         ids = list(self._grid.push_messages(messages))
-        for message, message_id in zip(messages, ids):
-            log_message(self._audit_dir, "server", "out", message, 0, message.metadata.dst_node_id, message_id)
+        pushed = set(ids)  # a message that could not be pushed (its id left out, or None) never left
+        for entry, message in zip(entries, messages):
+            if message.metadata.message_id in pushed:
+                append_jsonl(self._audit_dir / "server.jsonl", {**entry, "message_id": message.metadata.message_id})
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:

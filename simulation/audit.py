@@ -1,8 +1,15 @@
-"""`oppu-audit RUN_DIR`: check a run's message logs against the node-local stores; exit 1 on any violation.
+"""`oppu-audit RUN_DIR`: check a run's message logs against each other and the node-local stores; exit 1 on any
+violation.
 
-Checks: no tensor leaving a client is (by name or content hash) a personal adapter's; no planted canary
-string appears in any payload; every reply carries only the keys its phase allows; the server's and the
-clients' logs agree message by message. Writes <run>/audit/summary.json and prints a summary.
+Neither side's log is trusted alone: every check reads both. Checks: both logs are whole (no missing file, no
+undecodable or repeated line; a message a client received again in a new worker process, after the worker running it
+died, is a redelivery, not a repeat); no tensor in a reply (as the client sent it or the server received it) is, by
+name or content hash, a personal adapter's; every reply carries only the keys its phase allows; no planted canary
+string appears in any payload, and audit/canaries.json lists every canary the node stores hold; the logs agree per
+attempt and message id in both directions (every message one side sent the other side received, with the same
+content hash and node). An attempt is one Flower run (its run id is on every line): an interrupted attempt that a
+resumed one followed may leave messages sent but never received, nothing else. Writes <run>/audit/summary.json and
+prints a summary.
 """
 
 from __future__ import annotations
@@ -17,16 +24,85 @@ from typing import Any
 from client import protocol as p
 from client.audit import tensor_sha256
 from client.store import atomic_write_json
+from simulation.partition import CANARY
 
 PHASES = {p.ANNOUNCE: "announce", p.MODEL_CHUNK: "transfer", p.ADAPT: "adapt", p.PERSONALIZE: "personalize"}
 ALLOWED_REPLY_CONFIG = {p.ANNOUNCE: {p.ROLE, p.HAS_MODEL}, p.MODEL_CHUNK: {p.CHUNK_STORED}}
+LOG_FIELDS = ("time", "side", "direction", "src", "dst", "message_id", "run", "message_type", "error", "records",
+              "content_sha256")
+SIDES = ("server", "client")
+# where the other side logs the same message, and (for a reply) where its own side logged the request
+COUNTERPART = {("server", "out"): ("client", "in"), ("client", "in"): ("server", "out"),
+               ("client", "out"): ("server", "in"), ("server", "in"): ("client", "out")}
+REQUEST = {("client", "out"): ("client", "in"), ("server", "in"): ("server", "out")}
 
 
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """The entries of one side's JSONL log (empty if the side logged nothing)."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_log(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """(entries, problems) of one side's JSONL log; each entry gets its "line" (file:number) for violations,
+    and a line that is not a whole entry of this side is a problem, not a traceback."""
+    side = path.stem
+    entries, problems = [], []
+    for number, text in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        where = f"{path.parent.name}/{path.name}:{number}"
+        try:
+            entry = json.loads(text)
+        except json.JSONDecodeError as e:
+            problems.append(f"{where}: not a whole JSON line (truncated or corrupt: {e.msg}, column {e.colno})")
+            continue
+        missing = [f for f in LOG_FIELDS if f not in entry] if isinstance(entry, dict) else list(LOG_FIELDS)
+        if missing:
+            problems.append(f"{where}: not an audit entry (no {', '.join(missing)})")
+        elif entry["side"] != side:
+            problems.append(f"{where}: a {entry['side']} entry in the {side} log")
+        else:
+            entries.append({**entry, "line": where})
+    return entries, problems
+
+
+def read_logs(audit_dir: Path) -> tuple[list[dict[str, Any]], list[str], int]:
+    """(entries of both logs, problems, redeliveries): problems are a missing log, lines that are not entries, and
+    repeated lines other than redeliveries (a message a client received again, on a new worker)."""
+    entries, problems, redelivered = [], [], 0
+    for side in SIDES:
+        path = audit_dir / f"{side}.jsonl"
+        if not path.exists():
+            problems.append(f"{path}: missing, so no {side} side to check the other side's log against")
+            continue
+        found, unreadable = read_log(path)
+        entries += found
+        problems += unreadable
+    first: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for entry in entries:
+        if (seen := first.setdefault(_key(entry), entry)) is entry:
+            continue
+        if _is_redelivery(entry, seen):
+            redelivered += 1
+        else:
+            problems.append(f"{entry['line']}: repeats {seen['line']} ({entry['side']} {entry['direction']} message "
+                            f"{entry['message_id']})")
+    return entries, problems, redelivered
+
+
+def _is_redelivery(entry: dict[str, Any], first: dict[str, Any]) -> bool:
+    """A client received the same message again in another process: Ray runs a message once more on the worker
+    that replaces one that died running it. A copied line (same process) stays a repeat."""
+    pids = entry.get("pid"), first.get("pid")  # logs written before lines had a pid have no redeliveries
+    return ((entry["side"], entry["direction"]) == ("client", "in")
+            and entry["content_sha256"] == first["content_sha256"] and None not in pids and pids[0] != pids[1])
+
+
+def _key(entry: dict[str, Any], way: tuple[str, str] | None = None) -> tuple[Any, ...]:
+    """What identifies one line: side, direction, attempt (Flower run id) and message id."""
+    return (*(way or (entry["side"], entry["direction"])), entry["run"], entry["message_id"])
+
+
+def _is_reply(entry: dict[str, Any]) -> bool:
+    return (entry["side"], entry["direction"]) in REQUEST
+
+
+def _node(entry: dict[str, Any]) -> int:
+    """The client node of a message: the receiver of a request, the sender of a reply."""
+    return entry["src"] if _is_reply(entry) else entry["dst"]
 
 
 def personal_tensors(run_dir: Path) -> tuple[set[str], set[str]]:
@@ -41,12 +117,12 @@ def personal_tensors(run_dir: Path) -> tuple[set[str], set[str]]:
 
 
 def _where(entry: dict[str, Any]) -> str:
-    return (f"{entry['side']} {entry['direction']} {entry.get('message_type')} message {entry['message_id']} "
-            f"(node {entry['src']} -> {entry['dst']})")
+    return (f"{entry['line']} {entry['side']} {entry['direction']} {entry.get('message_type')} message "
+            f"{entry['message_id']} (node {entry['src']} -> {entry['dst']})")
 
 
 def reply_violations(entry: dict[str, Any], adapter_names: set[str], adapter_hashes: set[str]) -> list[str]:
-    """What is wrong with one reply leaving a client."""
+    """What is wrong with one reply, as its client sent it or as the server received it."""
     problems = []
     kind = entry.get("message_type")
     for key, record in entry["records"].items():
@@ -70,29 +146,68 @@ def reply_violations(entry: dict[str, Any], adapter_names: set[str], adapter_has
     return problems
 
 
+def planted_canaries(run_dir: Path) -> tuple[dict[str, str], list[str]]:
+    """(canary -> user, problems): the canaries audit/canaries.json lists together with those found in the node
+    stores' data, so a missing or edited canaries.json neither hides a canary nor goes unnoticed."""
+    path = run_dir / "audit" / "canaries.json"
+    try:
+        listed, problems = json.loads(path.read_text()), []
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        state = "missing" if isinstance(e, FileNotFoundError) else f"not JSON ({e.msg})"
+        listed, problems = {}, [f"{path}: {state}; it lists the planted canaries ({{}} when none were planted)"]
+    canaries = {canary: user for user, canary in listed.items()}
+    for data in sorted(run_dir.glob("clients/*/data.json")):
+        for canary in sorted(set(CANARY.findall(data.read_text())) - set(canaries)):
+            canaries[canary] = data.parent.name
+            problems.append(f"{path}: does not list the canary planted in {data.relative_to(run_dir)}")
+    return canaries, problems
+
+
 def canary_violations(entry: dict[str, Any], canaries: dict[str, str]) -> list[str]:
     """Planted canary strings found anywhere in the entry's logged payload (values or raw-byte scans)."""
     text = json.dumps(entry["records"])
-    return [f"{_where(entry)}: contains the history canary of user {user}" for user, c in canaries.items() if c in text]
+    return [f"{_where(entry)}: contains the history canary of user {user}" for c, user in canaries.items() if c in text]
 
 
-def agreement_violations(server: list[dict[str, Any]], client: list[dict[str, Any]]) -> list[str]:
-    """Each message sent by one side was received by the other with the same content hash."""
-    problems = []
-    pairs = [(("server", "out"), ("client", "in")), (("client", "out"), ("server", "in"))]
-    logs = {("server", d): {e["message_id"]: e for e in server if e["direction"] == d} for d in ("out", "in")}
-    logs |= {("client", d): {e["message_id"]: e for e in client if e["direction"] == d} for d in ("out", "in")}
-    for sent_key, received_key in pairs:
-        sent, received = logs[sent_key], logs[received_key]
-        for message_id, entry in sent.items():
-            other = received.get(message_id)
-            if entry.get("error") and entry["direction"] == "out" and entry["side"] == "client":
-                continue  # a client that raised sends an error reply, not content
-            if other is None:
-                problems.append(f"{_where(entry)}: not in the {received_key[0]} log")
-            elif other["content_sha256"] != entry["content_sha256"] and not other.get("error"):
-                problems.append(f"{_where(entry)}: content differs from what the {received_key[0]} logged")
-    return problems
+def attempts(entries: list[dict[str, Any]]) -> list[Any]:
+    """Flower run ids in the order they started: one per attempt (a --resume is a new Flower run)."""
+    started: dict[Any, float] = {}
+    for entry in entries:
+        started[entry["run"]] = min(started.get(entry["run"], entry["time"]), entry["time"])
+    return sorted(started, key=started.__getitem__)
+
+
+def agreement_violations(entries: list[dict[str, Any]]) -> tuple[list[str], int]:
+    """(violations, messages in flight when an earlier attempt was cut off): per attempt and message id, every
+    line of one side has its counterpart on the other (same content hash and client node), and every reply answers
+    a request its own side logged. Only an attempt that a later one followed may leave a message sent, not received."""
+    logged = {e["side"] for e in entries}
+    if len(logged) == 1:  # one log missing or emptied: one violation, not one per line of the other log
+        (side,) = set(SIDES) - logged
+        return [f"the {side} log has no entries to compare the other log's {len(entries)} with"], 0
+    index: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for entry in entries:
+        index.setdefault(_key(entry), entry)
+    runs = attempts(entries)
+    problems, in_flight = [], 0
+    for entry in index.values():
+        way = (entry["side"], entry["direction"])
+        other = index.get(_key(entry, COUNTERPART[way]))
+        if other is None:
+            if entry["direction"] == "out" and entry["run"] != runs[-1]:
+                in_flight += 1
+            elif not (way == ("server", "in") and entry["error"] and not entry["records"]):  # Flower's own error
+                side, direction = COUNTERPART[way]  # reply (node gone, message expired) has no client line
+                problems.append(f"{_where(entry)}: {'sent' if entry['direction'] == 'out' else 'received'}, but the "
+                                f"{side} log has no '{direction}' line for it")
+        elif entry["direction"] == "out":  # each pair once, from its sender
+            if _node(entry) != _node(other):
+                problems.append(f"{_where(entry)}: {other['line']} has it at node {_node(other)}")
+            if entry["content_sha256"] != other["content_sha256"] and not (entry["error"] or other["error"]):
+                problems.append(f"{_where(entry)}: content differs from {other['line']}")
+        if _is_reply(entry) and _key(entry, REQUEST[way]) not in index:
+            problems.append(f"{_where(entry)}: a reply to a request its own log has no '{REQUEST[way][1]}' line for")
+    return problems, in_flight
 
 
 def traffic(server: list[dict[str, Any]]) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
@@ -101,33 +216,33 @@ def traffic(server: list[dict[str, Any]]) -> tuple[dict[str, dict[str, int]], di
     nodes: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for e in server:
         phase = PHASES.get(e.get("message_type"), str(e.get("message_type")))
-        way = "down" if e["direction"] == "out" else "up"
-        node = str(e["dst"] if way == "down" else e["src"])
+        way = "up" if _is_reply(e) else "down"
         phases[phase][f"bytes_{way}"] += e["bytes"]
         phases[phase][f"messages_{way}"] += 1
-        nodes[node][f"bytes_{way}"] += e["bytes"]
+        nodes[str(_node(e))][f"bytes_{way}"] += e["bytes"]
     return {k: dict(v) for k, v in phases.items()}, {k: dict(v) for k, v in nodes.items()}
 
 
 def audit(run_dir: Path) -> dict[str, Any]:
-    """Run every check; the summary that `oppu-audit` prints and writes."""
-    audit_dir = run_dir / "audit"
-    server, client = read_log(audit_dir / "server.jsonl"), read_log(audit_dir / "client.jsonl")
-    if not server:
-        raise FileNotFoundError(f"{audit_dir / 'server.jsonl'}: no server audit log (is {run_dir} a run directory?)")
-    canaries = json.loads((audit_dir / "canaries.json").read_text()) if (audit_dir / "canaries.json").exists() else {}
+    """Run every check on both logs; the summary that `oppu-audit` prints and writes."""
+    entries, log_problems, redelivered = read_logs(run_dir / "audit")
+    canaries, canary_problems = planted_canaries(run_dir)
     names, hashes = personal_tensors(run_dir)
-    checks: dict[str, list[str]] = {"personal-tensors-and-keys": [], "canaries": [], "logs-agree": []}
-    for entry in client:
-        if entry["direction"] == "out":
-            checks["personal-tensors-and-keys"] += reply_violations(entry, names, hashes)
-    for entry in server + client:
-        checks["canaries"] += canary_violations(entry, canaries)
-    checks["logs-agree"] = agreement_violations(server, client)
+    agreement, in_flight = agreement_violations(entries)
+    checks: dict[str, list[str]] = {
+        "logs-whole": log_problems,
+        "personal-tensors-and-keys": [v for e in entries if _is_reply(e) for v in reply_violations(e, names, hashes)],
+        "canaries": canary_problems + [v for e in entries for v in canary_violations(e, canaries)],
+        "logs-agree": agreement,
+    }
+    server = [e for e in entries if e["side"] == "server"]
     phases, per_node = traffic(server)
     return {
         "run_dir": str(run_dir),
-        "messages": {"server": len(server), "client": len(client)},
+        "messages": {"server": len(server), "client": len(entries) - len(server)},
+        "attempts": attempts(entries),
+        "sent_not_received_in_interrupted_attempts": in_flight,
+        "redelivered_after_worker_death": redelivered,
         "personal_adapters_checked": len(names),
         "canaries_planted": len(canaries),
         "phases": phases,
@@ -142,15 +257,20 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a run directory written by flower-simulation")
     args = parser.parse_args(argv)
-    try:
-        summary = audit(args.run_dir)
-    except FileNotFoundError as e:
-        print(f"oppu-audit: {e}", file=sys.stderr)
+    if not args.run_dir.is_dir():
+        print(f"oppu-audit: {args.run_dir}: no such run directory", file=sys.stderr)
         return 2
+    summary = audit(args.run_dir)
     atomic_write_json(args.run_dir / "audit" / "summary.json", summary)
     print(f"audit of {args.run_dir}: {summary['messages']['server']} server / {summary['messages']['client']} client "
           f"log entries, {summary['personal_adapters_checked']} personal adapters, "
           f"{summary['canaries_planted']} canaries")
+    if len(summary["attempts"]) > 1:
+        print(f"  {len(summary['attempts'])} attempts (resumed); sent but cut off by an interruption: "
+              f"{summary['sent_not_received_in_interrupted_attempts']} messages")
+    if summary["redelivered_after_worker_death"]:
+        print(f"  {summary['redelivered_after_worker_death']} message(s) received again by a new worker after the "
+              "first one died running them")
     for phase, stats in summary["phases"].items():
         print(f"  {phase:12s} down {stats.get('bytes_down', 0):>14,d} B in {stats.get('messages_down', 0):>4d} msgs"
               f"   up {stats.get('bytes_up', 0):>12,d} B in {stats.get('messages_up', 0):>4d} msgs")

@@ -15,16 +15,23 @@ import math
 import os
 import sys
 import time
+import traceback
 from datetime import datetime
 from pathlib import Path
 
 from flwr.clientapp import ClientApp
 
 from client.config import RunConfig
+from client.data import DataError
+from client.model import linear_module_names
 
 log = logging.getLogger("oppu")
 
 RUNS_DIR = Path("runs")
+# Flower passes client_resources on as Ray actor options: a worker process that dies (killed, out of memory) is
+# restarted, and the message it was running is run once more on its replacement (a message that kills every
+# worker it runs on then fails alone). Retries cover system failures only: an exception in our code is not retried.
+WORKER_FAULT_TOLERANCE = {"max_restarts": -1, "max_task_retries": 1}
 
 
 class SetupError(Exception):
@@ -107,11 +114,48 @@ def add_run_flags(
         run.add_argument("--canaries", action="store_true",
                          help="plant a unique marker string in every user's history; `oppu-audit` checks none is sent")
     run.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds to wait for a phase's replies")
+    run.add_argument("--verbose", action="store_true", help="print a setup error's traceback too")
     method = parser.add_argument_group("method (also [tool.flwr.app.config] keys for `flwr run`)")
     for f in dataclasses.fields(RunConfig):
         if f.name not in fixed:
             method.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
                                 help=f.metadata["help"])
+
+
+def check_run_flags(args: argparse.Namespace, cfg: RunConfig) -> None:
+    """What RunConfig cannot judge alone, checked before anything is written or any process starts."""
+    if args.num_clients < 1:
+        raise SetupError(f"--num-clients {args.num_clients}: expected at least 1 test user")
+    if args.train_clients < 0:
+        raise SetupError(f"--train-clients {args.train_clients}: expected 0 or more training users")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise SetupError(f"--timeout {args.timeout}: expected a finite number of seconds > 0")
+    _check_run_dir(getattr(args, "run_dir", None) or RUNS_DIR)
+    modules = linear_module_names(cfg.model, getattr(args, "cache_dir", None))
+    if modules is not None:
+        unknown = [t for t in cfg.peft_settings().target_modules if t not in modules]
+        if unknown:
+            raise SetupError(f"--lora-targets {cfg.lora_targets}: {', '.join(unknown)} names no linear layer of "
+                             f"--model {cfg.model}; expected names from {', '.join(modules)}")
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """The run directory must be a directory this user may write, or one that can be made."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SetupError(f"--run-dir {run_dir}: is a file; expected a directory (new, or an earlier run with --resume)")
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise SetupError(f"--run-dir {run_dir}: {existing} is a file; expected a directory above the run")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SetupError(f"--run-dir {run_dir}: {existing} is not writable; expected a directory this user may write")
+
+
+def setup_failure(prog: str, error: SetupError, verbose: bool) -> int:
+    """Exit status 2 with one line saying what to fix; the traceback only with --verbose."""
+    if verbose:
+        traceback.print_exception(error)
+    print(f"{prog}: {error}", file=sys.stderr)
+    return 2
 
 
 def _latest_run() -> Path | None:
@@ -147,10 +191,7 @@ def simulate(args: argparse.Namespace, cfg: RunConfig, client_app: ClientApp | N
     `client_app` replaces ours (the privacy tests run a deliberately leaky one).
     """
     import torch
-    from flwr.simulation import run_simulation
 
-    from client.app import app as default_client_app
-    from server.app import ServerOptions, make_server_app
     from client.store import atomic_write_json
     from simulation.partition import load_users, plant_canaries, split_users, write_partitions
 
@@ -164,12 +205,18 @@ def simulate(args: argparse.Namespace, cfg: RunConfig, client_app: ClientApp | N
         try:
             users = load_users(cfg, args.num_clients + args.train_clients)
             test, train = split_users(users, args.num_clients, args.train_clients if cfg.rounds else 0, cfg.seed)
-        except ValueError as e:  # DataError included
+        except DataError as e:
+            raise SetupError(f"--data: {e}") from e
+        except ValueError as e:
             raise SetupError(str(e)) from e
-        if args.canaries:
-            atomic_write_json(run_dir / "audit" / "canaries.json", plant_canaries(test + train))
-        nodes = write_partitions(run_dir, test, train)
+        nodes = write_partitions(run_dir, test, train, plant_canaries(test + train) if args.canaries else {})
         atomic_write_json(run_dir / "run.json", run_settings(args, cfg))
+    # Flower's engine and the apps are imported only now, so bad data stops the run quickly and quietly
+    from flwr.simulation import run_simulation
+
+    from client.app import app as default_client_app
+    from server.app import ServerOptions, make_server_app
+
     log.info("run directory %s: %d nodes", run_dir, len(nodes))
     os.environ["OPPU_RUN_DIR"] = str(run_dir)  # simulated nodes find their store through it
     if args.cache_dir:
@@ -182,7 +229,7 @@ def simulate(args: argparse.Namespace, cfg: RunConfig, client_app: ClientApp | N
         client_app=client_app or default_client_app,
         num_supernodes=len(nodes),
         backend_config={
-            "client_resources": resources,
+            "client_resources": {**resources, **WORKER_FAULT_TOLERANCE},
             "init_args": {"logging_level": logging.WARNING, "log_to_driver": True},
         },
     )
@@ -203,15 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = run_config_of(args, parser)
-    for name in ("num_clients", "train_clients"):
-        if getattr(args, name) < (1 if name == "num_clients" else 0):
-            parser.error(f"--{name.replace('_', '-')} must be >= {1 if name == 'num_clients' else 0}")
     start = time.perf_counter()
     try:
+        check_run_flags(args, cfg)
         run_dir, outcome = simulate(args, cfg)
     except SetupError as e:
-        print(f"flower-simulation: {e}", file=sys.stderr)
-        return 2
+        return setup_failure(parser.prog, e, args.verbose)
     report = outcome.get("report")
     if report is None:
         print(f"flower-simulation: the server app did not finish; see the log above ({run_dir})", file=sys.stderr)

@@ -157,7 +157,7 @@ def deploy(run_dir: Path, num_clients: int, train_clients: int, run_config: dict
     cfg = RunConfig.from_record(run_config)
     test, train = split_users(load_users(cfg, num_clients + train_clients), num_clients,
                               train_clients if cfg.rounds else 0, cfg.seed)
-    nodes = write_partitions(run_dir, test, train)
+    nodes = write_partitions(run_dir, test, train, {})
     ca, cert, key = make_tls(deploy_dir / "tls")
     port = free_port()
     flwr_home = deploy_dir / "flwr-home"
@@ -206,7 +206,7 @@ def _toml(value: object) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from simulation.cli import build_parser, run_config_of
+    from simulation.cli import SetupError, build_parser, check_run_flags, run_config_of, setup_failure
 
     parser = build_parser(simulation=False)
     parser.prog = "oppu-deploy"
@@ -217,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
                              "default: empty caches under the run directory, so the base model is sent once")
     args = parser.parse_args(argv)
     cfg = run_config_of(args, parser)
+    try:
+        check_run_flags(args, cfg)
+    except SetupError as e:
+        return setup_failure(parser.prog, e, args.verbose)
     run_dir = args.run_dir or Path("runs") / f"deploy-{time.strftime('%Y%m%d-%H%M%S')}-{cfg.task}"
     try:
         status = deploy(run_dir, args.num_clients, args.train_clients, cfg.to_record(), args.node_caches, args.timeout)

@@ -3,12 +3,14 @@
 Each node gets a node-local store holding only its own user's data:
     <run_dir>/clients/<user>/data.json   (OPPU per-user format + the node's role)
     <run_dir>/nodes.json                 partition-id -> user and role (what a simulated node looks up)
+    <run_dir>/audit/canaries.json        user -> canary planted in its history (for the privacy audit)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+import re
 import secrets
 from functools import cache
 from pathlib import Path
@@ -21,19 +23,20 @@ from client.tasks import get_task
 
 
 def load_users(cfg: RunConfig, num_users_hint: int) -> list[User]:
-    """The users named by `cfg.data` (see RunConfig.data)."""
+    """The users named by `cfg.data` (see RunConfig.data), checked within the run's data limits."""
+    limits = cfg.data_limits()
     if cfg.data == "default":
         if cfg.task != "MovieLens":
             raise ValueError(f"--data default is MovieLens-100K (task MovieLens); for {cfg.task} give --data files")
-        return load_movielens(num_queries=cfg.num_queries)
+        return load_movielens(num_queries=cfg.num_queries, limits=limits)
     if cfg.data == "synthetic":
         if cfg.task != "LaMP-2M":
             raise ValueError("--data synthetic makes movie-tagging users: use it with --task LaMP-2M")
-        return synthetic_users(num_users_hint, seed=cfg.seed)
+        return synthetic_users(num_users_hint, seed=cfg.seed, limits=limits)
     if ":" in cfg.data:
         questions, outputs = cfg.data.split(":", 1)
-        return load_lamp(questions, outputs, cfg.task)
-    return load_oppu(cfg.data, cfg.task)
+        return load_lamp(questions, outputs, cfg.task, limits)
+    return load_oppu(cfg.data, cfg.task, limits)
 
 
 def split_users(users: list[User], num_test: int, num_train: int, seed: int) -> tuple[list[User], list[User]]:
@@ -48,8 +51,12 @@ def split_users(users: list[User], num_test: int, num_train: int, seed: int) -> 
     return test, train
 
 
-def write_partitions(run_dir: Path, test: list[User], train: list[User]) -> list[dict[str, str]]:
-    """Write each node's store and nodes.json; returns the node table (index = partition-id)."""
+def write_partitions(
+    run_dir: Path, test: list[User], train: list[User], canaries: dict[str, str]
+) -> list[dict[str, str]]:
+    """Write each node's store, nodes.json and audit/canaries.json (the planted canaries, {} if none: the audit
+    takes a missing file for a deleted one); returns the node table (index = partition-id)."""
+    atomic_write_json(run_dir / "audit" / "canaries.json", canaries)
     nodes = []
     for role, users in (("test", test), ("train", train)):
         for user in users:
@@ -57,6 +64,9 @@ def write_partitions(run_dir: Path, test: list[User], train: list[User]) -> list
             nodes.append({"user": user.user_id, "role": role})
     atomic_write_json(run_dir / "nodes.json", nodes)
     return nodes
+
+
+CANARY = re.compile(r"canary[0-9a-f]{16}")  # what plant_canaries appends; the audit finds it in node stores
 
 
 def plant_canaries(users: list[User]) -> dict[str, str]:

@@ -20,8 +20,10 @@ from simulation.cli import (
     RUNS_DIR,
     SetupError,
     add_run_flags,
+    check_run_flags,
     run_config_of,
     run_settings,
+    setup_failure,
     simulate,
 )
 from simulation.studies import STUDIES, Arm
@@ -66,6 +68,7 @@ def run_arm(args: argparse.Namespace, arm: Arm, run_dir: Path) -> dict[str, Any]
             return report
         arm_args.resume = True
         print("  resuming the unfinished run", flush=True)
+    check_run_flags(arm_args, arm.config)
     _, outcome = simulate(arm_args, arm.config)
     return outcome.get("report")
 
@@ -88,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             report = run_arm(args, arm, run_dir)
         except SetupError as e:
-            print(f"oppu-study: {e}", file=sys.stderr)
-            return 2
+            return setup_failure("oppu-study", e, args.verbose)
         if _complete(report, args.num_clients):
             runs[arm.name] = run_dir
         else:

@@ -12,6 +12,7 @@ import pytest
 
 from client.data import (
     DataError,
+    DataLimits,
     HistoryItem,
     Query,
     User,
@@ -365,7 +366,10 @@ def test_load_oppu(tmp_path):
             ],
             "query": [{"id": 1, "input": "review: new", "gold": 4}, {"id": "2", "input": "review: old", "gold": "3"}],
         },
-        {"user_id": "u2", "task": "LaMP-3", "profile": [{"id": "c", "text": "t", "score": "1"}], "query": []},
+        {
+            "user_id": "u2", "task": "LaMP-3", "profile": [{"id": "c", "text": "t", "score": "1"}],
+            "query": [{"id": "3", "input": "review: u2", "gold": 2.0}],
+        },
     ]
     path = tmp_path / "users.json"
     path.write_text(json.dumps(records))
@@ -380,14 +384,15 @@ def test_load_oppu(tmp_path):
             ],
             queries=[Query("1", "review: new", "4"), Query("2", "review: old", "3")],
         ),
-        User(user_id="u2", task="LaMP-3", history=[HistoryItem("c", {"text": "t", "score": "1"}, None)], queries=[]),
+        User("u2", "LaMP-3", [HistoryItem("c", {"text": "t", "score": "1"}, None)], [Query("3", "review: u2", "2")]),
     ]
 
 
 def test_load_oppu_single_user_file(tmp_path):
     path = tmp_path / "one.json"
-    path.write_text(json.dumps({"user_id": "x", "profile": [{"id": "1", "text": "hi"}], "query": []}))
-    assert load_oppu(path, "LaMP-7") == [User("x", "LaMP-7", [HistoryItem("1", {"text": "hi"})], [])]
+    query = {"id": "q", "input": "i", "gold": "g"}
+    path.write_text(json.dumps({"user_id": "x", "profile": [{"id": "1", "text": "hi"}], "query": [query]}))
+    assert load_oppu(path, "LaMP-7") == [User("x", "LaMP-7", [HistoryItem("1", {"text": "hi"})], [Query("q", "i", "g")])]
 
 
 @pytest.mark.parametrize(
@@ -440,13 +445,14 @@ def test_load_oppu_not_a_list_invalid_json_missing_file_unknown_task(tmp_path):
 @pytest.mark.parametrize("task_name", sorted(LAMP_CASES))
 def test_round_trip_lamp_to_oppu(tmp_path, task_name):
     file_task, query_input, profile, gold = LAMP_CASES[task_name]
+    second = gold + "!" if get_task(task_name).metric == "generation" else gold  # label tasks answer with labels
     q, o = write_lamp(
         tmp_path,
         [
             {"id": "1", "user_id": "u", "input": query_input, "profile": profile},
             {"id": "2", "user_id": "u", "input": query_input + " again", "profile": profile[:1]},
         ],
-        {"task": file_task, "golds": [{"id": "1", "output": gold}, {"id": "2", "output": gold + "!"}]},
+        {"task": file_task, "golds": [{"id": "1", "output": gold}, {"id": "2", "output": second}]},
     )
     users = load_lamp(q, o, task_name)
     path = tmp_path / "oppu.json"
@@ -457,7 +463,8 @@ def test_round_trip_lamp_to_oppu(tmp_path, task_name):
 
 def test_round_trip_without_dates_and_synthetic(tmp_path):
     users = synthetic_users(3, history_len=5, num_queries=2, seed=3) + []
-    users.append(User("nodate", "LaMP-2M", [HistoryItem("z", {"description": "d", "tag": "comedy"}), HistoryItem("y", {"description": "e", "tag": "action"})]))
+    users.append(User("nodate", "LaMP-2M", [HistoryItem("z", {"description": "d", "tag": "comedy"}), HistoryItem("y", {"description": "e", "tag": "action"})],
+                      [Query("nodate-q", "description: f", "comedy")]))
     path = tmp_path / "oppu.json"
     path.write_text(json.dumps([u.to_json() for u in users]))
     assert load_oppu(path, "LaMP-2M") == users
@@ -523,14 +530,48 @@ def test_movielens_movie_text(movielens_users):
 
 def test_movielens_num_queries(movielens_raw):
     per_user = Counter(user for user, _ in movielens_raw)
-    none = load_movielens(num_queries=0)
-    assert all(u.queries == [] and len(u.history) == per_user[u.user_id] for u in none)
     one = {u.user_id: u for u in load_movielens(num_queries=1)}
     assert all(len(u.queries) == 1 and len(u.history) == per_user[u.user_id] - 1 for u in one.values())
-    with pytest.raises(DataError, match=r"ml-100k: user '\d+' has an empty history"):
+    with pytest.raises(DataError, match=r"ml-100k\.inter: user '\d+' has an empty history"):
         load_movielens(num_queries=20)  # the smallest users have exactly 20 ratings
-    with pytest.raises(ValueError, match="num_queries must be >= 0, got -1"):
-        load_movielens(num_queries=-1)
+    with pytest.raises(ValueError, match="num_queries must be >= 1, got 0"):
+        load_movielens(num_queries=0)  # no user would have a question to answer
+
+
+def _movielens_files(tmp_path: Path, ratings: list[str]) -> Path:
+    """A two-movie ml-100k in recbole's layout with the given rating lines (user, item, rating, time)."""
+    (tmp_path / "ml-100k.item").write_text("item_id\tmovie_title\trelease_year\tclass\n1\tToy Story\t1995\tComedy\n"
+                                           "2\tGoldenEye\t1995\tAction\n", encoding="latin-1")
+    (tmp_path / "ml-100k.inter").write_text("user_id\titem_id\trating\ttimestamp\n" + "".join(ratings), encoding="latin-1")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("7\t2\tfive\t900\n", "line 3: rating 'five' or time '900' is no number"),
+        ("7\t2\t4\n", "line 3: 3 tab-separated fields ('7\\t2\\t4\\n'); expected 4 (user, item, rating, time)"),
+        ("7\t3\t4\t900\n", "line 3: item '3' is not in"),
+        ("7\t2\t6\t900\n", "user '7': query '7-2': field 'gold' is '6'; expected a rating from 1 to 5"),
+        ("7\t2\tnan\t900\n", "user '7': query '7-2': field 'gold' is 'nan'; expected a rating from 1 to 5"),
+        ("7\t1\t5\t850\n7\t2\t3\t900\n", "user '7': history item '1': id appears twice"),  # one movie rated twice
+    ],
+)
+def test_movielens_bad_lines(tmp_path, line, message):
+    root = _movielens_files(tmp_path, ["7\t1\t4\t800\n", line])
+    with pytest.raises(DataError, match=re.escape(f"{root / 'ml-100k.inter'}: {message}")):
+        load_movielens(num_queries=1, root=root)
+
+
+def test_limits_apply_only_when_given(tmp_path):
+    """A run checks its limits at load time; a node re-reading its own store (no limits) is not refused again."""
+    root = _movielens_files(tmp_path, ["7\t1\t4\t800\n", "7\t2\t3\t900\n"])
+    (user,) = load_movielens(num_queries=1, root=root)
+    with pytest.raises(DataError, match=re.escape("user '7' has 1 history items, more than --max-user-history 0")):
+        load_movielens(num_queries=1, root=root, limits=DataLimits(max_text_chars=100, max_user_history=0))
+    with pytest.raises(DataError, match=r"field 'movie' has 32 characters, more than --max-text-chars 10 \('Toy"):
+        load_movielens(num_queries=1, root=root, limits=DataLimits(max_text_chars=10, max_user_history=5))
+    assert user.history[0].fields["movie"] == "Toy Story (1995); genres: Comedy"
 
 
 # --- synthetic users -----------------------------------------------------------------------------------
@@ -566,4 +607,5 @@ def test_synthetic_users_planted_preference():
     flat = synthetic_users(8, history_len=50, preference_share=0.0, seed=0)
     shares = [Counter(h.fields["tag"] for h in u.history).most_common(1)[0][1] / 50 for u in flat]
     assert max(shares) < 0.6
-    assert synthetic_users(1, history_len=30, preference_share=1.0, labels=("a", "b"))[0].history[-1].fields["tag"] == "a"
+    only = synthetic_users(1, history_len=30, preference_share=1.0, labels=MOVIE_TAGS[4:6])[0]
+    assert only.history[-1].fields["tag"] == MOVIE_TAGS[4]

@@ -1,0 +1,51 @@
+"""ClientApps that fail on purpose, for the fault tests: our handlers, with one fault at one chosen node.
+
+Nodes are chosen by partition id (nodes.json order: test users first, then training users).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from client.app import _node_user, adapt, announce, model_chunk, personalize
+from client.audit import audit_mod
+
+Handler = Callable[[Message, Context], Message]
+
+
+def _app(train: Handler = adapt, evaluate: Handler = personalize) -> ClientApp:
+    app = ClientApp(mods=[audit_mod])
+    app.query("announce")(announce)
+    app.query("model_chunk")(model_chunk)
+    app.train()(train)
+    app.evaluate()(evaluate)
+    return app
+
+
+def _partition(context: Context) -> int:
+    return int(context.node_config["partition-id"])
+
+
+def dying_worker_app(partition: int, marker: Path) -> ClientApp:
+    """The worker process personalizing node `partition` kills itself (SIGKILL) once: after the user's result is
+    stored, before the reply leaves. `marker` (written first) holds its pid and the adapter's mtime."""
+
+    def personalize_then_die(msg: Message, context: Context) -> Message:
+        reply = personalize(msg, context)
+        if _partition(context) == partition and not marker.exists():
+            _, _, user_dir = _node_user(context)
+            adapter = next(user_dir.glob("adapters/*/adapter_model.safetensors"))
+            marker.write_text(json.dumps({"pid": os.getpid(), "adapter": str(adapter),
+                                          "mtime_ns": adapter.stat().st_mtime_ns}))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return reply
+
+    return _app(evaluate=personalize_then_die)
+
