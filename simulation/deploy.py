@@ -2,13 +2,14 @@
 
 TLS certificates (a local CA and a certificate for 127.0.0.1) and SuperNode authentication keys are made
 here; each SuperNode is registered with the SuperLink and started with its own node-local store, model
-cache and audit directory. Every process started is stopped by PID at the end, on failure and on Ctrl-C.
+cache and audit directory. Every process started is stopped by PID, with every process below it, at the end, on
+failure and on Ctrl-C; if oppu-deploy itself is killed (even by SIGKILL), a watchdog process kills them.
 
 Layout under the run directory:
     deploy/tls/                 ca.pem, superlink.pem, superlink.key
     deploy/nodes/<i>/           node key pair, model cache, audit log
     deploy/flwr-home/           FLWR_HOME for the CLI (connection "oppu-local")
-    deploy/logs/                superlink.log, supernode-<i>.log, flwr-run.log
+    deploy/logs/                superlink.log, register-<i>.log, supernode-<i>.log, flwr-run.log, watchdog.log
     clients/<user>/             node-local stores, as in the simulation
 """
 
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO, cast
 
 import psutil
 from cryptography import x509
@@ -100,40 +102,92 @@ def _wait_for_port(port: int, timeout: float, process: subprocess.Popen) -> None
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
+def running(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """Those of `processes` still running (a zombie has exited; it only waits to be reaped)."""
+    alive = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def stop_trees(roots: list[psutil.Process], grace: float) -> None:
+    """Stop each running root and every process below it (SuperExec, ServerApp, ClientApps), which may have left
+    its session: TERM, up to `grace` seconds to exit, then KILL (at once with grace 0)."""
+    victims: list[psutil.Process] = []
+    for root in running(roots):
+        try:
+            victims += [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    deadline = time.monotonic() + grace
+    for how in ("terminate", "kill") if grace else ("kill",):
+        for victim in reversed(running(victims)):  # the deepest first
+            try:
+                getattr(victim, how)()
+            except psutil.NoSuchProcess:
+                pass
+        while running(victims) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def watch_launcher() -> None:
+    """The watchdog: reads the pids of the processes oppu-deploy starts, one a line, from stdin. Its stdin ends when
+    oppu-deploy exits, however it exits (a SIGKILL too closes the pipe's other end): it then kills what is left."""
+    started = []
+    for line in sys.stdin:
+        try:
+            started.append(psutil.Process(int(line)))  # psutil keeps its start time: a reused pid is not it
+        except psutil.NoSuchProcess:
+            pass
+    stop_trees(started, grace=0)
+
+
 class Processes:
-    """Processes this launcher started, stopped by PID (TERM, then KILL) whatever happens."""
+    """Processes this launcher started, each in its own session, stopped by PID (TERM, then KILL) whatever happens;
+    if this process is killed, a watchdog process (own session, reading a pipe from us) kills them."""
 
     def __init__(self, log_dir: Path, env: dict[str, str]):
         self.log_dir, self.env = log_dir, env
         self.started: list[subprocess.Popen] = []
         log_dir.mkdir(parents=True, exist_ok=True)
+        with open(log_dir / "watchdog.log", "ab") as log:
+            self.watchdog = subprocess.Popen(
+                [sys.executable, "-c", "from simulation.deploy import watch_launcher; watch_launcher()"],
+                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+            )
+        self.pids = cast(IO[bytes], self.watchdog.stdin)
 
     def start(self, name: str, command: list[str]) -> subprocess.Popen:
         with open(self.log_dir / f"{name}.log", "ab") as log:  # the child keeps its own descriptor
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
                                        start_new_session=True)
         self.started.append(process)
+        self.pids.write(f"{process.pid}\n".encode())
+        self.pids.flush()
         return process
 
+    def run(self, name: str, command: list[str], timeout: float) -> None:
+        """A short command, watched like the others; its output goes to its log."""
+        process = self.start(name, command)
+        try:
+            status = process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"{name} did not finish within {timeout:.0f} s") from None
+        if status:
+            raise RuntimeError(f"{name} exited with {status}; see {self.log_dir / f'{name}.log'}")
+
     def stop_all(self) -> None:
-        """TERM every started process and all their descendants (SuperExec, ServerApp, ClientApps), then KILL."""
-        victims: list[psutil.Process] = []
-        for process in self.started:
-            try:
-                victims += [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-            except psutil.NoSuchProcess:
-                pass
-        for victim in reversed(victims):
-            try:
-                victim.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(victims, timeout=10)
-        for victim in alive:
-            victim.kill()
-        psutil.wait_procs(alive, timeout=5)
+        """Stop every started process that still runs, with its descendants, then the watchdog."""
+        # (a child that exited after poll() stays a zombie until waited for, so its pid is still its own)
+        stop_trees([psutil.Process(p.pid) for p in self.started if p.poll() is None], grace=10)
         for process in self.started:
             process.wait()
+        self.pids.close()
+        self.watchdog.wait()
 
 
 def _bin(name: str) -> str:
@@ -180,8 +234,7 @@ def deploy(run_dir: Path, num_clients: int, train_clients: int, run_config: dict
         for i, node in enumerate(nodes):
             node_dir = deploy_dir / "nodes" / str(i)
             private, public = make_node_keys(node_dir)
-            subprocess.run([_bin("flwr"), "supernode", "register", str(public), CONNECTION],
-                           env=env, cwd=REPO, check=True, capture_output=True, timeout=120)
+            processes.run(f"register-{i}", [_bin("flwr"), "supernode", "register", str(public), CONNECTION], 120)
             cache = (node_caches / str(i)) if node_caches else node_dir / "cache"
             node_config = (f"user-dir='{run_dir / 'clients' / node['user']}' model-cache='{cache}' "
                            f"audit-dir='{run_dir / 'audit'}'")

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -10,7 +14,9 @@ import psutil
 from client.model import find_model_by_hash, verify_model_dir
 from simulation.audit import main as audit_main
 from simulation.deploy import main as deploy_main
+from simulation.deploy import running
 
+REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--num-clients", "1", "--train-clients", "1", "--rounds", "1", "--methods", "base,oppu", "--task", "LaMP-2M",
         "--data", "synthetic", "--model", "tiny-random", "--batch-tokens", "256", "--personal-epochs", "1",
         "--max-history", "8", "--task-history", "4"]
@@ -43,3 +49,39 @@ def test_superlink_and_supernodes_run_the_app_and_pass_the_audit(tmp_path: Path)
     assert deploy_main([*ARGS, "--run-dir", str(second), "--node-caches", str(caches)]) == 0
     assert json.loads((second / "report.json").read_text())["model"]["sent_to_nodes"] == 0
     assert not _our_processes(second)
+
+
+def test_sigkill_of_oppu_deploy_leaves_no_process_behind(tmp_path: Path) -> None:
+    """Killed while the app runs (a ServerApp and a ClientApp are up), by SIGKILL, so none of its own clean-up runs:
+    every process it started, and every process those started, is gone within seconds."""
+    run_dir = tmp_path / "killed"
+    with open(tmp_path / "oppu-deploy.log", "wb") as log:
+        deploy = subprocess.Popen([sys.executable, "-m", "simulation.deploy", *ARGS, "--run-dir", str(run_dir)],
+                                  cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 300
+        while not {"flwr-serverapp", "flwr-clientapp"} <= {Path(p).name for c in _cmdlines(deploy.pid) for p in c[:2]}:
+            assert deploy.poll() is None, (tmp_path / "oppu-deploy.log").read_text()
+            assert time.monotonic() < deadline, "the app did not start within 300 s"
+            time.sleep(0.2)
+        tree = psutil.Process(deploy.pid).children(recursive=True)
+    finally:
+        deploy.kill()
+        deploy.wait()
+    deadline = time.monotonic() + 15
+    while (alive := running(tree)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive, [" ".join(p.cmdline()) for p in alive]
+    assert not _our_processes(run_dir)
+
+
+def _cmdlines(pid: int) -> list[list[str]]:
+    """Command lines of a process's descendants (those that exit meanwhile are left out)."""
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            found.append(child.cmdline())
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
