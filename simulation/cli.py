@@ -2,7 +2,8 @@
 
 Flower removed its own `flower-simulation` command; this one wraps `flwr.simulation.run_simulation`.
 It prepares one node-local store per user, runs the ServerApp and ClientApp, prints the summary table
-and exits non-zero if any test user could not be evaluated (Flower itself exits 0 on failed rounds).
+and exits non-zero if any test user could not be evaluated or a training user's update failed (Flower itself
+exits 0 after failed rounds).
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ def add_run_flags(
         run.add_argument("--canaries", action="store_true",
                          help="plant a unique marker string in every user's history; `oppu-audit` checks none is sent")
     run.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds to wait for a phase's replies")
+    run.add_argument("--allow-failed-updates", action="store_true",
+                     help="exit 0 even if some training users' task-adaptation updates failed (the report counts "
+                     "them; the task adapter averages the others)")
     run.add_argument("--verbose", action="store_true", help="print a setup error's traceback too")
     method = parser.add_argument_group("method (also [tool.flwr.app.config] keys for `flwr run`)")
     for f in dataclasses.fields(RunConfig):
@@ -156,6 +160,29 @@ def setup_failure(prog: str, error: SetupError, verbose: bool) -> int:
         traceback.print_exception(error)
     print(f"{prog}: {error}", file=sys.stderr)
     return 2
+
+
+def run_failures(report: dict, args: argparse.Namespace) -> list[str]:
+    """Why a finished run is not a complete one: test users not evaluated, and (without --allow-failed-updates)
+    training users' updates missing from the task adapter. Flower itself exits 0 after failed rounds."""
+    users, failures = report["users"], []
+    if users["failed"] or users["evaluated"] < args.num_clients:
+        failures.append(f"{users['failed']} test user(s) failed, {users['evaluated']} of {args.num_clients} "
+                        "evaluated:\n  " + "\n  ".join(report["errors"][:10]))
+    failed_updates = sum(report["task_adaptation"]["failed_updates"].values())
+    if failed_updates and not args.allow_failed_updates:
+        failures.append(f"{failed_updates} training-user update(s) failed, so the task adapter lacks them (see the "
+                        "log above); pass --allow-failed-updates to accept it, or run again in a new --run-dir "
+                        "(--resume keeps this task adapter)")
+    return failures
+
+
+def exit_status(prog: str, report: dict, args: argparse.Namespace) -> int:
+    """1 if the run is not complete (saying why on stderr), else 0."""
+    failures = run_failures(report, args)
+    for failure in failures:
+        print(f"{prog}: {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def _latest_run() -> Path | None:
@@ -263,12 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     print((run_dir / "report.md").read_text())
     print(f"wall time {time.perf_counter() - start:.0f} s; report: {run_dir / 'report.md'}; "
           f"privacy audit: oppu-audit {run_dir}")
-    users = report["users"]
-    if users["failed"] or users["evaluated"] < args.num_clients:
-        print(f"flower-simulation: {users['failed']} test user(s) failed, {users['evaluated']} of {args.num_clients} "
-              f"evaluated:\n  " + "\n  ".join(report["errors"][:10]), file=sys.stderr)
-        return 1
-    return 0
+    return exit_status(parser.prog, report, args)
 
 
 if __name__ == "__main__":

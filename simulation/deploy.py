@@ -259,7 +259,7 @@ def _toml(value: object) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from simulation.cli import SetupError, build_parser, check_run_flags, run_config_of, setup_failure
+    from simulation.cli import SetupError, build_parser, check_run_flags, exit_status, run_config_of, setup_failure
 
     parser = build_parser(simulation=False)
     parser.prog = "oppu-deploy"
@@ -289,8 +289,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     print((run_dir / "report.md").read_text())
-    users = json.loads(report.read_text())["users"]
-    return 0 if users["failed"] == 0 and users["evaluated"] == args.num_clients else 1
+    return exit_status(parser.prog, json.loads(report.read_text()), args)
 
 
 if __name__ == "__main__":
