@@ -23,8 +23,8 @@ from pathlib import Path
 from flwr.clientapp import ClientApp
 
 from client.config import RunConfig
-from client.data import DataError
-from client.model import linear_module_names
+from client.data import DataError, User
+from client.model import UnknownModelError, linear_module_names, resolve_model
 
 log = logging.getLogger("oppu")
 
@@ -127,7 +127,9 @@ def add_run_flags(
 
 
 def check_run_flags(args: argparse.Namespace, cfg: RunConfig) -> None:
-    """What RunConfig cannot judge alone, checked before anything is written or any process starts."""
+    """What RunConfig cannot judge alone, checked before the run writes anything or any process starts; the base
+    model is resolved here (built into the model cache on first use, as the server would), so an unknown --model
+    stops the run before Ray does."""
     if args.num_clients < 1:
         raise SetupError(f"--num-clients {args.num_clients}: expected at least 1 test user")
     if args.train_clients < 0:
@@ -141,6 +143,23 @@ def check_run_flags(args: argparse.Namespace, cfg: RunConfig) -> None:
         if unknown:
             raise SetupError(f"--lora-targets {cfg.lora_targets}: {', '.join(unknown)} names no linear layer of "
                              f"--model {cfg.model}; expected names from {', '.join(modules)}")
+    try:
+        resolve_model(cfg.model, getattr(args, "cache_dir", None))
+    except (UnknownModelError, FileNotFoundError) as e:  # (FileNotFoundError: the default model's package is missing)
+        raise SetupError(str(e)) from e
+
+
+def partition_users(cfg: RunConfig, num_clients: int, train_clients: int) -> tuple[list[User], list[User]]:
+    """(test users, training users) of the configured data; bad data, or too few users, is a SetupError."""
+    from simulation.partition import load_users, split_users
+
+    try:
+        users = load_users(cfg, num_clients + train_clients)
+        return split_users(users, num_clients, train_clients if cfg.rounds else 0, cfg.seed)
+    except DataError as e:
+        raise SetupError(f"--data: {e}") from e
+    except ValueError as e:
+        raise SetupError(str(e)) from e
 
 
 def _check_run_dir(run_dir: Path) -> None:
@@ -220,7 +239,7 @@ def simulate(args: argparse.Namespace, cfg: RunConfig, client_app: ClientApp | N
     import torch
 
     from client.store import atomic_write_json
-    from simulation.partition import load_users, plant_canaries, split_users, write_partitions
+    from simulation.partition import plant_canaries, write_partitions
 
     resources = client_resources(
         args.cpus_per_client, args.gpus_per_client, cfg.device, torch.cuda.device_count(), len(os.sched_getaffinity(0))
@@ -229,13 +248,7 @@ def simulate(args: argparse.Namespace, cfg: RunConfig, client_app: ClientApp | N
     if args.resume and (run_dir / "nodes.json").exists():  # the stores of the interrupted run stay as they are
         nodes = json.loads((run_dir / "nodes.json").read_text())
     else:
-        try:
-            users = load_users(cfg, args.num_clients + args.train_clients)
-            test, train = split_users(users, args.num_clients, args.train_clients if cfg.rounds else 0, cfg.seed)
-        except DataError as e:
-            raise SetupError(f"--data: {e}") from e
-        except ValueError as e:
-            raise SetupError(str(e)) from e
+        test, train = partition_users(cfg, args.num_clients, args.train_clients)
         nodes = write_partitions(run_dir, test, train, plant_canaries(test + train) if args.canaries else {})
         atomic_write_json(run_dir / "run.json", run_settings(args, cfg))
     # Flower's engine and the apps are imported only now, so bad data stops the run quickly and quietly
@@ -264,12 +277,12 @@ def simulate(args: argparse.Namespace, cfg: RunConfig, client_app: ClientApp | N
 
 
 def run_config_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> RunConfig:
-    """The RunConfig named by the parsed flags; a bad value ends with the parser's usage error."""
+    """The RunConfig named by the parsed flags; a bad value ends with one line naming it (exit status 2)."""
     record = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(RunConfig)}}
     try:
         return RunConfig(**record)
     except ValueError as e:
-        parser.error(str(e))
+        parser.exit(2, f"{parser.prog}: {e}\n")
 
 
 def main(argv: list[str] | None = None) -> int:

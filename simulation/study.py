@@ -78,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.num_clients < 1 or args.train_clients < 0:
-        parser.error("--num-clients must be >= 1 and --train-clients >= 0")
     cfg = run_config_of(args, parser)
     study = STUDIES[args.study]
     study_dir = (args.study_dir or RUNS_DIR / f"{datetime.now():%Y%m%d-%H%M%S}-study-{study.name}").resolve()
