@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from client.model import DEFAULT_MODEL, TINY_MODEL, file_sha256, model_hash, resolve_model
+from client.model import UnknownModelError, file_sha256, model_hash, resolve_model
 from client.store import UserStore, atomic_directory, atomic_write_json, read_json
 
 MANIFEST = "oppu-manifest.json"
@@ -105,17 +105,6 @@ def import_adapter(export_dir: Path, target: Path, base_model_dir: Path) -> dict
     return manifest
 
 
-def _base_model(name: str, cache_dir: Path | None) -> Path:
-    """The --model directory, or an AdapterImportError saying what --model takes."""
-    try:
-        return resolve_model(name, cache_dir)
-    except OSError as e:  # transformers: neither a model directory nor a hub id it could fetch
-        raise AdapterImportError(
-            f"--model {name!r}: expected {DEFAULT_MODEL}, {TINY_MODEL}, a model directory or a reachable hub id "
-            f"({str(e).splitlines()[0]})"
-        ) from None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="oppu-adapter", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             manifest = export_adapter(args.run_dir, args.user, args.out_dir, args.variant)
             print(f"exported {manifest['adapter']} to {args.out_dir} ({len(manifest['files'])} files)")
         else:
-            manifest = import_adapter(args.export_dir, args.target_dir, _base_model(args.model, args.cache_dir))
+            manifest = import_adapter(args.export_dir, args.target_dir, resolve_model(args.model, args.cache_dir))
             print(f"imported {manifest['adapter']} into {args.target_dir}: hashes and base model verified")
-    except (AdapterImportError, FileNotFoundError, FileExistsError) as e:
+    except (AdapterImportError, UnknownModelError, FileNotFoundError, FileExistsError) as e:
         print(f"oppu-adapter: {e}", file=sys.stderr)
         return 1
     return 0

@@ -107,9 +107,20 @@ def _build_tiny(staging: Path, cache_dir: Path, seed: int = 0) -> None:
     tokenizer.save_pretrained(staging)
 
 
+class UnknownModelError(ValueError):
+    """--model names neither a bundled model nor a model directory nor a hub id that could be fetched."""
+
+
 def _build_from_transformers(name: str, staging: Path) -> None:
-    AutoModelForCausalLM.from_pretrained(name).save_pretrained(staging)
-    AutoTokenizer.from_pretrained(name).save_pretrained(staging)
+    try:
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+    except OSError as e:  # transformers: neither a model directory nor a hub id it could fetch
+        raise UnknownModelError(
+            f"--model {name!r}: expected {DEFAULT_MODEL}, {TINY_MODEL}, a model directory or a reachable hub id "
+            f"({str(e).splitlines()[0]})"
+        ) from None
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
 
 
 def resolve_model(name: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> Path:

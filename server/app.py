@@ -62,10 +62,10 @@ def _message_config(cfg: RunConfig, model_sha: str) -> ConfigRecord:
 
 
 def _save_task_adapter(
-    cfg: RunConfig, model_dir: Path, arrays: ArrayRecord, target: Path, key: str, answer_frequencies: list[float]
+    cfg: RunConfig, model_dir: Path, arrays: ArrayRecord, target: Path, record: dict[str, Any]
 ) -> None:
-    """The global task LoRA as standard peft files, plus the key that says which run made it and the training
-    users' answer shares (so a resumed run reports the same best constant)."""
+    """The global task LoRA as standard peft files, plus its record: the key that says which run made it, its rounds
+    and the training users' answer shares (so a resumed run reports the same rounds and best constant)."""
     from client.adapters import attach_fresh, load_adapter_state
     from client.model import load_fresh
     from client.personalize import TASK_ADAPTER, task_lora
@@ -74,16 +74,15 @@ def _save_task_adapter(
     model = attach_fresh(load_fresh(model_dir, "cpu", "float32"), task_lora(cfg), TASK_ADAPTER, 0)  # a throwaway copy
     load_adapter_state(model, TASK_ADAPTER, arrays.to_torch_state_dict())
     atomic_save_adapter(model, TASK_ADAPTER, target)
-    atomic_write_json(target.parent / "task_adapter.json", {
-        "key": key, "sha256": arrays_sha256(arrays), "answer_frequencies": answer_frequencies,
-    })
+    atomic_write_json(target.parent / "task_adapter.json", {**record, "sha256": arrays_sha256(arrays)})
 
 
 def adapt_task(
     grid: Grid, cfg: RunConfig, opts: ServerOptions, model_dir: Path, model_sha: str, train_nodes: list[int]
-) -> tuple[ArrayRecord, list[float]]:
+) -> tuple[ArrayRecord, dict[str, Any]]:
     """FedAvg rounds of the shared task LoRA over training nodes (skipped on resume when already done);
-    (the task LoRA, the training users' answer-label shares averaged as FedAvg averages metrics)."""
+    (the task LoRA, its record: per-round loss and failed updates, the training users' answer-label shares
+    averaged as FedAvg averages metrics)."""
     from client.model import load_fresh
     from client.personalize import initial_task_state
 
@@ -94,7 +93,7 @@ def adapt_task(
         from safetensors.torch import load_file
 
         log.info("resume: reusing the task adapter of the interrupted run")
-        return ArrayRecord(load_file(target / "adapter_model.safetensors")), saved.get("answer_frequencies", [])
+        return ArrayRecord(load_file(target / "adapter_model.safetensors")), saved
     initial = ArrayRecord(initial_task_state(load_fresh(model_dir, "cpu", "float32"), cfg))  # not kept: the server holds no model
     fedavg, strategy = task_strategy(cfg, train_nodes)
     opts.outcome["strategy"] = fedavg
@@ -104,8 +103,9 @@ def adapt_task(
         grid=grid, initial_arrays=initial, num_rounds=cfg.rounds, timeout=opts.timeout,
         train_config=_message_config(cfg, model_sha),
     )
-    _save_task_adapter(cfg, model_dir, result.arrays, target, key, fedavg.answer_frequencies)
-    return result.arrays, fedavg.answer_frequencies
+    record = {"key": key, **fedavg.rounds_record()}
+    _save_task_adapter(cfg, model_dir, result.arrays, target, record)
+    return result.arrays, record
 
 
 def personalize_and_evaluate(
@@ -175,16 +175,16 @@ def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
     timings["announce-seconds"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    task_arrays, answer_frequencies = ArrayRecord(), []
+    task_arrays, adaptation = ArrayRecord(), {}
     if cfg.rounds > 0:
         if not train_nodes:
             raise RuntimeError(
                 "task adaptation needs training-user nodes, but none is ready (use --rounds 0 to skip it); "
                 f"errors: {errors[:3]}"
             )
-        task_arrays, answer_frequencies = adapt_task(grid, cfg, opts, model_dir, model_sha, train_nodes)
+        task_arrays, adaptation = adapt_task(grid, cfg, opts, model_dir, model_sha, train_nodes)
     timings["task-adaptation-seconds"] = time.perf_counter() - start
-    constant = best_constant(task, answer_frequencies, decision_rule(task, cfg.decision))
+    constant = best_constant(task, adaptation.get("answer_frequencies", []), decision_rule(task, cfg.decision))
 
     start = time.perf_counter()
     unready_test_users = len(errors)
@@ -194,7 +194,6 @@ def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
     errors += personalize_errors
     timings["personalize-seconds"] = time.perf_counter() - start
 
-    strategy = opts.outcome.get("strategy")
     # per test node (the server knows nodes, not users): what the paired bootstraps resample
     per_user = {node: method_statistics(record) for node, record in records.items()}
     references = reference_names(task, constant is not None)
@@ -209,8 +208,9 @@ def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
         "errors": errors,
         "task_adaptation": {
             "rounds": cfg.rounds,
-            "train_loss": {str(r): loss for r, loss in strategy.train_loss.items()} if strategy else {},
-            "failed_updates": {str(r): n for r, n in strategy.failures().items()} if strategy else {},
+            "train_loss": adaptation.get("train_loss", {}),  # (.get: a task adapter saved before they were kept)
+            "sampled_updates": adaptation.get("sampled_updates", {}),
+            "failed_updates": adaptation.get("failed_updates", {}),
             "differential_privacy": privacy_report(cfg, opts.outcome.get("dp_strategy")),
         },
         "decision_rule": decision_rule(task, cfg.decision) if task.labels else None,

@@ -153,6 +153,20 @@ def write_png(fig: Any, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def _task_adaptation_line(adaptation: Mapping[str, Any]) -> str:
+    """How many training-user updates the task adapter averages, and which rounds lost some."""
+    sampled = sum(adaptation.get("sampled_updates", {}).values())
+    if not sampled:
+        return ""
+    failed = {r: n for r, n in adaptation["failed_updates"].items() if n}
+    text = f"Task adaptation: {adaptation['rounds']} FedAvg round(s); "
+    if not failed:
+        return text + f"all {sampled} training-user updates averaged.\n\n"
+    return text + (f"**{sum(failed.values())} of {sampled} training-user updates failed** ("
+                   + ", ".join(f"round {r}: {n}" for r, n in failed.items())
+                   + "); the task adapter lacks them.\n\n")
+
+
 def _privacy_line(dp: Mapping[str, Any] | None) -> str:
     if not dp:
         return ""
@@ -196,7 +210,7 @@ def write_report(run_dir: Path, task: TaskSpec, report: dict[str, Any]) -> None:
         f"Base model `{report['model']['name']}` (sha256 {report['model']['sha256'][:12]}…), "
         f"{report['users']['evaluated']} of {report['users']['test']} test users evaluated, "
         f"{report['users']['failed']} failed. Evaluated on: {_split_text(report['config'])}.\n\n"
-        + _decision_line(report) + markdown_table(task, results)
+        + _task_adaptation_line(report["task_adaptation"]) + _decision_line(report) + markdown_table(task, results)
         + _references_line(report) + _comparison_lines(task, report)
         + _privacy_line(report["task_adaptation"].get("differential_privacy"))
         + "\nTimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()) + "\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, NeighboringRelation, PrivacyConfig, SamplingMethod
@@ -59,9 +60,16 @@ class TaskAdapterFedAvg(FedAvg):
             self.answer_frequencies = list(metrics[p.ANSWER_FREQUENCIES])  # type: ignore[arg-type]
         return metrics
 
-    def failures(self) -> dict[int, int]:
-        """Per round: sampled nodes whose update did not arrive."""
-        return {r: n - len(self.round_updates.get(r, [])) for r, n in self.sampled.items()}
+    def rounds_record(self) -> dict[str, Any]:
+        """Per round, keyed by the round as a string (JSON): training loss, updates asked for, and updates that did
+        not reach the average (an error reply, no reply in time, or a round the DP wrapper skipped for an error);
+        plus the answer shares. Saved with the task adapter, so a resumed run reports the same."""
+        return {
+            "train_loss": {str(r): loss for r, loss in self.train_loss.items()},
+            "sampled_updates": {str(r): n for r, n in self.sampled.items()},
+            "failed_updates": {str(r): n - len(self.round_updates.get(r, [])) for r, n in self.sampled.items()},
+            "answer_frequencies": self.answer_frequencies,
+        }
 
 
 def task_strategy(cfg: RunConfig, train_nodes: list[int]) -> tuple[TaskAdapterFedAvg, Strategy]:

@@ -2,7 +2,8 @@
 
 Flower removed its own `flower-simulation` command; this one wraps `flwr.simulation.run_simulation`.
 It prepares one node-local store per user, runs the ServerApp and ClientApp, prints the summary table
-and exits non-zero if any test user could not be evaluated (Flower itself exits 0 on failed rounds).
+and exits non-zero if any test user could not be evaluated or a training user's update failed (Flower itself
+exits 0 after failed rounds).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from pathlib import Path
 from flwr.clientapp import ClientApp
 
 from client.config import RunConfig
-from client.data import DataError
-from client.model import linear_module_names
+from client.data import DataError, User
+from client.model import UnknownModelError, linear_module_names, resolve_model
 
 log = logging.getLogger("oppu")
 
@@ -114,6 +115,9 @@ def add_run_flags(
         run.add_argument("--canaries", action="store_true",
                          help="plant a unique marker string in every user's history; `oppu-audit` checks none is sent")
     run.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds to wait for a phase's replies")
+    run.add_argument("--allow-failed-updates", action="store_true",
+                     help="exit 0 even if some training users' task-adaptation updates failed (the report counts "
+                     "them; the task adapter averages the others)")
     run.add_argument("--verbose", action="store_true", help="print a setup error's traceback too")
     method = parser.add_argument_group("method (also [tool.flwr.app.config] keys for `flwr run`)")
     for f in dataclasses.fields(RunConfig):
@@ -123,7 +127,9 @@ def add_run_flags(
 
 
 def check_run_flags(args: argparse.Namespace, cfg: RunConfig) -> None:
-    """What RunConfig cannot judge alone, checked before anything is written or any process starts."""
+    """What RunConfig cannot judge alone, checked before the run writes anything or any process starts; the base
+    model is resolved here (built into the model cache on first use, as the server would), so an unknown --model
+    stops the run before Ray does."""
     if args.num_clients < 1:
         raise SetupError(f"--num-clients {args.num_clients}: expected at least 1 test user")
     if args.train_clients < 0:
@@ -137,6 +143,23 @@ def check_run_flags(args: argparse.Namespace, cfg: RunConfig) -> None:
         if unknown:
             raise SetupError(f"--lora-targets {cfg.lora_targets}: {', '.join(unknown)} names no linear layer of "
                              f"--model {cfg.model}; expected names from {', '.join(modules)}")
+    try:
+        resolve_model(cfg.model, getattr(args, "cache_dir", None))
+    except (UnknownModelError, FileNotFoundError) as e:  # (FileNotFoundError: the default model's package is missing)
+        raise SetupError(str(e)) from e
+
+
+def partition_users(cfg: RunConfig, num_clients: int, train_clients: int) -> tuple[list[User], list[User]]:
+    """(test users, training users) of the configured data; bad data, or too few users, is a SetupError."""
+    from simulation.partition import load_users, split_users
+
+    try:
+        users = load_users(cfg, num_clients + train_clients)
+        return split_users(users, num_clients, train_clients if cfg.rounds else 0, cfg.seed)
+    except DataError as e:
+        raise SetupError(f"--data: {e}") from e
+    except ValueError as e:
+        raise SetupError(str(e)) from e
 
 
 def _check_run_dir(run_dir: Path) -> None:
@@ -156,6 +179,29 @@ def setup_failure(prog: str, error: SetupError, verbose: bool) -> int:
         traceback.print_exception(error)
     print(f"{prog}: {error}", file=sys.stderr)
     return 2
+
+
+def run_failures(report: dict, args: argparse.Namespace) -> list[str]:
+    """Why a finished run is not a complete one: test users not evaluated, and (without --allow-failed-updates)
+    training users' updates missing from the task adapter. Flower itself exits 0 after failed rounds."""
+    users, failures = report["users"], []
+    if users["failed"] or users["evaluated"] < args.num_clients:
+        failures.append(f"{users['failed']} test user(s) failed, {users['evaluated']} of {args.num_clients} "
+                        "evaluated:\n  " + "\n  ".join(report["errors"][:10]))
+    failed_updates = sum(report["task_adaptation"]["failed_updates"].values())
+    if failed_updates and not args.allow_failed_updates:
+        failures.append(f"{failed_updates} training-user update(s) failed, so the task adapter lacks them (see the "
+                        "log above); pass --allow-failed-updates to accept it, or run again in a new --run-dir "
+                        "(--resume keeps this task adapter)")
+    return failures
+
+
+def exit_status(prog: str, report: dict, args: argparse.Namespace) -> int:
+    """1 if the run is not complete (saying why on stderr), else 0."""
+    failures = run_failures(report, args)
+    for failure in failures:
+        print(f"{prog}: {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def _latest_run() -> Path | None:
@@ -193,7 +239,7 @@ def simulate(args: argparse.Namespace, cfg: RunConfig, client_app: ClientApp | N
     import torch
 
     from client.store import atomic_write_json
-    from simulation.partition import load_users, plant_canaries, split_users, write_partitions
+    from simulation.partition import plant_canaries, write_partitions
 
     resources = client_resources(
         args.cpus_per_client, args.gpus_per_client, cfg.device, torch.cuda.device_count(), len(os.sched_getaffinity(0))
@@ -202,13 +248,7 @@ def simulate(args: argparse.Namespace, cfg: RunConfig, client_app: ClientApp | N
     if args.resume and (run_dir / "nodes.json").exists():  # the stores of the interrupted run stay as they are
         nodes = json.loads((run_dir / "nodes.json").read_text())
     else:
-        try:
-            users = load_users(cfg, args.num_clients + args.train_clients)
-            test, train = split_users(users, args.num_clients, args.train_clients if cfg.rounds else 0, cfg.seed)
-        except DataError as e:
-            raise SetupError(f"--data: {e}") from e
-        except ValueError as e:
-            raise SetupError(str(e)) from e
+        test, train = partition_users(cfg, args.num_clients, args.train_clients)
         nodes = write_partitions(run_dir, test, train, plant_canaries(test + train) if args.canaries else {})
         atomic_write_json(run_dir / "run.json", run_settings(args, cfg))
     # Flower's engine and the apps are imported only now, so bad data stops the run quickly and quietly
@@ -237,12 +277,12 @@ def simulate(args: argparse.Namespace, cfg: RunConfig, client_app: ClientApp | N
 
 
 def run_config_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> RunConfig:
-    """The RunConfig named by the parsed flags; a bad value ends with the parser's usage error."""
+    """The RunConfig named by the parsed flags; a bad value ends with one line naming it (exit status 2)."""
     record = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(RunConfig)}}
     try:
         return RunConfig(**record)
     except ValueError as e:
-        parser.error(str(e))
+        parser.exit(2, f"{parser.prog}: {e}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,12 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     print((run_dir / "report.md").read_text())
     print(f"wall time {time.perf_counter() - start:.0f} s; report: {run_dir / 'report.md'}; "
           f"privacy audit: oppu-audit {run_dir}")
-    users = report["users"]
-    if users["failed"] or users["evaluated"] < args.num_clients:
-        print(f"flower-simulation: {users['failed']} test user(s) failed, {users['evaluated']} of {args.num_clients} "
-              f"evaluated:\n  " + "\n  ".join(report["errors"][:10]), file=sys.stderr)
-        return 1
-    return 0
+    return exit_status(parser.prog, report, args)
 
 
 if __name__ == "__main__":

@@ -202,15 +202,15 @@ def deploy(run_dir: Path, num_clients: int, train_clients: int, run_config: dict
            node_caches: Path | None = None, timeout: float = 6 * 3600) -> int:
     """Start everything, run the app, stop everything; returns `flwr run`'s exit status."""
     from client.config import RunConfig
-    from simulation.partition import load_users, split_users, write_partitions
+    from simulation.cli import partition_users
+    from simulation.partition import write_partitions
 
     run_dir = run_dir.resolve()
     deploy_dir = run_dir / "deploy"
     if deploy_dir.exists():
         raise FileExistsError(f"{run_dir} already holds a deployment; use another --run-dir")
     cfg = RunConfig.from_record(run_config)
-    test, train = split_users(load_users(cfg, num_clients + train_clients), num_clients,
-                              train_clients if cfg.rounds else 0, cfg.seed)
+    test, train = partition_users(cfg, num_clients, train_clients)
     nodes = write_partitions(run_dir, test, train, {})
     ca, cert, key = make_tls(deploy_dir / "tls")
     port = free_port()
@@ -259,7 +259,7 @@ def _toml(value: object) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from simulation.cli import SetupError, build_parser, check_run_flags, run_config_of, setup_failure
+    from simulation.cli import SetupError, build_parser, check_run_flags, exit_status, run_config_of, setup_failure
 
     parser = build_parser(simulation=False)
     parser.prog = "oppu-deploy"
@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.run_dir or Path("runs") / f"deploy-{time.strftime('%Y%m%d-%H%M%S')}-{cfg.task}"
     try:
         status = deploy(run_dir, args.num_clients, args.train_clients, cfg.to_record(), args.node_caches, args.timeout)
+    except SetupError as e:  # bad data, found before any process starts
+        return setup_failure(parser.prog, e, args.verbose)
     except KeyboardInterrupt:
         print("oppu-deploy: interrupted; every started process was stopped", file=sys.stderr)
         return 130
@@ -289,8 +291,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     print((run_dir / "report.md").read_text())
-    users = json.loads(report.read_text())["users"]
-    return 0 if users["failed"] == 0 and users["evaluated"] == args.num_clients else 1
+    return exit_status(parser.prog, json.loads(report.read_text()), args)
 
 
 if __name__ == "__main__":

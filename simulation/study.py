@@ -22,6 +22,7 @@ from simulation.cli import (
     add_run_flags,
     check_run_flags,
     run_config_of,
+    run_failures,
     run_settings,
     setup_failure,
     simulate,
@@ -51,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _complete(report: dict[str, Any] | None, num_clients: int) -> bool:
-    return bool(report) and report["users"]["failed"] == 0 and report["users"]["evaluated"] == num_clients
+def _complete(report: dict[str, Any] | None, args: argparse.Namespace) -> bool:
+    return bool(report) and not run_failures(report, args)
 
 
 def run_arm(args: argparse.Namespace, arm: Arm, run_dir: Path) -> dict[str, Any] | None:
@@ -63,7 +64,7 @@ def run_arm(args: argparse.Namespace, arm: Arm, run_dir: Path) -> dict[str, Any]
         if earlier != run_settings(arm_args, arm.config):
             raise SystemExit(f"oppu-study: {run_dir} was run with other settings; pass another --study-dir")
         report = read_json(run_dir / "report.json")
-        if _complete(report, args.num_clients):
+        if _complete(report, args):
             print(f"  reusing the finished run in {run_dir}", flush=True)
             return report
         arm_args.resume = True
@@ -77,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.num_clients < 1 or args.train_clients < 0:
-        parser.error("--num-clients must be >= 1 and --train-clients >= 0")
     cfg = run_config_of(args, parser)
     study = STUDIES[args.study]
     study_dir = (args.study_dir or RUNS_DIR / f"{datetime.now():%Y%m%d-%H%M%S}-study-{study.name}").resolve()
@@ -92,13 +91,14 @@ def main(argv: list[str] | None = None) -> int:
             report = run_arm(args, arm, run_dir)
         except SetupError as e:
             return setup_failure("oppu-study", e, args.verbose)
-        if _complete(report, args.num_clients):
+        if _complete(report, args):
             runs[arm.name] = run_dir
         else:
             failed.append(arm.name)
     if failed:
-        print(f"oppu-study: arm(s) {', '.join(failed)} did not finish with every test user evaluated; see the log "
-              f"above and their report.md; rerun the same command to resume them ({study_dir})", file=sys.stderr)
+        print(f"oppu-study: arm(s) {', '.join(failed)} did not finish with every test user evaluated and every "
+              f"training-user update averaged; see the log above and their report.md; rerun the same command to "
+              f"resume them, with --allow-failed-updates to accept failed updates ({study_dir})", file=sys.stderr)
         return 1
     markdown = study.finish(cfg, runs, args, study_dir)
     print(markdown.read_text())

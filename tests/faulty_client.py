@@ -49,3 +49,13 @@ def dying_worker_app(partition: int, marker: Path) -> ClientApp:
 
     return _app(evaluate=personalize_then_die)
 
+
+def failing_update_app(partition: int) -> ClientApp:
+    """Node `partition` (a training user) raises in every task-adaptation step."""
+
+    def failing_adapt(msg: Message, context: Context) -> Message:
+        if _partition(context) == partition:
+            raise RuntimeError(f"task adaptation of partition {partition} fails on purpose")
+        return adapt(msg, context)
+
+    return _app(train=failing_adapt)

@@ -1,5 +1,5 @@
 """Faults are contained and reported, on real runs with the tiny model: a killed Ray worker is replaced and its
-user run again."""
+user run again; a failed training-user update is counted, shown and fails the run unless allowed."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ from collections import Counter
 from pathlib import Path
 
 import cloudpickle
+import numpy as np
+import pytest
 from flwr.clientapp import ClientApp
+from safetensors.numpy import load_file
 
 import faulty_client
 from client.config import RunConfig
 from simulation.audit import main as audit_main
-from simulation.cli import build_parser, simulate
+from simulation.cli import build_parser, exit_status, simulate
 
 cloudpickle.register_pickle_by_value(faulty_client)  # Ray workers cannot import from tests/
 
@@ -22,7 +25,7 @@ TINY_ARGS = ["--task", "LaMP-2M", "--data", "synthetic", "--model", "tiny-random
              "--batch-tokens", "256", "--personal-epochs", "1", "--max-history", "8", "--task-history", "4"]
 
 
-def _simulate(argv: list[str], client_app: ClientApp) -> tuple[argparse.Namespace, Path, dict]:
+def _simulate(argv: list[str], client_app: ClientApp | None) -> tuple[argparse.Namespace, Path, dict]:
     args = build_parser().parse_args([*argv, *TINY_ARGS])
     cfg = RunConfig(**{k: v for k, v in vars(args).items() if k in RunConfig.__dataclass_fields__})
     return args, *simulate(args, cfg, client_app)
@@ -32,13 +35,14 @@ def test_a_killed_worker_is_replaced_and_its_user_evaluated(tmp_path: Path) -> N
     """One worker for three users (2 cores, 2 per client): the worker dies in the first user's personalization,
     Ray starts a new one and runs that message there again, which reuses the result the first worker stored."""
     marker = tmp_path / "killed.json"
-    _, run_dir, outcome = _simulate(
+    args, run_dir, outcome = _simulate(
         ["--num-clients", "3", "--rounds", "0", "--cpus-per-client", "2", "--run-dir", str(tmp_path / "run")],
         faulty_client.dying_worker_app(0, marker),
     )
     killed = json.loads(marker.read_text())
     report = outcome["report"]
     assert report["users"] == {"test": 3, "evaluated": 3, "failed": 0, "train": 0}
+    assert exit_status("flower-simulation", report, args) == 0
     assert Path(killed["adapter"]).stat().st_mtime_ns == killed["mtime_ns"], "the stored result was not reused"
     lines = [json.loads(line) for line in (run_dir / "audit" / "client.jsonl").read_text().splitlines()]
     received = Counter(e["message_id"] for e in lines if (e["direction"], e["message_type"]) == ("in", "evaluate"))
@@ -49,3 +53,32 @@ def test_a_killed_worker_is_replaced_and_its_user_evaluated(tmp_path: Path) -> N
     assert audit_main([str(run_dir)]) == 0
     assert json.loads((run_dir / "audit" / "summary.json").read_text())["redelivered_after_worker_death"] == 1
 
+
+def test_a_failed_training_update_is_reported_and_fails_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--num-clients", "1", "--train-clients", "2", "--rounds", "1", "--run-dir", str(tmp_path / "run")]
+    args, run_dir, outcome = _simulate(argv, faulty_client.failing_update_app(1))  # the first training user
+    report = json.loads((run_dir / "report.json").read_text())
+    adaptation = report["task_adaptation"]
+    assert adaptation["sampled_updates"] == {"1": 2} and adaptation["failed_updates"] == {"1": 1}
+    assert report["users"] == {"test": 1, "evaluated": 1, "failed": 0, "train": 2}
+    # the task adapter is the one update that arrived (FedAvg of one)
+    (update,) = outcome["strategy"].round_updates[1]
+    saved = load_file(str(run_dir / "server" / "task_adapter" / "adapter_model.safetensors"))
+    assert set(saved) == set(update[1])
+    for name, value in saved.items():
+        np.testing.assert_allclose(value, update[1][name].numpy(), rtol=1e-6)
+    assert ("**1 of 2 training-user updates failed** (round 1: 1); the task adapter lacks them."
+            in (run_dir / "report.md").read_text())
+    assert json.loads((run_dir / "server" / "task_adapter.json").read_text())["failed_updates"] == {"1": 1}
+    capsys.readouterr()
+    assert exit_status("flower-simulation", report, args) == 1
+    assert ("flower-simulation: 1 training-user update(s) failed, so the task adapter lacks them"
+            in capsys.readouterr().err)
+    args.allow_failed_updates = True
+    assert exit_status("flower-simulation", report, args) == 0
+    # a resumed run (our own client now) keeps this task adapter, so it reports the failed update again
+    args, _, resumed = _simulate([*argv, "--resume"], None)
+    assert resumed["report"]["task_adaptation"]["failed_updates"] == {"1": 1}
+    assert exit_status("flower-simulation", resumed["report"], args) == 1

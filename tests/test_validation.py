@@ -16,6 +16,7 @@ from client.export import MANIFEST
 from client.export import main as adapter_main
 from simulation.cli import main
 from simulation.deploy import main as deploy_main
+from simulation.study import main as study_main
 
 REPO = Path(__file__).resolve().parents[1]
 TAGS = ["comedy", "action"]
@@ -287,6 +288,37 @@ def test_the_command_itself_exits_2_with_one_line(tmp_path):
         "psychology, fantasy, romance, thought-provoking, social commentary, violence, true story"
     ]
     assert not run_dir.exists()
+
+
+def test_a_bad_value_is_one_line_not_the_usage_text(tmp_path, capsys):
+    status, err = run(["--task", "LaMP-2M", "--data", "synthetic", "--personal-epochs", "0"], capsys, tmp_path / "run")
+    assert (status, err) == (2, "flower-simulation: personal-epochs must be > 0, got 0.0\n")
+
+
+def test_an_unknown_model_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    missing = str(tmp_path / "no-such-model")
+    err = refused(["--task", "LaMP-2M", "--data", "synthetic", "--model", missing, "--cache-dir", str(tmp_path / "cache")],
+                  capsys, tmp_path / "run", f"flower-simulation: --model {missing!r}: expected smollm2, tiny-random, "
+                  "a model directory or a reachable hub id (")
+    assert "usage:" not in err and not list((tmp_path / "cache").rglob("*.json"))  # nothing half-built is kept
+
+
+def test_deploy_refuses_bad_data_with_exit_2(tmp_path, capsys):
+    data = write_json(tmp_path / "users.json", OPPU_CASES["history tag outside the tag list"][1])
+    run_dir = tmp_path / "run"
+    assert deploy_main(["--task", "LaMP-2M", "--data", str(data), "--model", "tiny-random",
+                        "--run-dir", str(run_dir)]) == 2
+    assert capsys.readouterr().err.startswith(f"oppu-deploy: --data: {data}: user 'u1': history item 'h1'")
+    assert not run_dir.exists()
+
+
+def test_study_checks_the_number_of_users_once(tmp_path, capsys):
+    study_dir = tmp_path / "study"
+    assert study_main(["peft-types", "--num-clients", "0", "--task", "LaMP-2M", "--data", "synthetic",
+                       "--model", "tiny-random", "--study-dir", str(study_dir)]) == 2
+    assert capsys.readouterr().err.endswith("oppu-study: --num-clients 0: expected at least 1 test user\n")
+    assert not study_dir.exists()
 
 
 def test_deploy_checks_its_timeout(tmp_path, capsys):
