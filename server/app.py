@@ -103,7 +103,9 @@ def adapt_task(
         grid=grid, initial_arrays=initial, num_rounds=cfg.rounds, timeout=opts.timeout,
         train_config=_message_config(cfg, model_sha),
     )
-    record = {"key": key, **fedavg.rounds_record()}
+    # kept with the adapter: a resumed run reports the epsilon its reused adapter was released with
+    record = {"key": key, **fedavg.rounds_record(),
+              "differential_privacy": privacy_report(cfg, opts.outcome["dp_strategy"])}
     _save_task_adapter(cfg, model_dir, result.arrays, target, record)
     return result.arrays, record
 
@@ -211,7 +213,7 @@ def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
             "train_loss": adaptation.get("train_loss", {}),  # (.get: a task adapter saved before they were kept)
             "sampled_updates": adaptation.get("sampled_updates", {}),
             "failed_updates": adaptation.get("failed_updates", {}),
-            "differential_privacy": privacy_report(cfg, opts.outcome.get("dp_strategy")),
+            "differential_privacy": adaptation.get("differential_privacy"),
         },
         "decision_rule": decision_rule(task, cfg.decision) if task.labels else None,
         "methods": method_results(task, records.values(), cfg.method_names()),

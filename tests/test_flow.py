@@ -131,6 +131,10 @@ def test_differential_privacy_reports_epsilon(tmp_path: Path) -> None:
     assert dp["releases"] == 2 and dp["noise_multiplier"] == 1.0 and dp["delta"] == 1e-5
     assert 0 < dp["epsilon"] < float("inf")
     assert "client-level DP" in (run_dir / "report.md").read_text()
+    # a resumed run reuses the released adapter and reports the same privacy spent
+    (run_dir / "report.json").unlink()
+    assert main([*argv, "--resume"]) == 0
+    assert json.loads((run_dir / "report.json").read_text())["task_adaptation"]["differential_privacy"] == dp
 
 
 def test_reference_rows_and_best_constant_on_values(federated_run: tuple[Path, dict]) -> None:
