@@ -1,4 +1,4 @@
-"""Flower ClientApp: one handler per phase; each reads its config, calls client code, wraps the result.
+"""Flower ClientApp: one handler per phase, registered under the phase's action (client/protocol.py); each reads its config, calls client code, wraps the result.
 
 A node finds its own user through its node config: `user-dir` (a real SuperNode is started with it), or,
 in the simulation, `partition-id` looked up in $OPPU_RUN_DIR/nodes.json. The node's model cache is
@@ -71,7 +71,7 @@ def _setup(msg: Message, context: Context):
     return cfg, model_dir, model_sha, device, base, tokenizer
 
 
-@app.query("announce")
+@app.query(p.action(p.ANNOUNCE))
 def announce(msg: Message, context: Context) -> Message:
     """Tell the server this node's role and whether it already holds the announced base model."""
     from client.model import find_model_by_hash
@@ -81,7 +81,7 @@ def announce(msg: Message, context: Context) -> Message:
     return Message(RecordDict({p.CONFIG: ConfigRecord({p.ROLE: role, p.HAS_MODEL: has_model})}), reply_to=msg)
 
 
-@app.query("model_chunk")
+@app.query(p.action(p.MODEL_CHUNK))
 def model_chunk(msg: Message, context: Context) -> Message:
     """Store one chunk of the base model; the last chunk installs it after hash checks."""
     from client.model import receive_model_chunk
@@ -95,7 +95,7 @@ def model_chunk(msg: Message, context: Context) -> Message:
     return Message(RecordDict({p.CONFIG: ConfigRecord({p.CHUNK_STORED: installed})}), reply_to=msg)
 
 
-@app.train()
+@app.train(p.action(p.ADAPT))
 def adapt(msg: Message, context: Context) -> Message:
     """Task adaptation: local steps on the shared task LoRA; reply with it and the example count."""
     from client.personalize import task_adaptation_step
@@ -116,7 +116,7 @@ def adapt(msg: Message, context: Context) -> Message:
     return Message(reply, reply_to=msg)
 
 
-@app.evaluate()
+@app.train(p.action(p.PERSONALIZE))
 def personalize(msg: Message, context: Context) -> Message:
     """Personal adapters + evaluation of every method on this user's queries; reply with statistics only."""
     from client.history import select_history, validation_view

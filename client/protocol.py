@@ -1,12 +1,16 @@
 """Everything that may cross between server and devices, declared once (the audit checks against this).
 
 Phases and their messages (server -> node, node -> server):
-- announce   query.announce    config: base model name + sha256         reply config: role, has-model
-- transfer   query.model_chunk config: file, offset, bytes, hashes      reply config: stored
-- adapt      train             arrays: task LoRA, config: run config     reply arrays: task LoRA, metrics (loss,
-                                                                          the user's answer-label shares)
-- personalize evaluate         arrays: task LoRA, config: run config     reply metrics: statistics only
-                               + the best constant answer
+- announce    query.announce     config: base model name + sha256      reply config: role, has-model
+- transfer    query.model_chunk  config: file, offset, bytes, hashes   reply config: stored
+- adapt       train.adapt        arrays: task LoRA, config: run config  reply arrays: task LoRA, metrics (loss,
+                                                                        the user's answer-label shares)
+- personalize train.personalize  arrays: task LoRA, config: run config  reply metrics: statistics only
+                                 + the best constant answer
+
+Each message type is "<Flower category>.<action>": Flower's ClientApp routes `train.adapt` to the handler
+registered with `@app.train("adapt")` (`action` below gives that name). Personalize is a `train` message
+because the node trains its personal adapters there before it evaluates them.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import re
 
 ANNOUNCE = "query.announce"
 MODEL_CHUNK = "query.model_chunk"
-ADAPT = "train"
-PERSONALIZE = "evaluate"
+ADAPT = "train.adapt"
+PERSONALIZE = "train.personalize"
+MESSAGE_TYPES = (ANNOUNCE, MODEL_CHUNK, ADAPT, PERSONALIZE)
 
 ARRAYS = "arrays"  # FedAvg's default ArrayRecord key
 CONFIG = "config"  # FedAvg's default ConfigRecord key
@@ -50,6 +55,11 @@ ALLOWED_PERSONALIZE_METRIC = re.compile(
     rf"^({NUM_EXAMPLES}|{_METHOD}/({'|'.join(STATISTIC_NAMES)})|time/[a-z0-9-]+-seconds)$"
 )
 ALLOWED_ADAPT_METRIC = re.compile(rf"^({NUM_EXAMPLES}|{TRAIN_LOSS}|{ANSWER_FREQUENCIES})$")
+
+
+def action(message_type: str) -> str:
+    """The action a ClientApp handler is registered under: `action(ADAPT)` is "adapt" (`@app.train("adapt")`)."""
+    return message_type.split(".", 1)[1]
 
 
 def method_key(method: str, statistic: str) -> str:

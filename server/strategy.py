@@ -6,7 +6,7 @@ import random
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
@@ -42,12 +42,13 @@ class TaskAdapterFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Messages to a seeded sample of the training nodes."""
+        """Messages (the adapt phase's `train.adapt`, not FedAvg's plain `train`) to a seeded sample of the training
+        nodes."""
         nodes = random.Random(f"{self.seed}-{server_round}").sample(self.train_nodes, self.sample_size)
         self.sampled[server_round] = len(nodes)
         config[p.SERVER_ROUND] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(record, nodes, MessageType.TRAIN)
+        return self._construct_messages(record, nodes, p.ADAPT)
 
     def _keep_round(self, contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
         server_round = max(self.sampled)  # FedAvg aggregates the round it configured last

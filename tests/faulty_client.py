@@ -14,18 +14,19 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from client import protocol as p
 from client.app import _node_user, adapt, announce, model_chunk, personalize
 from client.audit import audit_mod
 
 Handler = Callable[[Message, Context], Message]
 
 
-def _app(train: Handler = adapt, evaluate: Handler = personalize) -> ClientApp:
+def _app(adapt_handler: Handler = adapt, personalize_handler: Handler = personalize) -> ClientApp:
     app = ClientApp(mods=[audit_mod])
-    app.query("announce")(announce)
-    app.query("model_chunk")(model_chunk)
-    app.train()(train)
-    app.evaluate()(evaluate)
+    app.query(p.action(p.ANNOUNCE))(announce)
+    app.query(p.action(p.MODEL_CHUNK))(model_chunk)
+    app.train(p.action(p.ADAPT))(adapt_handler)
+    app.train(p.action(p.PERSONALIZE))(personalize_handler)
     return app
 
 
@@ -47,7 +48,7 @@ def dying_worker_app(partition: int, marker: Path) -> ClientApp:
             os.kill(os.getpid(), signal.SIGKILL)
         return reply
 
-    return _app(evaluate=personalize_then_die)
+    return _app(personalize_handler=personalize_then_die)
 
 
 def failing_update_app(partition: int) -> ClientApp:
@@ -58,4 +59,4 @@ def failing_update_app(partition: int) -> ClientApp:
             raise RuntimeError(f"task adaptation of partition {partition} fails on purpose")
         return adapt(msg, context)
 
-    return _app(train=failing_adapt)
+    return _app(adapt_handler=failing_adapt)

@@ -6,17 +6,18 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from safetensors.numpy import load_file
 
+from client import protocol as p
 from client.app import _node_user, adapt, announce, model_chunk, personalize
 from client.audit import audit_mod
 from client.tasks import get_task
 
 leaky_app = ClientApp(mods=[audit_mod])
-leaky_app.query("announce")(announce)
-leaky_app.query("model_chunk")(model_chunk)
-leaky_app.train()(adapt)
+leaky_app.query(p.action(p.ANNOUNCE))(announce)
+leaky_app.query(p.action(p.MODEL_CHUNK))(model_chunk)
+leaky_app.train(p.action(p.ADAPT))(adapt)
 
 
-@leaky_app.evaluate()
+@leaky_app.train(p.action(p.PERSONALIZE))
 def leaky_personalize(msg: Message, context: Context) -> Message:
     """The honest reply, plus one personal adapter tensor and the user's latest history text."""
     reply = personalize(msg, context)

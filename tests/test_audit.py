@@ -14,6 +14,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
+from client import protocol as p
 from client.config import RunConfig
 from simulation.audit import main as audit_main
 from simulation.cli import build_parser, simulate
@@ -70,7 +71,7 @@ def _cut_fifth_line_in_half(lines: list[str]) -> list[str]:
 
 
 def _alter_hash(path: Path) -> None:
-    entry = _first(path, "in", "train")
+    entry = _first(path, "in", p.ADAPT)
     altered = json.dumps({**entry, "content_sha256": "0" * 64})
     _edit_lines(path, lambda lines: [altered if json.loads(line) == entry else line for line in lines])
 
@@ -96,7 +97,7 @@ def resumed_run(honest_run: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     leaves that reply sent and never received; the second attempt is a real resumed run.
     """
     run_dir = _copy(honest_run, tmp_path_factory.mktemp("runs"))
-    killed_at = _first(run_dir / "audit" / "client.jsonl", "out", "evaluate")["time"]
+    killed_at = _first(run_dir / "audit" / "client.jsonl", "out", p.PERSONALIZE)["time"]
     for side in ("server", "client"):
         _keep(run_dir / "audit" / f"{side}.jsonl", lambda e: e["time"] <= killed_at)
     return _run(run_dir, resume=True)
@@ -116,7 +117,7 @@ def test_honest_run_passes_the_audit(
     # the adapt phase carries the task LoRA both ways; personalize replies are small metric records
     assert summary["phases"]["adapt"]["bytes_up"] > 5 * summary["phases"]["personalize"]["bytes_up"]
     assert summary["messages"]["server"] == summary["messages"]["client"]
-    train = _first(run_dir / "audit" / "server.jsonl", "out", "train")
+    train = _first(run_dir / "audit" / "server.jsonl", "out", p.ADAPT)
     assert train["round"] == 1 and train["records"]["arrays"]["tensors"][0]["dtype"] == "float32"
     assert "audit passed" in capsys.readouterr().out
 
@@ -128,32 +129,32 @@ def test_leaky_client_fails_the_audit_naming_the_message(
     assert audit_main([str(run_dir)]) == 1
     summary = _summary(run_dir)
     leaks = summary["checks"]["personal-tensors-and-keys"]["violations"]
-    assert any("evaluate message" in v and "equals a personal adapter tensor" in v for v in leaks)
+    assert any(f"{p.PERSONALIZE} message" in v and "equals a personal adapter tensor" in v for v in leaks)
     assert any("carries tensors" in v for v in leaks)
     assert any("config keys not allowed in a reply: ['note']" in v for v in leaks)
     canaries = summary["checks"]["canaries"]["violations"]
-    assert len(canaries) >= 2 and all("evaluate message" in v for v in canaries)
+    assert len(canaries) >= 2 and all(f"{p.PERSONALIZE} message" in v for v in canaries)
     assert "audit FAILED" in capsys.readouterr().out
 
 
 def test_leak_is_caught_in_the_server_log_when_the_client_lines_are_deleted(leaky_run: Path, tmp_path: Path) -> None:
     run_dir = _copy(leaky_run, tmp_path)
-    _keep(run_dir / "audit" / "client.jsonl", lambda e: (e["direction"], e["message_type"]) != ("out", "evaluate"))
+    _keep(run_dir / "audit" / "client.jsonl", lambda e: (e["direction"], e["message_type"]) != ("out", p.PERSONALIZE))
     assert audit_main([str(run_dir)]) == 1
     checks = _summary(run_dir)["checks"]
     leaks = checks["personal-tensors-and-keys"]["violations"]
-    assert leaks and all("server.jsonl" in v and "server in evaluate message" in v for v in leaks)
+    assert leaks and all("server.jsonl" in v and f"server in {p.PERSONALIZE} message" in v for v in leaks)
     assert any("equals a personal adapter tensor" in v for v in leaks)
     assert any("config keys not allowed in a reply: ['note']" in v for v in leaks)
-    assert any("server in evaluate message" in v for v in checks["canaries"]["violations"])
+    assert any(f"server in {p.PERSONALIZE} message" in v for v in checks["canaries"]["violations"])
     assert sum("received, but the client log has no 'out' line" in v for v in checks["logs-agree"]["violations"]) == 2
 
 
 TAMPERINGS: dict[str, tuple[Callable[[Path], None], str, str]] = {
     # name: (tampering of the audit directory, the check that fails, what its violation says)
-    "client-out-line-deleted": (lambda audit: _drop_first(audit / "client.jsonl", "out", "evaluate"),
+    "client-out-line-deleted": (lambda audit: _drop_first(audit / "client.jsonl", "out", p.PERSONALIZE),
                                 "logs-agree", "received, but the client log has no 'out' line"),
-    "server-out-line-deleted": (lambda audit: _drop_first(audit / "server.jsonl", "out", "train"),
+    "server-out-line-deleted": (lambda audit: _drop_first(audit / "server.jsonl", "out", p.ADAPT),
                                 "logs-agree", "received, but the server log has no 'out' line"),
     "content-hash-altered": (lambda audit: _alter_hash(audit / "client.jsonl"),
                              "logs-agree", "content differs from audit/client.jsonl:"),
@@ -193,13 +194,13 @@ def test_honest_resumed_run_passes_the_audit(resumed_run: Path, tmp_path: Path) 
 
 def _drop_killed_request(audit: Path) -> None:
     """Delete the server's line of the request whose reply the kill cut off (the client logged receiving it)."""
-    _drop_line(audit / "server.jsonl", "out", _first(audit / "client.jsonl", "out", "evaluate")["message_id"])
+    _drop_line(audit / "server.jsonl", "out", _first(audit / "client.jsonl", "out", p.PERSONALIZE)["message_id"])
 
 
 def _drop_resumed_reply(audit: Path) -> None:
     """Delete the client's line of the resumed attempt's last personalize reply."""
     client = audit / "client.jsonl"
-    replies = [e for e in _entries(client) if (e["direction"], e["message_type"]) == ("out", "evaluate")]
+    replies = [e for e in _entries(client) if (e["direction"], e["message_type"]) == ("out", p.PERSONALIZE)]
     _drop_line(client, "out", replies[-1]["message_id"])
 
 

@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 from safetensors.numpy import load_file
 
 import faulty_client
+from client import protocol as p
 from client.config import RunConfig
 from simulation.audit import main as audit_main
 from simulation.cli import build_parser, exit_status, simulate
@@ -45,7 +46,7 @@ def test_a_killed_worker_is_replaced_and_its_user_evaluated(tmp_path: Path) -> N
     assert exit_status("flower-simulation", report, args) == 0
     assert Path(killed["adapter"]).stat().st_mtime_ns == killed["mtime_ns"], "the stored result was not reused"
     lines = [json.loads(line) for line in (run_dir / "audit" / "client.jsonl").read_text().splitlines()]
-    received = Counter(e["message_id"] for e in lines if (e["direction"], e["message_type"]) == ("in", "evaluate"))
+    received = Counter(e["message_id"] for e in lines if (e["direction"], e["message_type"]) == ("in", p.PERSONALIZE))
     assert sorted(received.values()) == [1, 1, 2]
     (twice,) = [m for m, n in received.items() if n == 2]
     pids = [e["pid"] for e in lines if e["message_id"] == twice]
