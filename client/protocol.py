@@ -21,7 +21,6 @@ ANNOUNCE = "query.announce"
 MODEL_CHUNK = "query.model_chunk"
 ADAPT = "train.adapt"
 PERSONALIZE = "train.personalize"
-MESSAGE_TYPES = (ANNOUNCE, MODEL_CHUNK, ADAPT, PERSONALIZE)
 
 ARRAYS = "arrays"  # FedAvg's default ArrayRecord key
 CONFIG = "config"  # FedAvg's default ConfigRecord key
