@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from client.store import atomic_write_json
+from common.store import atomic_write_json
 
 PEAK_SHAPES = ((512, 576, 1536), (1024, 1536, 576), (2048, 2048, 2048))
 
@@ -101,8 +101,8 @@ def finish(args: argparse.Namespace, results: dict[str, Any], table: list[str]) 
 
 def test_users(count: int) -> list:
     """The first `count` test users of the default run (MovieLens, longest histories)."""
-    from client.config import RunConfig
-    from simulation.partition import load_users, split_users
+    from common.config import RunConfig
+    from client.partition import load_users, split_users
 
     cfg = RunConfig()
     return split_users(load_users(cfg, count), count, 0, cfg.seed)[0]
@@ -110,7 +110,9 @@ def test_users(count: int) -> list:
 
 def load_model(args: argparse.Namespace, dtype: str):
     """(model, tokenizer) of --model in `dtype` ('auto': as a run picks it) on --device, with --threads set first."""
-    from client.model import load_base, pick_device, resolve_model
+    from client.model_cache import load_base
+    from client.device import pick_device
+    from client.model_build import resolve_model
 
     torch.set_num_threads(args.threads)
     return load_base(resolve_model(args.model), str(pick_device(args.device)), dtype)
@@ -118,7 +120,8 @@ def load_model(args: argparse.Namespace, dtype: str):
 
 def train_fresh_lora(base: nn.Module, examples: list, pad_id: int, settings, seed: int) -> dict[str, float]:
     """`train_adapter` on a fresh LoRA (r=8 on q,v), as a personal adapter is trained in a run; the base is left clean."""
-    from client.adapters import PeftSettings, attach_fresh
+    from common.config import PeftSettings
+    from client.adapters import attach_fresh
     from client.training import train_adapter
 
     model = attach_fresh(base, PeftSettings(), "bench", seed)

@@ -26,8 +26,8 @@ from typing import Any
 import psutil
 
 from bench.common import finish
-from client.store import read_json
-from simulation.audit import read_log, traffic
+from common.store import read_json
+from simulation.privacy_audit import read_log, traffic
 
 GIB = 2**30
 

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import finish
-from client.evaluate import DECISION_RULES, decide
-from client.metrics import combine, finalize, primary_metric, statistics
-from client.store import read_json
-from client.tasks import get_task
+from common.metrics import DECISION_RULES, decide
+from common.metrics import combine, finalize, primary_metric, statistics
+from common.store import read_json
+from common.tasks import get_task
 from server.report import best_reference
 
 

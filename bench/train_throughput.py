@@ -31,9 +31,10 @@ from bench.common import (
     common_flags, finish, load_model, matmul_peak_gflops, test_users, train_fresh_lora, training_flops,
 )
 from client.forward import left_pad
-from client.model import pick_device, pick_dtype
-from client.tasks import get_task
-from client.training import Example, PromptSettings, TrainingSettings, history_examples
+from client.device import pick_device, pick_dtype
+from common.tasks import get_task
+from client.training import Example, history_examples
+from common.config import PromptSettings, TrainingSettings
 
 NAIVE_BATCH = 16
 

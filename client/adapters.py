@@ -6,47 +6,36 @@ PeftModel can hold several and switch between them by name, as peft intends.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import hashlib
+import shutil
+from pathlib import Path
+
+from common.config import PeftSettings
+from common.store import atomic_directory
+
 
 import torch
 from peft import IA3Config, LoraConfig, PeftConfig, PeftModel, PromptTuningConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedModel
 
-PeftKind = Literal["lora", "ia3", "prompt"]
-PEFT_KINDS: tuple[PeftKind, ...] = ("lora", "ia3", "prompt")
 
 
-@dataclass(frozen=True)
-class PeftSettings:
-    """What kind of PEFT module and its size (the paper: LoRA r=8 on q,v)."""
 
-    kind: PeftKind = "lora"
-    r: int = 8
-    alpha: int = 16
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    virtual_tokens: int = 8
 
-    def __post_init__(self) -> None:
-        if self.kind not in PEFT_KINDS:
-            raise ValueError(f"peft kind {self.kind!r} is not one of {', '.join(PEFT_KINDS)}")
-        if self.r < 1 or self.virtual_tokens < 1:
-            raise ValueError(f"LoRA rank and prompt length must be >= 1, got r={self.r}, tokens={self.virtual_tokens}")
-
-    def config(self) -> PeftConfig:
-        """The peft config object for these settings."""
-        if self.kind == "lora":
-            return LoraConfig(
-                r=self.r, lora_alpha=self.alpha, target_modules=list(self.target_modules), lora_dropout=0.0,
-                task_type="CAUSAL_LM",
-            )
-        if self.kind == "ia3":
-            return IA3Config(
-                target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
-                task_type="CAUSAL_LM",
-            )
-        return PromptTuningConfig(num_virtual_tokens=self.virtual_tokens, task_type="CAUSAL_LM")
+def peft_config(settings: PeftSettings) -> PeftConfig:
+    """The peft config object for these settings."""
+    if settings.kind == "lora":
+        return LoraConfig(
+            r=settings.r, lora_alpha=settings.alpha, target_modules=list(settings.target_modules), lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+        )
+    if settings.kind == "ia3":
+        return IA3Config(
+            target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+            task_type="CAUSAL_LM",
+        )
+    return PromptTuningConfig(num_virtual_tokens=settings.virtual_tokens, task_type="CAUSAL_LM")
 
 
 def personal_adapter_name(user_id: str, variant: str = "") -> str:
@@ -60,10 +49,10 @@ def attach_fresh(
     """Add a newly initialised adapter `name` (seeded) and make it the active, trainable one."""
     torch.manual_seed(seed)
     if isinstance(model, PeftModel):
-        model.add_adapter(name, settings.config())
+        model.add_adapter(name, peft_config(settings))
         model.set_adapter(name)
         return model
-    return get_peft_model(model, settings.config(), adapter_name=name)
+    return get_peft_model(model, peft_config(settings), adapter_name=name)
 
 
 def adapter_state(model: PeftModel, name: str) -> dict[str, torch.Tensor]:
@@ -85,3 +74,23 @@ def trainable_share(model: PeftModel) -> float:
     """Trainable parameters over all parameters (the paper's Figure 7 x-axis)."""
     trainable, total = model.get_nb_trainable_parameters()
     return trainable / total
+
+
+def atomic_save_adapter(model: PeftModel, name: str, target: Path) -> None:
+    """peft save_pretrained of adapter `name` into `target`, replacing any older copy in one rename."""
+    with atomic_directory(target, replace=True) as staging:
+        saved = staging / ".peft"
+        model.save_pretrained(saved, selected_adapters=[name])
+        if (saved / name).is_dir():  # peft nests non-default adapter names one level down
+            saved = saved / name
+        for path in saved.glob("adapter_*"):
+            path.rename(staging / path.name)
+        shutil.rmtree(staging / ".peft")
+
+
+TRAINING_RECORD = "oppu-adapter.json"  # written beside each personal adapter when it is trained
+
+
+def derived_seed(*parts: object) -> int:
+    """A stable 31-bit seed from any parts (same run seed + user + variant -> same initialisation)."""
+    return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:8], 16) & 0x7FFFFFFF

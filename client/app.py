@@ -16,8 +16,8 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import protocol as p
-from client.audit import audit_mod
+from common import protocol as p
+from client.audit_mod import audit_mod
 from client.memory import free_memory_mod
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def _user_dir(context: Context) -> Path:
         nodes = json.loads((Path(run_dir) / "nodes.json").read_text())
         return Path(run_dir) / "clients" / nodes[partition]["user"]
     if context.run_config:  # `flwr run`: the node takes its own partition of the configured data
-        from simulation.partition import own_partition
+        from client.partition import own_partition
 
         return own_partition(tuple(sorted(context.run_config.items())), partition)
     raise RuntimeError("node has no 'user-dir' in its node config, no OPPU_RUN_DIR and no run config")
@@ -55,8 +55,9 @@ def _node_user(context: Context):
 
 def _setup(msg: Message, context: Context):
     """Run config, base model (the exact one the server announced) and tokenizer for this message."""
-    from client.config import RunConfig
-    from client.model import find_model_by_hash, load_base, pick_device
+    from common.config import RunConfig
+    from client.model_cache import find_model_by_hash, load_base
+    from client.device import pick_device
 
     config = dict(msg.content[p.CONFIG])
     model_sha = str(config.pop(p.MODEL_SHA256))
@@ -74,7 +75,7 @@ def _setup(msg: Message, context: Context):
 @app.query(p.action(p.ANNOUNCE))
 def announce(msg: Message, context: Context) -> Message:
     """Tell the server this node's role and whether it already holds the announced base model."""
-    from client.model import find_model_by_hash
+    from client.model_cache import find_model_by_hash
 
     _, role, _ = _node_user(context)
     has_model = find_model_by_hash(str(msg.content[p.CONFIG][p.MODEL_SHA256]), _cache_dir(context)) is not None
@@ -84,7 +85,7 @@ def announce(msg: Message, context: Context) -> Message:
 @app.query(p.action(p.MODEL_CHUNK))
 def model_chunk(msg: Message, context: Context) -> Message:
     """Store one chunk of the base model; the last chunk installs it after hash checks."""
-    from client.model import receive_model_chunk
+    from client.model_transfer import receive_model_chunk
 
     c = msg.content[p.CONFIG]
     installed = receive_model_chunk(
@@ -98,9 +99,9 @@ def model_chunk(msg: Message, context: Context) -> Message:
 @app.train(p.action(p.ADAPT))
 def adapt(msg: Message, context: Context) -> Message:
     """Task adaptation: local steps on the shared task LoRA; reply with it and the example count."""
-    from client.personalize import task_adaptation_step
+    from client.task_adapter import task_adaptation_step
     from client.references import answer_frequencies
-    from client.tasks import get_task
+    from common.tasks import get_task
 
     cfg, _, _, _, base, tokenizer = _setup(msg, context)
     user, _, _ = _node_user(context)
@@ -120,9 +121,10 @@ def adapt(msg: Message, context: Context) -> Message:
 def personalize(msg: Message, context: Context) -> Message:
     """Personal adapters + evaluation of every method on this user's queries; reply with statistics only."""
     from client.history import select_history, validation_view
-    from client.personalize import personalize_user, task_adapted_base
-    from client.store import UserStore, atomic_write_json, read_json
-    from client.tasks import get_task
+    from client.personalize import personalize_user
+    from client.task_adapter import task_adapted_base
+    from common.store import UserStore, atomic_write_json, read_json
+    from common.tasks import get_task
 
     cfg, model_dir, model_sha, device, pristine, tokenizer = _setup(msg, context)
     user, _, user_dir = _node_user(context)

@@ -7,6 +7,8 @@ Bad input raises `DataError` naming the file, the record, the field, the value a
 
 from __future__ import annotations
 
+from common.config import DataLimits
+
 import json
 import math
 import random
@@ -16,7 +18,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from client.tasks import LAMP_FILE_TASK_NAMES, MOVIE_TAGS, TaskSpec, get_task
+from common.tasks import LAMP_FILE_TASK_NAMES, MOVIE_TAGS, TaskSpec, get_task
 
 
 MAX_USER_ID_BYTES = 200  # clients/<id>/adapters/user-<id>-k1-pag: a file name ends at 255 bytes
@@ -26,13 +28,6 @@ class DataError(ValueError):
     """A data file does not have the shape the task needs."""
 
 
-@dataclass(frozen=True)
-class DataLimits:
-    """Sizes a user may bring (RunConfig's --max-text-chars, --max-user-history): a bigger record is more likely a
-    broken file than data, and would otherwise surface hours later as a device out of memory."""
-
-    max_text_chars: int
-    max_user_history: int
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ A prediction is read from the generated tokens only (never by string-replacing t
 
 from __future__ import annotations
 
+from common.metrics import decide, decision_rule
+
 from collections.abc import Sequence
 from typing import Literal
 
@@ -16,42 +18,14 @@ from client.data import User
 from client.forward import WIDTH_MULTIPLE, answer_logprobs, left_pad, next_token_logits
 from client.prompts import build_prompt
 from client.retrieval import HistoryRetriever
-from client.tasks import TaskSpec
-from client.training import PromptSettings
+from common.tasks import TaskSpec
+from common.config import PromptSettings
 
 Decoding = Literal["auto", "score", "generate"]
-DecisionRule = Literal["argmax", "median", "mean"]
-DECISION_RULES: tuple[str, ...] = ("auto", "argmax", "median", "mean")
 
 
-def decision_rule(task: TaskSpec, rule: str = "auto") -> DecisionRule:
-    """The rule that turns label probabilities into an answer; 'auto' fits the task's primary metric.
-
-    MAE is minimised by the median of a distribution over ratings, accuracy by its mode (the paper's argmax);
-    the mean (RMSE's minimiser) and the median need ordered numeric labels, so only rating tasks take them.
-    """
-    if rule not in DECISION_RULES:
-        raise ValueError(f"decision rule {rule!r}: expected one of {', '.join(DECISION_RULES)}")
-    if rule == "auto":
-        return "median" if task.metric == "regression" else "argmax"
-    if rule != "argmax" and task.metric != "regression":
-        raise ValueError(f"decision rule {rule!r} needs numeric labels; {task.name} is scored by {task.metric}")
-    return rule  # type: ignore[return-value]
 
 
-def decide(labels: Sequence[str], probabilities: Sequence[float], rule: DecisionRule) -> str:
-    """One answer from a distribution over `labels` (numeric labels in ascending order for median/mean)."""
-    if rule == "argmax":  # ties go to the earlier label
-        return labels[max(range(len(labels)), key=lambda j: (probabilities[j], -j))]
-    total = sum(probabilities)
-    if rule == "mean":
-        return f"{sum(float(label) * p for label, p in zip(labels, probabilities)) / total:.3f}"
-    cumulative = 0.0
-    for label, p in zip(labels, probabilities):
-        cumulative += p / total
-        if cumulative >= 0.5:
-            return label
-    return labels[-1]
 
 
 def query_prompts(

@@ -10,6 +10,8 @@ Import refuses a tampered file or a base model other than the one the adapter wa
 
 from __future__ import annotations
 
+from client.adapters import TRAINING_RECORD
+
 import argparse
 import json
 import shutil
@@ -17,11 +19,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from client.model import UnknownModelError, file_sha256, model_hash, resolve_model
-from client.store import UserStore, atomic_directory, atomic_write_json, read_json
+from client.model_build import UnknownModelError, resolve_model
+from common.model_files import file_sha256, model_hash
+from common.store import UserStore, atomic_directory, atomic_write_json, read_json
 
 MANIFEST = "oppu-manifest.json"
-TRAINING_RECORD = "oppu-adapter.json"  # written beside each personal adapter when it is trained
 
 
 class AdapterImportError(ValueError):

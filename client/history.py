@@ -11,13 +11,11 @@ import torch
 
 from client.data import Query, User
 from client.embeddings import embed
-from client.tasks import TaskSpec
+from common.tasks import TaskSpec
 
 if TYPE_CHECKING:
-    from client.config import RunConfig
+    from common.config import RunConfig
 
-HISTORY_SELECTIONS = ("recent", "least-relevant")
-SPLITS = ("test", "validation")
 
 
 def validation_view(user: User, task: TaskSpec, items: int) -> User:

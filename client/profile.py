@@ -11,8 +11,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from client.data import User
 from client.evaluate import generate
-from client.store import atomic_write_json, read_json
-from client.tasks import TaskSpec
+from common.store import atomic_write_json, read_json
+from common.tasks import TaskSpec
 
 PROFILE_INSTRUCTION = (
     "Here are some items from one user's history ({description}):\n{items}\n"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from client.data import HistoryItem
-from client.tasks import TaskSpec
+from common.tasks import TaskSpec
 
 ANSWER_CUE = "\nAnswer: "
 PROFILE_HEADER = "User profile: "

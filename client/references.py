@@ -15,9 +15,9 @@ from collections import Counter
 from collections.abc import Sequence
 
 from client.data import User
-from client.evaluate import decide
+from common.metrics import decide
 from client.retrieval import HistoryRetriever
-from client.tasks import TaskSpec
+from common.tasks import TaskSpec
 
 PREFIX = "ref-"
 RECENT_MEAN = PREFIX + "recent-mean"

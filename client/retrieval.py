@@ -7,7 +7,7 @@ import re
 from rank_bm25 import BM25Okapi
 
 from client.data import HistoryItem
-from client.tasks import TaskSpec
+from common.tasks import TaskSpec
 
 _TOKEN = re.compile(r"\w+")
 

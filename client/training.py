@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from common.config import PromptSettings, TrainingSettings
+
 import random
 import time
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from client.data import User
 from client.forward import answer_logprobs
 from client.prompts import build_prompt
 from client.retrieval import HistoryRetriever
-from client.tasks import HistoryFormat, TaskSpec
+from common.tasks import TaskSpec
 
 
 @dataclass(frozen=True)
@@ -26,15 +28,6 @@ class Example:
     answer: list[int]
 
 
-@dataclass(frozen=True)
-class PromptSettings:
-    """How prompts are built: retrieved items (RAG k), user profile (PAG), token budget, what history items teach."""
-
-    k: int = 0
-    use_profile: bool = False
-    max_prompt_tokens: int = 384
-    max_answer_tokens: int = 64
-    history_format: HistoryFormat = "both"  # see TaskSpec.item_target
 
 
 def _answer_ids(tokenizer: PreTrainedTokenizerBase, answer: str, limit: int) -> list[int]:
@@ -102,14 +95,6 @@ def length_batches(lengths: list[int], max_batch_tokens: int, rng: random.Random
     return batches
 
 
-@dataclass(frozen=True)
-class TrainingSettings:
-    """Optimisation of one adapter (personal or the task adapter's local steps)."""
-
-    epochs: float = 1.0
-    lr: float = 5e-4
-    max_batch_tokens: int = 2048
-    max_steps: int | None = None
 
 
 def train_adapter(

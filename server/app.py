@@ -19,13 +19,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from tqdm import tqdm
 
-from client import protocol as p
-from client.config import RunConfig
-from client.evaluate import decision_rule
+from common import protocol as p
+from common.config import RunConfig
+from common.metrics import decision_rule
 from client.references import best_constant, reference_names
-from client.store import atomic_write_json, read_json
-from client.tasks import get_task
-from server.audit import AuditedGrid
+from common.store import atomic_write_json, read_json
+from common.tasks import get_task
+from server.audited_grid import AuditedGrid
 from server.distribution import announce, send_model
 from server.exchange import exchange
 from server.report import comparisons, method_results, method_statistics, versions, write_report
@@ -67,9 +67,9 @@ def _save_task_adapter(
     """The global task LoRA as standard peft files, plus its record: the key that says which run made it, its rounds
     and the training users' answer shares (so a resumed run reports the same rounds and best constant)."""
     from client.adapters import attach_fresh, load_adapter_state
-    from client.model import load_fresh
-    from client.personalize import TASK_ADAPTER, task_lora
-    from client.store import atomic_save_adapter
+    from client.model_cache import load_fresh
+    from client.task_adapter import TASK_ADAPTER, task_lora
+    from client.adapters import atomic_save_adapter
 
     model = attach_fresh(load_fresh(model_dir, "cpu", "float32"), task_lora(cfg), TASK_ADAPTER, 0)  # a throwaway copy
     load_adapter_state(model, TASK_ADAPTER, arrays.to_torch_state_dict())
@@ -83,8 +83,8 @@ def adapt_task(
     """FedAvg rounds of the shared task LoRA over training nodes (skipped on resume when already done);
     (the task LoRA, its record: per-round loss and failed updates, the training users' answer-label shares
     averaged as FedAvg averages metrics)."""
-    from client.model import load_fresh
-    from client.personalize import initial_task_state
+    from client.model_cache import load_fresh
+    from client.task_adapter import initial_task_state
 
     target = opts.run_dir / "server" / "task_adapter"
     key = hashlib.sha256(f"{model_sha}|{sorted(cfg.to_record().items())}".encode()).hexdigest()
@@ -155,7 +155,8 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> None:
 
 def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
     """The whole federated OPPU run; returns (and writes) the report."""
-    from client.model import model_hash, resolve_model
+    from common.model_files import model_hash
+    from client.model_build import resolve_model
 
     grid = AuditedGrid(grid, opts.run_dir / "audit")
     task = get_task(cfg.task)
@@ -255,7 +256,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for `flwr run`: config from [tool.flwr.app.config] (+ --run-config overrides)."""
-    from simulation.partition import split_run_config
+    from common.config import split_run_config
 
     cfg, num_test, num_train, run_dir = split_run_config(dict(context.run_config))
     expected = num_test + (num_train if cfg.rounds else 0)

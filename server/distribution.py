@@ -10,8 +10,8 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from client import protocol as p
-from client.model import MANIFEST, file_sha256
+from common import protocol as p
+from common.model_files import MANIFEST, file_sha256
 from server.exchange import exchange
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ from flwr.serverapp import Grid, NeighboringRelation, PrivacyConfig, SamplingMet
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from client import protocol as p
-from client.config import RunConfig
+from common import protocol as p
+from common.config import RunConfig
 
 
 class TaskAdapterFedAvg(FedAvg):

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from flwr.clientapp import ClientApp
 
-from client.config import RunConfig
+from common.config import RunConfig
 from client.data import DataError, User
-from client.model import UnknownModelError, linear_module_names, resolve_model
+from client.model_build import UnknownModelError, linear_module_names, resolve_model
 
 log = logging.getLogger("oppu")
 
@@ -151,7 +151,7 @@ def check_run_flags(args: argparse.Namespace, cfg: RunConfig) -> None:
 
 def partition_users(cfg: RunConfig, num_clients: int, train_clients: int) -> tuple[list[User], list[User]]:
     """(test users, training users) of the configured data; bad data, or too few users, is a SetupError."""
-    from simulation.partition import load_users, split_users
+    from client.partition import load_users, split_users
 
     try:
         users = load_users(cfg, num_clients + train_clients)
@@ -238,8 +238,8 @@ def simulate(args: argparse.Namespace, cfg: RunConfig, client_app: ClientApp | N
     """
     import torch
 
-    from client.store import atomic_write_json
-    from simulation.partition import plant_canaries, write_partitions
+    from common.store import atomic_write_json
+    from simulation.node_stores import plant_canaries, write_partitions
 
     resources = client_resources(
         args.cpus_per_client, args.gpus_per_client, cfg.device, torch.cuda.device_count(), len(os.sched_getaffinity(0))

@@ -201,9 +201,9 @@ def _interrupt(*_: object) -> None:
 def deploy(run_dir: Path, num_clients: int, train_clients: int, run_config: dict[str, object],
            node_caches: Path | None = None, timeout: float = 6 * 3600) -> int:
     """Start everything, run the app, stop everything; returns `flwr run`'s exit status."""
-    from client.config import RunConfig
+    from common.config import RunConfig
     from simulation.cli import partition_users
-    from simulation.partition import write_partitions
+    from simulation.node_stores import write_partitions
 
     run_dir = run_dir.resolve()
     deploy_dir = run_dir / "deploy"

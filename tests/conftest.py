@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from client.model import load_base, resolve_model
+from client.model_cache import load_base
+from client.model_build import resolve_model
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,9 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client import protocol as p
+from common import protocol as p
 from client.app import _node_user, adapt, announce, model_chunk, personalize
-from client.audit import audit_mod
+from client.audit_mod import audit_mod
 
 Handler = Callable[[Message, Context], Message]
 

@@ -6,10 +6,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from safetensors.numpy import load_file
 
-from client import protocol as p
+from common import protocol as p
 from client.app import _node_user, adapt, announce, model_chunk, personalize
-from client.audit import audit_mod
-from client.tasks import get_task
+from client.audit_mod import audit_mod
+from common.tasks import get_task
 
 leaky_app = ClientApp(mods=[audit_mod])
 leaky_app.query(p.action(p.ANNOUNCE))(announce)

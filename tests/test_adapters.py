@@ -7,14 +7,8 @@ import torch
 from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from client.adapters import (
-    PeftSettings,
-    adapter_state,
-    attach_fresh,
-    load_adapter_state,
-    personal_adapter_name,
-    trainable_share,
-)
+from common.config import PeftSettings
+from client.adapters import peft_config, adapter_state, attach_fresh, load_adapter_state, personal_adapter_name, trainable_share
 
 
 def remove_adapters(model: PeftModel):
@@ -57,20 +51,20 @@ def randomize(model: PeftModel, name: str, seed: int) -> None:
     "kind, config_type", [("lora", LoraConfig), ("ia3", IA3Config), ("prompt", PromptTuningConfig)]
 )
 def test_settings_give_the_right_peft_config(kind, config_type):
-    config = PeftSettings(kind=kind).config()
+    config = peft_config(PeftSettings(kind=kind))
     assert type(config) is config_type
     assert config.task_type == "CAUSAL_LM"
 
 
 def test_lora_config_carries_the_settings():
-    config = PeftSettings(kind="lora", r=4, alpha=32, target_modules=("q_proj", "k_proj", "v_proj")).config()
+    config = peft_config(PeftSettings(kind="lora", r=4, alpha=32, target_modules=("q_proj", "k_proj", "v_proj")))
     assert config.r == 4 and config.lora_alpha == 32
     assert set(config.target_modules) == {"q_proj", "k_proj", "v_proj"}
     assert config.lora_dropout == 0.0  # dropout would make training order-dependent on the RNG
 
 
 def test_prompt_config_carries_the_length():
-    assert PeftSettings(kind="prompt", virtual_tokens=5).config().num_virtual_tokens == 5
+    assert peft_config(PeftSettings(kind="prompt", virtual_tokens=5)).num_virtual_tokens == 5
 
 
 def test_bad_kind_is_rejected_with_the_allowed_kinds():

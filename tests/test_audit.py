@@ -14,9 +14,9 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from client import protocol as p
-from client.config import RunConfig
-from simulation.audit import main as audit_main
+from common import protocol as p
+from common.config import RunConfig
+from simulation.privacy_audit import main as audit_main
 from simulation.cli import build_parser, simulate
 
 ARGS = [

@@ -7,7 +7,7 @@ import json
 import torch
 
 from bench.eval_throughput import REFERENCE_MAX_NEW_TOKENS, main
-from client.model import pick_dtype
+from client.device import pick_dtype
 
 
 def test_eval_throughput_reports_both_ways(tiny_model_dir, tmp_path):

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from bench.quality import main
-from client.evaluate import decide
-from client.metrics import finalize, statistics
-from client.tasks import get_task
+from common.metrics import decide
+from common.metrics import finalize, statistics
+from common.tasks import get_task
 
 
 def test_quality_bench_reports_references_and_recomputes_every_rule(tmp_path: Path) -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from client.config import RunConfig
+from common.config import RunConfig
 from simulation.cli import SetupError, build_parser, client_resources
-from simulation.partition import RUN_KEYS, split_run_config
+from common.config import RUN_KEYS, split_run_config
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 

@@ -10,19 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from client.data import (
-    DataError,
-    DataLimits,
-    HistoryItem,
-    Query,
-    User,
-    load_lamp,
-    load_movielens,
-    load_oppu,
-    movielens_dir,
-    synthetic_users,
-)
-from client.tasks import MOVIE_TAGS, RATINGS, get_task
+from client.data import DataError, HistoryItem, Query, User, load_lamp, load_movielens, load_oppu, movielens_dir, synthetic_users
+from common.config import DataLimits
+from common.tasks import MOVIE_TAGS, RATINGS, get_task
 
 
 def write_lamp(tmp_path: Path, questions, outputs, stem: str = "dev") -> tuple[Path, Path]:

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from client.evaluate import decide, decision_rule
-from client.tasks import RATINGS, get_task
+from common.metrics import decide, decision_rule
+from common.tasks import RATINGS, get_task
 
 
 def expected_abs_error(answer: float, probabilities: list[float]) -> float:

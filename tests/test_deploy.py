@@ -11,8 +11,9 @@ from pathlib import Path
 
 import psutil
 
-from client.model import find_model_by_hash, verify_model_dir
-from simulation.audit import main as audit_main
+from client.model_cache import find_model_by_hash
+from common.model_files import verify_model_dir
+from simulation.privacy_audit import main as audit_main
 from simulation.deploy import main as deploy_main
 from simulation.deploy import running
 

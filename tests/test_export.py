@@ -9,15 +9,16 @@ from pathlib import Path
 import pytest
 from peft import PeftModel
 
-from client.config import RunConfig
+from common.config import RunConfig
 from client.data import synthetic_users
 from client.evaluate import predict, query_prompts
 from client.export import AdapterImportError, export_adapter, import_adapter, main
-from client.model import MANIFEST as MODEL_MANIFEST
-from client.model import load_fresh, model_hash
+from common.model_files import MANIFEST as MODEL_MANIFEST
+from client.model_cache import load_fresh
+from common.model_files import model_hash
 from client.personalize import personalize_user
-from client.store import UserStore
-from client.tasks import get_task
+from common.store import UserStore
+from common.tasks import get_task
 
 CFG = RunConfig(task="LaMP-2M", model="tiny-random", methods="base,oppu", personal_lr=1e-2, personal_epochs=2,
                 batch_tokens=256)

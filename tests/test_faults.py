@@ -15,9 +15,9 @@ from flwr.clientapp import ClientApp
 from safetensors.numpy import load_file
 
 import faulty_client
-from client import protocol as p
-from client.config import RunConfig
-from simulation.audit import main as audit_main
+from common import protocol as p
+from common.config import RunConfig
+from simulation.privacy_audit import main as audit_main
 from simulation.cli import build_parser, exit_status, simulate
 
 cloudpickle.register_pickle_by_value(faulty_client)  # Ray workers cannot import from tests/

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from client.config import RunConfig
-from client.metrics import finalize, statistics
-from client.tasks import get_task
+from common.config import RunConfig
+from common.metrics import finalize, statistics
+from common.tasks import get_task
 from simulation.cli import build_parser, main, simulate
 
 TINY_ARGS = [

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from client import embeddings
-from client.config import RunConfig
+from common.config import RunConfig
 from client.data import HistoryItem, Query, User
 from client.embeddings import embed
 from client.history import select_history
-from client.tasks import get_task
+from common.tasks import get_task
 
 TASK = get_task("LaMP-2M")
 COOKING = [
@@ -101,7 +101,7 @@ def test_config_checks_the_selection_keys():
 def test_validation_view_holds_out_the_latest_history_items_and_drops_the_test_queries():
     from client.data import HistoryItem, Query, User
     from client.history import validation_view
-    from client.tasks import get_task
+    from common.tasks import get_task
 
     task = get_task("MovieLens")
     history = [HistoryItem(f"h{i}", {"movie": f"movie {i}", "score": str(1 + i % 5)}) for i in range(8)]

@@ -9,8 +9,8 @@ import random
 import pytest
 from rouge_score import rouge_scorer
 
-from client.metrics import combine, finalize, primary_metric, statistics
-from client.tasks import MOVIE_TAGS, NEWS_CATEGORIES, get_task
+from common.metrics import combine, finalize, primary_metric, statistics
+from common.tasks import MOVIE_TAGS, NEWS_CATEGORIES, get_task
 
 MOVIES = get_task("LaMP-2M")
 CITATION = get_task("LaMP-1")

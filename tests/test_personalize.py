@@ -13,15 +13,17 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
 from client.adapters import attach_fresh, load_adapter_state
-from client.config import RunConfig, parse_method
+from common.config import RunConfig, parse_method
 from client.data import synthetic_users
 from client.evaluate import predict, query_prompts
-from client.metrics import combine, finalize, statistics
-from client.model import load_base, load_fresh, model_hash
-from client.personalize import initial_task_state, personalize_user, task_adapted_base, task_lora
+from common.metrics import combine, finalize, statistics
+from client.model_cache import load_base, load_fresh
+from common.model_files import model_hash
+from client.task_adapter import initial_task_state, task_adapted_base, task_lora
+from client.personalize import personalize_user
 from client.profile import user_profile
-from client.store import UserStore, read_json
-from client.tasks import get_task
+from common.store import UserStore, read_json
+from common.tasks import get_task
 
 TASK = get_task("LaMP-2M")
 CFG = RunConfig(

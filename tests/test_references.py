@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from client.data import HistoryItem, Query, User
 from client.references import answer_frequencies, best_constant, reference_predictions
-from client.tasks import get_task
+from common.tasks import get_task
 
 
 def _user(task: str, items: list[dict[str, str]], queries: list[str]) -> User:

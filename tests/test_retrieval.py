@@ -7,7 +7,7 @@ from rank_bm25 import BM25Okapi
 
 from client.data import HistoryItem
 from client.retrieval import HistoryRetriever, tokenize
-from client.tasks import get_task
+from common.tasks import get_task
 
 TWEETS = get_task("LaMP-7")
 PREFIX = "Paraphrase the following tweet without any explanation before or after it: "

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from client.adapters import personal_adapter_name
-from client.store import UserStore
-from simulation.similarity import adapter_similarity, write_similarity
+from common.store import UserStore
+from simulation.studies.similarity import adapter_similarity, write_similarity
 
 A = torch.tensor([[1.0, 2.0], [3.0, 4.0]])  # lora_A-like
 B = torch.tensor([1.0, 0.0, 0.0])  # lora_B-like

@@ -9,22 +9,16 @@ import pytest
 import torch
 from peft import PeftModel
 
-from client.adapters import PeftSettings, attach_fresh
+from common.config import PeftSettings
+from client.adapters import attach_fresh
 from client.data import HistoryItem, User, synthetic_users
 from client.evaluate import generate, label_probabilities
 from client.forward import WIDTH_MULTIPLE, answer_logprobs, left_pad
-from client.model import load_base
+from client.model_cache import load_base
 from client.prompts import HISTORY_HEADER
-from client.tasks import get_task
-from client.training import (
-    Example,
-    PromptSettings,
-    TrainingSettings,
-    history_examples,
-    length_batches,
-    query_examples,
-    train_adapter,
-)
+from common.tasks import get_task
+from client.training import Example, history_examples, length_batches, query_examples, train_adapter
+from common.config import PromptSettings, TrainingSettings
 
 TASK = get_task("LaMP-2M")
 

@@ -16,7 +16,7 @@ from client.export import MANIFEST
 from client.export import main as adapter_main
 from simulation.cli import main
 from simulation.deploy import main as deploy_main
-from simulation.study import main as study_main
+from simulation.studies.cli import main as study_main
 
 REPO = Path(__file__).resolve().parents[1]
 TAGS = ["comedy", "action"]

@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from client.store import read_json
+from common.store import read_json
 from simulation.cli import (
     RUNS_DIR,
     SetupError,
@@ -27,7 +27,7 @@ from simulation.cli import (
     setup_failure,
     simulate,
 )
-from simulation.studies import STUDIES, Arm
+from simulation.studies.arms import STUDIES, Arm
 
 STUDY_CLIENTS = {"num_clients": 20, "train_clients": 10}  # the main run's 100 + 20 users take an hour on 2 cores
 

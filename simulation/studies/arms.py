@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from client.config import RunConfig
-from client.tasks import TaskSpec, get_task
-from server.study_report import Figure, StudyResult, Table, build_table, write_study
-from simulation.node_results import history_lengths, paired_by_user, stored_statistics
+from common.config import RunConfig
+from common.tasks import TaskSpec, get_task
+from simulation.studies.report import Figure, StudyResult, Table, build_table, write_study
+from simulation.studies.node_results import history_lengths, paired_by_user, stored_statistics
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,8 @@ PEFT_ARMS = ("lora", "ia3", "prompt")
 def peft_sizes(cfg: RunConfig, cache_dir: Path | None) -> dict[str, dict[str, float]]:
     """Trainable parameters of each personal PEFT kind on the base model, computed locally (nothing is sent)."""
     from client.adapters import attach_fresh
-    from client.model import load_fresh, resolve_model
+    from client.model_cache import load_fresh
+    from client.model_build import resolve_model
 
     model_dir = resolve_model(cfg.model, cache_dir)
     sizes = {}
@@ -239,7 +240,7 @@ def _similarity_arms(cfg: RunConfig, args: argparse.Namespace) -> list[Arm]:
 
 
 def _similarity_finish(cfg: RunConfig, runs: dict[str, Path], args: argparse.Namespace, study_dir: Path) -> Path:
-    from simulation.similarity import write_similarity
+    from simulation.studies.similarity import write_similarity
 
     out_dir = args.study_dir or args.run or study_dir
     write_similarity(args.run or runs["run"], out_dir, args.variant)

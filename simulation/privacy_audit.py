@@ -21,10 +21,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from client import protocol as p
-from client.audit import tensor_sha256
-from client.store import atomic_write_json
-from simulation.partition import CANARY
+from common import protocol as p
+from common.audit_log import tensor_sha256
+from common.store import atomic_write_json
+from simulation.node_stores import CANARY
 
 PHASES = {p.ANNOUNCE: "announce", p.MODEL_CHUNK: "transfer", p.ADAPT: "adapt", p.PERSONALIZE: "personalize"}
 ALLOWED_REPLY_CONFIG = {p.ANNOUNCE: {p.ROLE, p.HAS_MODEL}, p.MODEL_CHUNK: {p.CHUNK_STORED}}

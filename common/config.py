@@ -9,17 +9,89 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
-from client.adapters import PEFT_KINDS, PeftSettings
-from client.data import DataLimits
-from client.evaluate import DECISION_RULES, decision_rule
-from client.history import HISTORY_SELECTIONS, SPLITS
-from client.model import check_device_name, check_dtype_name
-from client.tasks import HISTORY_FORMATS, TASKS, HistoryFormat, get_task
-from client.training import PromptSettings, TrainingSettings
+from common.metrics import DECISION_RULES, decision_rule
+from common.tasks import HISTORY_FORMATS, TASKS, HistoryFormat, get_task
+
+
+PeftKind = Literal["lora", "ia3", "prompt"]
+
+
+PEFT_KINDS: tuple[PeftKind, ...] = ("lora", "ia3", "prompt")
+
+
+@dataclass(frozen=True)
+class PeftSettings:
+    """What kind of PEFT module and its size (the paper: LoRA r=8 on q,v)."""
+
+    kind: PeftKind = "lora"
+    r: int = 8
+    alpha: int = 16
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    virtual_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        if self.kind not in PEFT_KINDS:
+            raise ValueError(f"peft kind {self.kind!r} is not one of {', '.join(PEFT_KINDS)}")
+        if self.r < 1 or self.virtual_tokens < 1:
+            raise ValueError(f"LoRA rank and prompt length must be >= 1, got r={self.r}, tokens={self.virtual_tokens}")
+
+
+@dataclass(frozen=True)
+class DataLimits:
+    """Sizes a user may bring (RunConfig's --max-text-chars, --max-user-history): a bigger record is more likely a
+    broken file than data, and would otherwise surface hours later as a device out of memory."""
+
+    max_text_chars: int
+    max_user_history: int
+
+
+HISTORY_SELECTIONS = ("recent", "least-relevant")
+
+
+SPLITS = ("test", "validation")
+
+
+DTYPES = ("float32", "bfloat16")
+
+
+def check_dtype_name(dtype: str) -> None:
+    """'auto', 'float32' or 'bfloat16'; anything else is an error (checked without measuring anything)."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto, {' or '.join(DTYPES)}; got {dtype!r}")
+
+
+def check_device_name(device: str) -> None:
+    """'auto', 'cpu', 'cuda' or 'cuda:N'; anything else is an error (checked without touching a device)."""
+    if device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """How prompts are built: retrieved items (RAG k), user profile (PAG), token budget, what history items teach."""
+
+    k: int = 0
+    use_profile: bool = False
+    max_prompt_tokens: int = 384
+    max_answer_tokens: int = 64
+    history_format: HistoryFormat = "both"  # see TaskSpec.item_target
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """Optimisation of one adapter (personal or the task adapter's local steps)."""
+
+    epochs: float = 1.0
+    lr: float = 5e-4
+    max_batch_tokens: int = 2048
+    max_steps: int | None = None
+
 
 DEFAULT_METHODS = ("base", "rag", "pag", "oppu", "oppu+rag")
 # the least value of each integer setting, and the float settings that must be positive
@@ -226,3 +298,14 @@ def parse_method(name: str) -> Method:
                 f"method {name!r}: unknown part {part!r}; expected base, oppu, pag, rag or rag-kN joined by '+'"
             )
     return Method(name, personal, k, profile)
+
+
+RUN_KEYS = ("num-clients", "train-clients", "run-dir")  # run settings in a `flwr run` config beside RunConfig's
+
+
+def split_run_config(record: dict[str, Any]) -> tuple[RunConfig, int, int, Path]:
+    """A `flwr run` config -> (RunConfig, test users, training users, run directory)."""
+    record = dict(record)
+    num_test, num_train = int(record.pop("num-clients", 100)), int(record.pop("train-clients", 20))
+    run_dir = Path(str(record.pop("run-dir", "runs/flwr-run"))).resolve()
+    return RunConfig.from_record(record), num_test, num_train, run_dir

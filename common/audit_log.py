@@ -2,7 +2,7 @@
 
 `describe` turns a message into what an auditor needs without the bulk: record keys, tensor names, shapes,
 dtypes, sizes and hashes, config/metric keys and their (small) values, and a content hash that both sides
-compute alike. `audit_mod` is the ClientApp mod that logs every message in and every reply out.
+compute alike. Each side writes with its own code: client/audit_mod.py and server/audited_grid.py.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Message
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.app import Message
 
-from client import protocol as p
+from common import protocol as p
 
 _INLINE_LIMIT = 4096  # config strings/bytes longer than this are logged by hash only
 
@@ -115,31 +114,5 @@ def log_message(audit_dir: Path, side: str, direction: str, msg: Message, src: i
                  {**audit_entry(audit_dir, side, direction, msg, src, dst), "message_id": message_id})
 
 
-def client_audit_dir(context: Context) -> Path | None:
-    """Node config 'audit-dir', else <OPPU_RUN_DIR>/audit in the simulation; None disables client logging."""
-    if "audit-dir" in context.node_config:
-        return Path(str(context.node_config["audit-dir"]))
-    run_dir = os.environ.get("OPPU_RUN_DIR")
-    return Path(run_dir) / "audit" if run_dir else None
 
 
-def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """ClientApp mod: log the incoming message and the outgoing reply (keyed by the incoming message id)."""
-    audit_dir = client_audit_dir(context)
-    if audit_dir is None:
-        return call_next(msg, context)
-    node = context.node_id
-    log_message(audit_dir, "client", "in", msg, msg.metadata.src_node_id, node, msg.metadata.message_id)
-    try:
-        reply = call_next(msg, context)
-    except Exception as e:  # the runtime turns it into an error reply; note that no content left
-        append_jsonl(audit_dir / "client.jsonl", {
-            "time": time.time(), "pid": os.getpid(), "side": "client", "direction": "out", "src": node,
-            "dst": msg.metadata.src_node_id,
-            "message_id": msg.metadata.message_id, "message_type": msg.metadata.message_type,
-            "run": msg.metadata.run_id, "round": None,
-            "error": f"{type(e).__name__}: {e}", "records": {}, "bytes": 0, "content_sha256": None,
-        })
-        raise
-    log_message(audit_dir, "client", "out", reply, node, msg.metadata.src_node_id, msg.metadata.message_id)
-    return reply

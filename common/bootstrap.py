@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from client.metrics import Statistics, finalize, primary_metric
-from client.tasks import TaskSpec
+from common.metrics import Statistics, finalize, primary_metric
+from common.tasks import TaskSpec
 
 RESAMPLES = 1000
 LEVEL = 0.95

@@ -10,12 +10,14 @@ metrics computed centrally from all predictions:
 
 from __future__ import annotations
 
+from typing import Literal
+
 import math
 from collections.abc import Iterable, Sequence
 
 from rouge_score import rouge_scorer
 
-from client.tasks import TaskSpec
+from common.tasks import TaskSpec
 
 Statistics = dict[str, float | list[float]]
 
@@ -97,3 +99,39 @@ def primary_metric(task: TaskSpec) -> tuple[str, bool]:
     return {"classification": ("accuracy", True), "regression": ("mae", False), "generation": ("rouge-1", True)}[
         task.metric
     ]
+
+
+DecisionRule = Literal["argmax", "median", "mean"]
+
+
+DECISION_RULES: tuple[str, ...] = ("auto", "argmax", "median", "mean")
+
+
+def decision_rule(task: TaskSpec, rule: str = "auto") -> DecisionRule:
+    """The rule that turns label probabilities into an answer; 'auto' fits the task's primary metric.
+
+    MAE is minimised by the median of a distribution over ratings, accuracy by its mode (the paper's argmax);
+    the mean (RMSE's minimiser) and the median need ordered numeric labels, so only rating tasks take them.
+    """
+    if rule not in DECISION_RULES:
+        raise ValueError(f"decision rule {rule!r}: expected one of {', '.join(DECISION_RULES)}")
+    if rule == "auto":
+        return "median" if task.metric == "regression" else "argmax"
+    if rule != "argmax" and task.metric != "regression":
+        raise ValueError(f"decision rule {rule!r} needs numeric labels; {task.name} is scored by {task.metric}")
+    return rule  # type: ignore[return-value]
+
+
+def decide(labels: Sequence[str], probabilities: Sequence[float], rule: DecisionRule) -> str:
+    """One answer from a distribution over `labels` (numeric labels in ascending order for median/mean)."""
+    if rule == "argmax":  # ties go to the earlier label
+        return labels[max(range(len(labels)), key=lambda j: (probabilities[j], -j))]
+    total = sum(probabilities)
+    if rule == "mean":
+        return f"{sum(float(label) * p for label, p in zip(labels, probabilities)) / total:.3f}"
+    cumulative = 0.0
+    for label, p in zip(labels, probabilities):
+        cumulative += p / total
+        if cumulative >= 0.5:
+            return label
+    return labels[-1]

@@ -13,8 +13,8 @@ from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
-from client.metrics import Statistics
-from client.store import UserStore, read_json
+from common.metrics import Statistics
+from common.store import UserStore, read_json
 
 
 def test_users(run_dir: Path) -> list[str]:

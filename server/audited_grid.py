@@ -12,7 +12,7 @@ from flwr.app import Message
 from flwr.supercore.run import Run
 from flwr.serverapp import Grid
 
-from client.audit import append_jsonl, audit_entry, log_message
+from common.audit_log import append_jsonl, audit_entry, log_message
 
 
 class AuditedGrid(Grid):

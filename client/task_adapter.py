@@ -1,0 +1,107 @@
+"""The shared task LoRA on a device: its seeded initial state, one round of local adaptation on a training user,
+and the task-adapted base (the LoRA merged in) that every method of a test user starts from."""
+
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from client.adapters import adapter_state, attach_fresh, derived_seed, load_adapter_state
+from client.data import User
+from client.model_cache import load_base
+from client.training import history_examples, query_examples, train_adapter
+from common.config import PeftSettings, RunConfig, parse_method
+from common.tasks import get_task
+
+
+TASK_ADAPTER = "task"
+
+
+def task_lora(cfg: RunConfig) -> PeftSettings:
+    """The shared task adapter is always a LoRA of the configured rank."""
+    return PeftSettings(kind="lora", r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=cfg.peft_settings().target_modules)
+
+
+def remove_adapters(model: PeftModel) -> PreTrainedModel:
+    """Take every adapter out of the shared base again (unmerged), so the next user starts clean."""
+    if model.active_peft_config.is_prompt_learning:
+        return model.get_base_model()
+    return model.unload()
+
+
+def initial_task_state(base: PreTrainedModel, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """A freshly initialised task LoRA (seeded), as the server starts FedAvg from."""
+    model = attach_fresh(base, task_lora(cfg), TASK_ADAPTER, derived_seed(cfg.seed, "task"))
+    try:
+        return adapter_state(model, TASK_ADAPTER)
+    finally:
+        remove_adapters(model)
+
+
+def task_adaptation_step(
+    base: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: RunConfig,
+    user: User,
+    global_state: dict[str, torch.Tensor],
+    server_round: int,
+) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
+    """Local training of the task LoRA on a training user's examples: (new state, #examples, metrics).
+
+    Each example gets one of the retrieval depths the configured methods use (seeded choice), so the
+    shared model learns every prompt format it will be evaluated with at no extra cost.
+    """
+    task = get_task(cfg.task)
+    depths = sorted({parse_method(m).k for m in cfg.method_names()})
+    by_depth = [
+        query_examples(user, task, tokenizer, cfg.prompt_settings(k))
+        + history_examples(user, task, tokenizer, cfg.prompt_settings(k), max_items=cfg.task_history or None)
+        for k in depths
+    ]
+    rng = random.Random(derived_seed(cfg.seed, user.user_id, server_round, "depths"))
+    examples = [rng.choice(variants) for variants in zip(*by_depth)]
+    model = attach_fresh(base, task_lora(cfg), TASK_ADAPTER, 0)
+    try:
+        load_adapter_state(model, TASK_ADAPTER, global_state)
+        metrics = train_adapter(
+            model, examples, tokenizer.pad_token_id, cfg.task_training(),
+            seed=derived_seed(cfg.seed, user.user_id, server_round), desc=f"task adapter, user {user.user_id}",
+        )
+        return adapter_state(model, TASK_ADAPTER), len(examples), metrics
+    finally:
+        remove_adapters(model)
+
+
+_merged_cache: dict[tuple[Path, str, str, str], PreTrainedModel] = {}
+
+
+def task_adapted_base(
+    model_dir: Path, device: str, cfg: RunConfig, task_state: dict[str, torch.Tensor] | None, state_hash: str
+) -> PreTrainedModel:
+    """The base with the task LoRA merged in; built once per (model, task adapter) in each process."""
+    pristine = load_base(model_dir, device, cfg.dtype)[0]
+    if task_state is None:
+        return pristine
+    key = (model_dir, device, cfg.dtype, state_hash)
+    if key not in _merged_cache:
+        _merged_cache.clear()  # one merged copy at a time bounds memory
+        settings = task_lora(cfg)
+        model = attach_fresh(copy_targets(pristine, settings.target_modules), settings, TASK_ADAPTER, 0)
+        load_adapter_state(model, TASK_ADAPTER, task_state)
+        _merged_cache[key] = model.merge_and_unload()
+    return _merged_cache[key]
+
+
+def copy_targets(model: PreTrainedModel, targets: tuple[str, ...]) -> PreTrainedModel:
+    """A copy of `model` that owns only the weights of the `targets` modules and shares every other tensor.
+
+    Merging a LoRA on q,v changes about a tenth of SmolLM2's weights, so the task-adapted base costs that
+    tenth instead of a second full model in every worker.
+    """
+    shared = {id(p): p for name, p in model.named_parameters() if name.split(".")[-2] not in targets}
+    return copy.deepcopy(model, memo=shared)
