@@ -101,11 +101,11 @@ def finish(args: argparse.Namespace, results: dict[str, Any], table: list[str]) 
 
 def test_users(count: int) -> list:
     """The first `count` test users of the default run (MovieLens, longest histories)."""
-    from common.config import RunConfig
     from client.partition import load_users, split_users
+    from common.config import RunConfig, UserCounts
 
     cfg = RunConfig()
-    return split_users(load_users(cfg, count), count, 0, cfg.seed)[0]
+    return split_users(load_users(cfg, count), UserCounts(count, 0), cfg)[0]
 
 
 def load_model(args: argparse.Namespace, dtype: str):

@@ -70,10 +70,10 @@ def load_adapter_state(model: PeftModel, name: str, state: dict[str, torch.Tenso
         raise ValueError(f"adapter {name!r}: unexpected weights {sorted(unexpected)[:3]}")
 
 
-def trainable_share(model: PeftModel) -> float:
-    """Trainable parameters over all parameters (the paper's Figure 7 x-axis)."""
+def trainable_parameters(model: PeftModel) -> tuple[int, float]:
+    """(trainable parameters, their share of all parameters: the paper's Figure 7 x-axis)."""
     trainable, total = model.get_nb_trainable_parameters()
-    return trainable / total
+    return trainable, trainable / total
 
 
 def atomic_save_adapter(model: PeftModel, name: str, target: Path) -> None:

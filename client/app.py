@@ -1,8 +1,10 @@
-"""Flower ClientApp: one handler per phase, registered under the phase's action (client/protocol.py); each reads its config, calls client code, wraps the result.
+"""Flower ClientApp: one handler per phase, registered under the phase's action (common/protocol.py); each reads its
+config, calls client code, wraps the result.
 
-A node finds its own user through its node config: `user-dir` (a real SuperNode is started with it), or,
-in the simulation, `partition-id` looked up in $OPPU_RUN_DIR/nodes.json. The node's model cache is
-`model-cache` in the node config, else $OPPU_CACHE_DIR, else ~/.cache/oppu-fl.
+A node finds its user through its node config only (`user-dir`, and `audit-dir` for its half of the audit log):
+a SuperNode is started with them, and for a simulated node `node_config_mod` (client/partition.py) fills them in
+from its `partition-id` before any handler runs. The node's model cache is `model-cache` in the node config, else
+$OPPU_CACHE_DIR, else ~/.cache/oppu-fl.
 """
 
 from __future__ import annotations
@@ -10,33 +12,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from common import protocol as p
 from client.audit_mod import audit_mod
 from client.memory import free_memory_mod
+from client.partition import node_config_mod
+from common import protocol as p
 
 log = logging.getLogger(__name__)
-app = ClientApp(mods=[audit_mod, free_memory_mod])
-
-
-def _user_dir(context: Context) -> Path:
-    if "user-dir" in context.node_config:
-        return Path(str(context.node_config["user-dir"]))
-    partition = int(context.node_config["partition-id"])
-    run_dir = os.environ.get("OPPU_RUN_DIR")
-    if run_dir:  # flower-simulation prepared every node's store
-        nodes = json.loads((Path(run_dir) / "nodes.json").read_text())
-        return Path(run_dir) / "clients" / nodes[partition]["user"]
-    if context.run_config:  # `flwr run`: the node takes its own partition of the configured data
-        from client.partition import own_partition
-
-        return own_partition(tuple(sorted(context.run_config.items())), partition)
-    raise RuntimeError("node has no 'user-dir' in its node config, no OPPU_RUN_DIR and no run config")
+Handler = Callable[[Message, Context], Message]
 
 
 def _cache_dir(context: Context) -> Path | None:
@@ -44,11 +32,11 @@ def _cache_dir(context: Context) -> Path | None:
     return Path(str(cache)) if cache else None
 
 
-def _node_user(context: Context):
-    """The one user this node holds (read from its own store), and that user's role."""
+def node_user(context: Context):
+    """The one user this node holds (read from its own store), that user's role, and the store's directory."""
     from client.data import load_oppu
 
-    user_dir = _user_dir(context)
+    user_dir = Path(str(context.node_config["user-dir"]))
     record = json.loads((user_dir / "data.json").read_text())
     return load_oppu(user_dir / "data.json", record["task"])[0], record["role"], user_dir
 
@@ -72,17 +60,15 @@ def _setup(msg: Message, context: Context):
     return cfg, model_dir, model_sha, device, base, tokenizer
 
 
-@app.query(p.action(p.ANNOUNCE))
 def announce(msg: Message, context: Context) -> Message:
     """Tell the server this node's role and whether it already holds the announced base model."""
     from client.model_cache import find_model_by_hash
 
-    _, role, _ = _node_user(context)
+    _, role, _ = node_user(context)
     has_model = find_model_by_hash(str(msg.content[p.CONFIG][p.MODEL_SHA256]), _cache_dir(context)) is not None
     return Message(RecordDict({p.CONFIG: ConfigRecord({p.ROLE: role, p.HAS_MODEL: has_model})}), reply_to=msg)
 
 
-@app.query(p.action(p.MODEL_CHUNK))
 def model_chunk(msg: Message, context: Context) -> Message:
     """Store one chunk of the base model; the last chunk installs it after hash checks."""
     from client.model_transfer import receive_model_chunk
@@ -96,7 +82,6 @@ def model_chunk(msg: Message, context: Context) -> Message:
     return Message(RecordDict({p.CONFIG: ConfigRecord({p.CHUNK_STORED: installed})}), reply_to=msg)
 
 
-@app.train(p.action(p.ADAPT))
 def adapt(msg: Message, context: Context) -> Message:
     """Task adaptation: local steps on the shared task LoRA; reply with it and the example count."""
     from client.task_adapter import task_adaptation_step
@@ -104,7 +89,7 @@ def adapt(msg: Message, context: Context) -> Message:
     from common.tasks import get_task
 
     cfg, _, _, _, base, tokenizer = _setup(msg, context)
-    user, _, _ = _node_user(context)
+    user, _, _ = node_user(context)
     state = msg.content[p.ARRAYS].to_torch_state_dict()
     server_round = int(msg.content[p.CONFIG][p.SERVER_ROUND])
     new_state, num_examples, metrics = task_adaptation_step(base, tokenizer, cfg, user, state, server_round)
@@ -117,7 +102,6 @@ def adapt(msg: Message, context: Context) -> Message:
     return Message(reply, reply_to=msg)
 
 
-@app.train(p.action(p.PERSONALIZE))
 def personalize(msg: Message, context: Context) -> Message:
     """Personal adapters + evaluation of every method on this user's queries; reply with statistics only."""
     from client.history import select_history, validation_view
@@ -127,7 +111,7 @@ def personalize(msg: Message, context: Context) -> Message:
     from common.tasks import get_task
 
     cfg, model_dir, model_sha, device, pristine, tokenizer = _setup(msg, context)
-    user, _, user_dir = _node_user(context)
+    user, _, user_dir = node_user(context)
     store = UserStore(user_dir.parent.parent, user.user_id)
     arrays = msg.content[p.ARRAYS]
     task_sha = str(msg.content[p.CONFIG].get(p.TASK_ADAPTER_SHA256, ""))
@@ -157,3 +141,19 @@ def personalize(msg: Message, context: Context) -> Message:
     for name, seconds in timings.items():
         metrics[f"time/{name}"] = seconds
     return Message(RecordDict({p.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+def make_client_app(run_dir: Path | None = None, adapt: Handler = adapt, personalize: Handler = personalize) -> ClientApp:
+    """The ClientApp: our handlers (a test may swap the training ones for faulty or leaky ones) behind three mods.
+
+    `run_dir`: the run directory a simulation prepared, where each node's store waits under its partition id.
+    """
+    client_app = ClientApp(mods=[node_config_mod(run_dir), audit_mod, free_memory_mod])
+    client_app.query(p.action(p.ANNOUNCE))(announce)
+    client_app.query(p.action(p.MODEL_CHUNK))(model_chunk)
+    client_app.train(p.action(p.ADAPT))(adapt)
+    client_app.train(p.action(p.PERSONALIZE))(personalize)
+    return client_app
+
+
+app = make_client_app()  # `flwr run` and SuperNodes (pyproject's clientapp)

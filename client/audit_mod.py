@@ -13,11 +13,9 @@ from common.audit_log import append_jsonl, log_message
 
 
 def client_audit_dir(context: Context) -> Path | None:
-    """Node config 'audit-dir', else <OPPU_RUN_DIR>/audit in the simulation; None disables client logging."""
-    if "audit-dir" in context.node_config:
-        return Path(str(context.node_config["audit-dir"]))
-    run_dir = os.environ.get("OPPU_RUN_DIR")
-    return Path(run_dir) / "audit" if run_dir else None
+    """Node config 'audit-dir' (a SuperNode's, or filled in by node_config_mod); None disables client logging."""
+    audit_dir = context.node_config.get("audit-dir")
+    return Path(str(audit_dir)) if audit_dir else None
 
 
 def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -1,20 +1,24 @@
 """Which user a node holds: the dataset's users split into test and training users, and the node's own store.
 
-A node finds its data through its node config only: `user-dir` (a SuperNode started by oppu-deploy or by hand),
-else `partition-id`, looked up in the run directory's partition table (`nodes.json`, written by flower-simulation);
-under `flwr run`, where no table exists, the node computes the same split every node computes and writes only its
-own store. The run directory is the run config's `run-dir`.
+A node finds its data through its node config only: `user-dir` (and `audit-dir`), as a SuperNode is started
+with them (oppu-deploy, or by hand). A simulated node has only `partition-id`; `node_config_mod` fills the two in
+before any handler runs: from the partition table `nodes.json` that flower-simulation wrote into its run directory,
+or, under `flwr run`, by computing the same split every node computes and writing only its own store.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from flwr.app import Context, Message
+from flwr.clientapp.typing import ClientAppCallable, Mod
+
 from client.data import User, load_lamp, load_movielens, load_oppu, synthetic_users
-from common.config import RunConfig, split_run_config
+from common.config import RunConfig, UserCounts, flwr_run_settings
 from common.store import UserStore, atomic_write_json
 
 
@@ -35,24 +39,53 @@ def load_users(cfg: RunConfig, num_users_hint: int) -> list[User]:
     return load_oppu(cfg.data, cfg.task, limits)
 
 
-def split_users(users: list[User], num_test: int, num_train: int, seed: int) -> tuple[list[User], list[User]]:
-    """Test users = the `num_test` longest histories (as in the paper); training users = a seeded sample of the rest."""
-    if num_test < 1:
-        raise ValueError(f"--num-clients must be >= 1, got {num_test}")
-    if num_test > len(users):
-        raise ValueError(f"--num-clients {num_test} exceeds the {len(users)} users in the data")
+def split_users(users: list[User], counts: UserCounts, cfg: RunConfig) -> tuple[list[User], list[User]]:
+    """Test users = the `counts.test` longest histories (as in the paper); training users = a seeded sample of the
+    rest."""
+    if counts.test > len(users):
+        raise ValueError(f"--num-clients {counts.test} exceeds the {len(users)} users in the data")
     ranked = sorted(users, key=lambda u: (-len(u.history), u.user_id))
-    test, rest = ranked[:num_test], ranked[num_test:]
-    train = random.Random(seed).sample(rest, min(num_train, len(rest)))
+    test, rest = ranked[:counts.test], ranked[counts.test:]
+    train = random.Random(cfg.seed).sample(rest, min(counts.training(cfg), len(rest)))
     return test, train
 
 
 @cache
-def own_partition(run_config: tuple[tuple[str, Any], ...], partition_id: int) -> Path:
-    """Under `flwr run`: compute the same split every node computes and write only this node's store."""
-    cfg, num_test, num_train, run_dir = split_run_config(dict(run_config))
-    test, train = split_users(load_users(cfg, num_test + num_train), num_test, num_train if cfg.rounds else 0, cfg.seed)
+def own_partition(run_config: tuple[tuple[str, Any], ...], partition_id: int) -> tuple[Path, Path]:
+    """Under `flwr run`: compute the same split every node computes and write only this node's store;
+    (the store's directory, the run directory)."""
+    cfg, counts, run_dir = flwr_run_settings(dict(run_config))
+    test, train = split_users(load_users(cfg, counts.test + counts.train), counts, cfg)
     role, user = ("test", test[partition_id]) if partition_id < len(test) else ("train", train[partition_id - len(test)])
     store = UserStore(run_dir, user.user_id)
     atomic_write_json(store.data, {**user.to_json(), "role": role})
-    return store.root
+    return store.root, run_dir
+
+
+@cache
+def _partition_table(run_dir: Path) -> list[dict[str, str]]:
+    return json.loads((run_dir / "nodes.json").read_text())
+
+
+def node_config_mod(run_dir: Path | None = None) -> Mod:
+    """A ClientApp mod that gives a node without `user-dir` in its node config the `user-dir` and `audit-dir` a
+    SuperNode is started with: from the partition table in `run_dir` (flower-simulation wrote every store there),
+    else, under `flwr run`, from the run config (the node takes its own partition)."""
+
+    def fill_node_config(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        node = context.node_config
+        if "user-dir" not in node:
+            if "partition-id" not in node:
+                raise RuntimeError("node config has neither 'user-dir' nor 'partition-id': start the SuperNode "
+                                   "with --node-config \"user-dir='<its user store>'\"")
+            partition = int(node["partition-id"])
+            if run_dir is not None:
+                node["user-dir"] = str(run_dir / "clients" / _partition_table(run_dir)[partition]["user"])
+                node.setdefault("audit-dir", str(run_dir / "audit"))
+            else:
+                store, own_run_dir = own_partition(tuple(sorted(context.run_config.items())), partition)
+                node["user-dir"] = str(store)
+                node.setdefault("audit-dir", str(own_run_dir / "audit"))
+        return call_next(msg, context)
+
+    return fill_node_config

@@ -11,11 +11,14 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from client.adapters import adapter_state, attach_fresh, derived_seed, load_adapter_state
+from safetensors.torch import save_file
+
+from client.adapters import adapter_state, attach_fresh, derived_seed, load_adapter_state, peft_config
 from client.data import User
 from client.model_cache import load_base
 from client.training import history_examples, query_examples, train_adapter
 from common.config import PeftSettings, RunConfig, parse_method
+from common.store import atomic_directory
 from common.tasks import get_task
 
 
@@ -35,7 +38,8 @@ def remove_adapters(model: PeftModel) -> PreTrainedModel:
 
 
 def initial_task_state(base: PreTrainedModel, cfg: RunConfig) -> dict[str, torch.Tensor]:
-    """A freshly initialised task LoRA (seeded), as the server starts FedAvg from."""
+    """A freshly initialised task LoRA (seeded), as the server starts FedAvg from: the one time the server loads
+    the base."""
     model = attach_fresh(base, task_lora(cfg), TASK_ADAPTER, derived_seed(cfg.seed, "task"))
     try:
         return adapter_state(model, TASK_ADAPTER)
@@ -105,3 +109,13 @@ def copy_targets(model: PreTrainedModel, targets: tuple[str, ...]) -> PreTrained
     """
     shared = {id(p): p for name, p in model.named_parameters() if name.split(".")[-2] not in targets}
     return copy.deepcopy(model, memo=shared)
+
+
+def save_task_adapter(cfg: RunConfig, state: dict[str, torch.Tensor], target: Path) -> None:
+    """The task LoRA `state` as standard peft files (adapter_config.json, adapter_model.safetensors) in `target`,
+    replacing an older copy in one rename; written from the state alone, so the server loads no model for it."""
+    config = peft_config(task_lora(cfg))
+    config.base_model_name_or_path = cfg.model
+    with atomic_directory(target, replace=True) as staging:
+        config.save_pretrained(str(staging))
+        save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(staging / "adapter_model.safetensors"))

@@ -300,12 +300,34 @@ def parse_method(name: str) -> Method:
     return Method(name, personal, k, profile)
 
 
-RUN_KEYS = ("num-clients", "train-clients", "run-dir")  # run settings in a `flwr run` config beside RunConfig's
+@dataclass(frozen=True)
+class UserCounts:
+    """How many users become nodes: test users (--num-clients, the longest histories) and training users
+    (--train-clients, sampled from the rest; they get nodes only while there is task adaptation)."""
+
+    test: int = 100
+    train: int = 20
+
+    def __post_init__(self) -> None:
+        if self.test < 1:
+            raise ValueError(f"--num-clients {self.test}: expected at least 1 test user")
+        if self.train < 0:
+            raise ValueError(f"--train-clients {self.train}: expected 0 or more training users")
+
+    def training(self, cfg: RunConfig) -> int:
+        """Training users that get a node: none when --rounds 0 skips task adaptation."""
+        return self.train if cfg.rounds else 0
+
+    def nodes(self, cfg: RunConfig) -> int:
+        return self.test + self.training(cfg)
 
 
-def split_run_config(record: dict[str, Any]) -> tuple[RunConfig, int, int, Path]:
-    """A `flwr run` config -> (RunConfig, test users, training users, run directory)."""
+# a `flwr run` config holds these run settings beside RunConfig's keys (defaults as pyproject's)
+RUN_KEYS = {"num-clients": 100, "train-clients": 20, "run-dir": "runs/flwr-run"}
+
+
+def flwr_run_settings(record: Mapping[str, Any]) -> tuple[RunConfig, UserCounts, Path]:
+    """A `flwr run` config -> (RunConfig, user counts, run directory)."""
     record = dict(record)
-    num_test, num_train = int(record.pop("num-clients", 100)), int(record.pop("train-clients", 20))
-    run_dir = Path(str(record.pop("run-dir", "runs/flwr-run"))).resolve()
-    return RunConfig.from_record(record), num_test, num_train, run_dir
+    num_test, num_train, run_dir = (record.pop(key, default) for key, default in RUN_KEYS.items())
+    return RunConfig.from_record(record), UserCounts(int(num_test), int(num_train)), Path(str(run_dir)).resolve()

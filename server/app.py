@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from tqdm import tqdm
 
 from common import protocol as p
-from common.config import RunConfig
+from common.config import RunConfig, flwr_run_settings
 from common.metrics import decision_rule
 from client.references import best_constant, reference_names
 from common.store import atomic_write_json, read_json
@@ -61,22 +61,6 @@ def _message_config(cfg: RunConfig, model_sha: str) -> ConfigRecord:
     return ConfigRecord({**cfg.to_record(), p.MODEL_NAME: cfg.model, p.MODEL_SHA256: model_sha})
 
 
-def _save_task_adapter(
-    cfg: RunConfig, model_dir: Path, arrays: ArrayRecord, target: Path, record: dict[str, Any]
-) -> None:
-    """The global task LoRA as standard peft files, plus its record: the key that says which run made it, its rounds
-    and the training users' answer shares (so a resumed run reports the same rounds and best constant)."""
-    from client.adapters import attach_fresh, load_adapter_state
-    from client.model_cache import load_fresh
-    from client.task_adapter import TASK_ADAPTER, task_lora
-    from client.adapters import atomic_save_adapter
-
-    model = attach_fresh(load_fresh(model_dir, "cpu", "float32"), task_lora(cfg), TASK_ADAPTER, 0)  # a throwaway copy
-    load_adapter_state(model, TASK_ADAPTER, arrays.to_torch_state_dict())
-    atomic_save_adapter(model, TASK_ADAPTER, target)
-    atomic_write_json(target.parent / "task_adapter.json", {**record, "sha256": arrays_sha256(arrays)})
-
-
 def adapt_task(
     grid: Grid, cfg: RunConfig, opts: ServerOptions, model_dir: Path, model_sha: str, train_nodes: list[int]
 ) -> tuple[ArrayRecord, dict[str, Any]]:
@@ -84,7 +68,7 @@ def adapt_task(
     (the task LoRA, its record: per-round loss and failed updates, the training users' answer-label shares
     averaged as FedAvg averages metrics)."""
     from client.model_cache import load_fresh
-    from client.task_adapter import initial_task_state
+    from client.task_adapter import initial_task_state, save_task_adapter
 
     target = opts.run_dir / "server" / "task_adapter"
     key = hashlib.sha256(f"{model_sha}|{sorted(cfg.to_record().items())}".encode()).hexdigest()
@@ -106,7 +90,10 @@ def adapt_task(
     # kept with the adapter: a resumed run reports the epsilon its reused adapter was released with
     record = {"key": key, **fedavg.rounds_record(),
               "differential_privacy": privacy_report(cfg, opts.outcome["dp_strategy"])}
-    _save_task_adapter(cfg, model_dir, result.arrays, target, record)
+    # the adapter's record: the key that says which run made it, its rounds and the training users' answer shares
+    # (so a resumed run reports the same rounds, best constant and epsilon)
+    save_task_adapter(cfg, result.arrays.to_torch_state_dict(), target)
+    atomic_write_json(target.parent / "task_adapter.json", {**record, "sha256": arrays_sha256(result.arrays)})
     return result.arrays, record
 
 
@@ -256,8 +243,5 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for `flwr run`: config from [tool.flwr.app.config] (+ --run-config overrides)."""
-    from common.config import split_run_config
-
-    cfg, num_test, num_train, run_dir = split_run_config(dict(context.run_config))
-    expected = num_test + (num_train if cfg.rounds else 0)
-    run_oppu(grid, cfg, ServerOptions(run_dir=run_dir, expected_nodes=expected))
+    cfg, counts, run_dir = flwr_run_settings(context.run_config)
+    run_oppu(grid, cfg, ServerOptions(run_dir=run_dir, expected_nodes=counts.nodes(cfg)))

@@ -17,16 +17,19 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from flwr.clientapp import ClientApp
 
-from common.config import RunConfig
 from client.data import DataError, User
 from client.model_build import UnknownModelError, linear_module_names, resolve_model
+from common.config import RunConfig, UserCounts
 
 log = logging.getLogger("oppu")
+ClientAppFactory = Callable[[Path], ClientApp]  # run directory -> the ClientApp its simulated nodes run
 
 RUNS_DIR = Path("runs")
 # Flower passes client_resources on as Ray actor options: a worker process that dies (killed, out of memory) is
@@ -126,17 +129,14 @@ def add_run_flags(
                                 help=f.metadata["help"])
 
 
-def check_run_flags(args: argparse.Namespace, cfg: RunConfig) -> None:
+def check_run_flags(args: argparse.Namespace, cfg: RunConfig, run_dir: Path | None = None) -> None:
     """What RunConfig cannot judge alone, checked before the run writes anything or any process starts; the base
     model is resolved here (built into the model cache on first use, as the server would), so an unknown --model
     stops the run before Ray does."""
-    if args.num_clients < 1:
-        raise SetupError(f"--num-clients {args.num_clients}: expected at least 1 test user")
-    if args.train_clients < 0:
-        raise SetupError(f"--train-clients {args.train_clients}: expected 0 or more training users")
+    user_counts(args)
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise SetupError(f"--timeout {args.timeout}: expected a finite number of seconds > 0")
-    _check_run_dir(getattr(args, "run_dir", None) or RUNS_DIR)
+    _check_run_dir(run_dir or getattr(args, "run_dir", None) or RUNS_DIR)
     modules = linear_module_names(cfg.model, getattr(args, "cache_dir", None))
     if modules is not None:
         unknown = [t for t in cfg.peft_settings().target_modules if t not in modules]
@@ -149,13 +149,38 @@ def check_run_flags(args: argparse.Namespace, cfg: RunConfig) -> None:
         raise SetupError(str(e)) from e
 
 
-def partition_users(cfg: RunConfig, num_clients: int, train_clients: int) -> tuple[list[User], list[User]]:
+def user_counts(args: argparse.Namespace) -> UserCounts:
+    """--num-clients and --train-clients; a bad count is a SetupError."""
+    try:
+        return UserCounts(args.num_clients, args.train_clients)
+    except ValueError as e:
+        raise SetupError(str(e)) from e
+
+
+@dataclass(frozen=True)
+class SimulationOptions:
+    """Where and how one simulated run happens, beside what defines it (RunConfig, UserCounts)."""
+
+    run_dir: Path | None = None  # None: a new runs/<time>-<task>
+    resume: bool = False
+    cache_dir: Path | None = None
+    cpus_per_client: float = 1.0
+    gpus_per_client: str | float = "auto"
+    canaries: bool = False
+    timeout: float = 6 * 3600.0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SimulationOptions:
+        """The options among parsed flags (a study's subcommand has no --run-dir or --resume: defaults)."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
+def partition_users(cfg: RunConfig, counts: UserCounts) -> tuple[list[User], list[User]]:
     """(test users, training users) of the configured data; bad data, or too few users, is a SetupError."""
     from client.partition import load_users, split_users
 
     try:
-        users = load_users(cfg, num_clients + train_clients)
-        return split_users(users, num_clients, train_clients if cfg.rounds else 0, cfg.seed)
+        return split_users(load_users(cfg, counts.test + counts.train), counts, cfg)
     except DataError as e:
         raise SetupError(f"--data: {e}") from e
     except ValueError as e:
@@ -181,24 +206,24 @@ def setup_failure(prog: str, error: SetupError, verbose: bool) -> int:
     return 2
 
 
-def run_failures(report: dict, args: argparse.Namespace) -> list[str]:
+def run_failures(report: dict, counts: UserCounts, allow_failed_updates: bool) -> list[str]:
     """Why a finished run is not a complete one: test users not evaluated, and (without --allow-failed-updates)
     training users' updates missing from the task adapter. Flower itself exits 0 after failed rounds."""
     users, failures = report["users"], []
-    if users["failed"] or users["evaluated"] < args.num_clients:
-        failures.append(f"{users['failed']} test user(s) failed, {users['evaluated']} of {args.num_clients} "
+    if users["failed"] or users["evaluated"] < counts.test:
+        failures.append(f"{users['failed']} test user(s) failed, {users['evaluated']} of {counts.test} "
                         "evaluated:\n  " + "\n  ".join(report["errors"][:10]))
     failed_updates = sum(report["task_adaptation"]["failed_updates"].values())
-    if failed_updates and not args.allow_failed_updates:
+    if failed_updates and not allow_failed_updates:
         failures.append(f"{failed_updates} training-user update(s) failed, so the task adapter lacks them (see the "
                         "log above); pass --allow-failed-updates to accept it, or run again in a new --run-dir "
                         "(--resume keeps this task adapter)")
     return failures
 
 
-def exit_status(prog: str, report: dict, args: argparse.Namespace) -> int:
+def exit_status(prog: str, report: dict, counts: UserCounts, allow_failed_updates: bool) -> int:
     """1 if the run is not complete (saying why on stderr), else 0."""
-    failures = run_failures(report, args)
+    failures = run_failures(report, counts, allow_failed_updates)
     for failure in failures:
         print(f"{prog}: {failure}", file=sys.stderr)
     return 1 if failures else 0
@@ -209,32 +234,34 @@ def _latest_run() -> Path | None:
     return runs[-1] if runs else None
 
 
-def prepare_run_dir(args: argparse.Namespace, cfg: RunConfig) -> Path:
+def prepare_run_dir(cfg: RunConfig, counts: UserCounts, options: SimulationOptions) -> Path:
     """The run directory: new, or (with --resume) an earlier one whose settings match."""
-    settings = run_settings(args, cfg)
-    if args.resume:
-        run_dir = args.run_dir or _latest_run()
+    settings = run_settings(cfg, counts)
+    if options.resume:
+        run_dir = options.run_dir or _latest_run()
         if run_dir is None or not (run_dir / "run.json").exists():
-            raise SystemExit(f"flower-simulation: --resume: no earlier run found in {args.run_dir or RUNS_DIR}")
+            raise SystemExit(f"flower-simulation: --resume: no earlier run found in {options.run_dir or RUNS_DIR}")
         earlier = json.loads((run_dir / "run.json").read_text())
         if earlier != settings:
             raise SystemExit(f"flower-simulation: --resume: {run_dir} was run with other settings ({run_dir / 'run.json'})")
         return run_dir
-    run_dir = args.run_dir or RUNS_DIR / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.task}"
+    run_dir = options.run_dir or RUNS_DIR / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.task}"
     if (run_dir / "run.json").exists():
         raise SystemExit(f"flower-simulation: {run_dir} already holds a run; pass --resume or another --run-dir")
     return run_dir
 
 
-def run_settings(args: argparse.Namespace, cfg: RunConfig) -> dict:
+def run_settings(cfg: RunConfig, counts: UserCounts) -> dict:
     """What must match for --resume to continue a run (saved as run.json once its node stores exist)."""
-    return {"config": cfg.to_record(), "num_clients": args.num_clients, "train_clients": args.train_clients}
+    return {"config": cfg.to_record(), "num_clients": counts.test, "train_clients": counts.train}
 
 
-def simulate(args: argparse.Namespace, cfg: RunConfig, client_app: ClientApp | None = None) -> tuple[Path, dict]:
+def simulate(
+    cfg: RunConfig, counts: UserCounts, options: SimulationOptions, client_app: ClientAppFactory | None = None
+) -> tuple[Path, dict]:
     """Prepare node stores, run the Flower simulation; (run dir, outcome with the report if it finished).
 
-    `client_app` replaces ours (the privacy tests run a deliberately leaky one).
+    `client_app(run_dir)` builds the ClientApp instead of ours (the privacy and fault tests run leaky or faulty ones).
     """
     import torch
 
@@ -242,31 +269,32 @@ def simulate(args: argparse.Namespace, cfg: RunConfig, client_app: ClientApp | N
     from simulation.node_stores import plant_canaries, write_partitions
 
     resources = client_resources(
-        args.cpus_per_client, args.gpus_per_client, cfg.device, torch.cuda.device_count(), len(os.sched_getaffinity(0))
+        options.cpus_per_client, options.gpus_per_client, cfg.device, torch.cuda.device_count(),
+        len(os.sched_getaffinity(0)),
     )
-    run_dir = prepare_run_dir(args, cfg).resolve()
-    if args.resume and (run_dir / "nodes.json").exists():  # the stores of the interrupted run stay as they are
+    run_dir = prepare_run_dir(cfg, counts, options).resolve()
+    if options.resume and (run_dir / "nodes.json").exists():  # the stores of the interrupted run stay as they are
         nodes = json.loads((run_dir / "nodes.json").read_text())
     else:
-        test, train = partition_users(cfg, args.num_clients, args.train_clients)
-        nodes = write_partitions(run_dir, test, train, plant_canaries(test + train) if args.canaries else {})
-        atomic_write_json(run_dir / "run.json", run_settings(args, cfg))
+        test, train = partition_users(cfg, counts)
+        nodes = write_partitions(run_dir, test, train, plant_canaries(test + train) if options.canaries else {})
+        atomic_write_json(run_dir / "run.json", run_settings(cfg, counts))
     # Flower's engine and the apps are imported only now, so bad data stops the run quickly and quietly
     from flwr.simulation import run_simulation
 
-    from client.app import app as default_client_app
+    from client.app import make_client_app
     from server.app import ServerOptions, make_server_app
 
     log.info("run directory %s: %d nodes", run_dir, len(nodes))
-    os.environ["OPPU_RUN_DIR"] = str(run_dir)  # simulated nodes find their store through it
-    if args.cache_dir:
-        os.environ["OPPU_CACHE_DIR"] = str(args.cache_dir.resolve())
+    if options.cache_dir:  # the nodes' model cache (a simulated node has no node config of its own to say it)
+        os.environ["OPPU_CACHE_DIR"] = str(options.cache_dir.resolve())
     opts = ServerOptions(
-        run_dir=run_dir, cache_dir=args.cache_dir, resume=args.resume, expected_nodes=len(nodes), timeout=args.timeout
+        run_dir=run_dir, cache_dir=options.cache_dir, resume=options.resume, expected_nodes=len(nodes),
+        timeout=options.timeout,
     )
     run_simulation(
         server_app=make_server_app(cfg, opts),
-        client_app=client_app or default_client_app,
+        client_app=(client_app or make_client_app)(run_dir),  # nodes find their store in run_dir by partition id
         num_supernodes=len(nodes),
         backend_config={
             "client_resources": {**resources, **WORKER_FAULT_TOLERANCE},
@@ -293,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         check_run_flags(args, cfg)
-        run_dir, outcome = simulate(args, cfg)
+        run_dir, outcome = simulate(cfg, user_counts(args), SimulationOptions.from_args(args))
     except SetupError as e:
         return setup_failure(parser.prog, e, args.verbose)
     report = outcome.get("report")
@@ -303,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     print((run_dir / "report.md").read_text())
     print(f"wall time {time.perf_counter() - start:.0f} s; report: {run_dir / 'report.md'}; "
           f"privacy audit: oppu-audit {run_dir}")
-    return exit_status(parser.prog, report, args)
+    return exit_status(parser.prog, report, user_counts(args), args.allow_failed_updates)
 
 
 if __name__ == "__main__":

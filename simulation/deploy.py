@@ -33,6 +33,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from common.config import RunConfig, UserCounts
+
 CONNECTION = "oppu-local"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -198,10 +200,9 @@ def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt  # SIGTERM stops us like Ctrl-C: every started process is stopped in `finally`
 
 
-def deploy(run_dir: Path, num_clients: int, train_clients: int, run_config: dict[str, object],
-           node_caches: Path | None = None, timeout: float = 6 * 3600) -> int:
+def deploy(run_dir: Path, cfg: RunConfig, counts: UserCounts, node_caches: Path | None = None,
+           timeout: float = 6 * 3600) -> int:
     """Start everything, run the app, stop everything; returns `flwr run`'s exit status."""
-    from common.config import RunConfig
     from simulation.cli import partition_users
     from simulation.node_stores import write_partitions
 
@@ -209,8 +210,7 @@ def deploy(run_dir: Path, num_clients: int, train_clients: int, run_config: dict
     deploy_dir = run_dir / "deploy"
     if deploy_dir.exists():
         raise FileExistsError(f"{run_dir} already holds a deployment; use another --run-dir")
-    cfg = RunConfig.from_record(run_config)
-    test, train = partition_users(cfg, num_clients, train_clients)
+    test, train = partition_users(cfg, counts)
     nodes = write_partitions(run_dir, test, train, {})
     ca, cert, key = make_tls(deploy_dir / "tls")
     port = free_port()
@@ -244,7 +244,7 @@ def deploy(run_dir: Path, num_clients: int, train_clients: int, run_config: dict
                 "--node-config", node_config, "--port", str(free_port()),
             ])
         overrides = " ".join(f"{k}={_toml(v)}" for k, v in {
-            **run_config, "num-clients": num_clients, "train-clients": train_clients, "run-dir": str(run_dir),
+            **cfg.to_record(), "num-clients": counts.test, "train-clients": counts.train, "run-dir": str(run_dir),
         }.items())
         runner = processes.start("flwr-run", [_bin("flwr"), "run", ".", CONNECTION, "--stream",
                                               "--run-config", overrides])
@@ -259,7 +259,9 @@ def _toml(value: object) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from simulation.cli import SetupError, build_parser, check_run_flags, exit_status, run_config_of, setup_failure
+    from simulation.cli import (
+        SetupError, build_parser, check_run_flags, exit_status, run_config_of, setup_failure, user_counts,
+    )
 
     parser = build_parser(simulation=False)
     parser.prog = "oppu-deploy"
@@ -272,11 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = run_config_of(args, parser)
     try:
         check_run_flags(args, cfg)
+        counts = user_counts(args)
     except SetupError as e:
         return setup_failure(parser.prog, e, args.verbose)
     run_dir = args.run_dir or Path("runs") / f"deploy-{time.strftime('%Y%m%d-%H%M%S')}-{cfg.task}"
     try:
-        status = deploy(run_dir, args.num_clients, args.train_clients, cfg.to_record(), args.node_caches, args.timeout)
+        status = deploy(run_dir, cfg, counts, args.node_caches, args.timeout)
     except SetupError as e:  # bad data, found before any process starts
         return setup_failure(parser.prog, e, args.verbose)
     except KeyboardInterrupt:
@@ -291,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     print((run_dir / "report.md").read_text())
-    return exit_status(parser.prog, json.loads(report.read_text()), args)
+    return exit_status(parser.prog, json.loads(report.read_text()), counts, args.allow_failed_updates)
 
 
 if __name__ == "__main__":

@@ -14,34 +14,27 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from common import protocol as p
-from client.app import _node_user, adapt, announce, model_chunk, personalize
-from client.audit_mod import audit_mod
+from client.app import adapt, make_client_app, node_user, personalize
 
 Handler = Callable[[Message, Context], Message]
 
 
-def _app(adapt_handler: Handler = adapt, personalize_handler: Handler = personalize) -> ClientApp:
-    app = ClientApp(mods=[audit_mod])
-    app.query(p.action(p.ANNOUNCE))(announce)
-    app.query(p.action(p.MODEL_CHUNK))(model_chunk)
-    app.train(p.action(p.ADAPT))(adapt_handler)
-    app.train(p.action(p.PERSONALIZE))(personalize_handler)
-    return app
+def _app(adapt_handler: Handler = adapt, personalize_handler: Handler = personalize) -> Callable[[Path], ClientApp]:
+    return lambda run_dir: make_client_app(run_dir, adapt=adapt_handler, personalize=personalize_handler)
 
 
 def _partition(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
-def dying_worker_app(partition: int, marker: Path) -> ClientApp:
+def dying_worker_app(partition: int, marker: Path) -> Callable[[Path], ClientApp]:
     """The worker process personalizing node `partition` kills itself (SIGKILL) once: after the user's result is
     stored, before the reply leaves. `marker` (written first) holds its pid and the adapter's mtime."""
 
     def personalize_then_die(msg: Message, context: Context) -> Message:
         reply = personalize(msg, context)
         if _partition(context) == partition and not marker.exists():
-            _, _, user_dir = _node_user(context)
+            _, _, user_dir = node_user(context)
             adapter = next(user_dir.glob("adapters/*/adapter_model.safetensors"))
             marker.write_text(json.dumps({"pid": os.getpid(), "adapter": str(adapter),
                                           "mtime_ns": adapter.stat().st_mtime_ns}))
@@ -51,7 +44,7 @@ def dying_worker_app(partition: int, marker: Path) -> ClientApp:
     return _app(personalize_handler=personalize_then_die)
 
 
-def failing_update_app(partition: int) -> ClientApp:
+def failing_update_app(partition: int) -> Callable[[Path], ClientApp]:
     """Node `partition` (a training user) raises in every task-adaptation step."""
 
     def failing_adapt(msg: Message, context: Context) -> Message:

@@ -2,26 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from safetensors.numpy import load_file
 
-from common import protocol as p
-from client.app import _node_user, adapt, announce, model_chunk, personalize
-from client.audit_mod import audit_mod
+from client.app import make_client_app, node_user, personalize
 from common.tasks import get_task
 
-leaky_app = ClientApp(mods=[audit_mod])
-leaky_app.query(p.action(p.ANNOUNCE))(announce)
-leaky_app.query(p.action(p.MODEL_CHUNK))(model_chunk)
-leaky_app.train(p.action(p.ADAPT))(adapt)
+
+def leaky_app(run_dir: Path) -> ClientApp:
+    """Our ClientApp with the leaky personalize handler."""
+    return make_client_app(run_dir, personalize=leaky_personalize)
 
 
-@leaky_app.train(p.action(p.PERSONALIZE))
 def leaky_personalize(msg: Message, context: Context) -> Message:
     """The honest reply, plus one personal adapter tensor and the user's latest history text."""
     reply = personalize(msg, context)
-    user, _, user_dir = _node_user(context)
+    user, _, user_dir = node_user(context)
     weights = load_file(str(next(user_dir.glob("adapters/*/adapter_model.safetensors"))))
     name, value = sorted(weights.items())[0]
     reply.content["arrays"] = ArrayRecord({name: Array(value)})

@@ -8,7 +8,7 @@ from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from common.config import PeftSettings
-from client.adapters import peft_config, adapter_state, attach_fresh, load_adapter_state, personal_adapter_name, trainable_share
+from client.adapters import peft_config, adapter_state, attach_fresh, load_adapter_state, personal_adapter_name, trainable_parameters
 
 
 def remove_adapters(model: PeftModel):
@@ -130,7 +130,7 @@ def test_only_the_new_adapter_trains(tiny):
         attach_fresh(model, PeftSettings(), "second", seed=2)
         trainable = [k for k, p in model.named_parameters() if p.requires_grad]
         assert trainable and all(".second." in k for k in trainable), trainable[:4]
-        assert 0 < trainable_share(model) < 0.05
+        assert 0 < trainable_parameters(model)[1] < 0.05
     finally:
         remove_adapters(model)
 

@@ -17,7 +17,7 @@ import pytest
 from common import protocol as p
 from common.config import RunConfig
 from simulation.privacy_audit import main as audit_main
-from simulation.cli import build_parser, simulate
+from simulation.cli import SimulationOptions, build_parser, simulate, user_counts
 
 ARGS = [
     "--num-clients", "2", "--train-clients", "2", "--rounds", "1", "--methods", "base,oppu", "--canaries",
@@ -29,7 +29,7 @@ ARGS = [
 def _run(run_dir: Path, client_app=None, resume: bool = False) -> Path:
     args = build_parser().parse_args([*ARGS, "--run-dir", str(run_dir), *(["--resume"] if resume else [])])
     cfg = RunConfig(**{k: v for k, v in vars(args).items() if k in RunConfig.__dataclass_fields__})
-    simulate(args, cfg, client_app)
+    simulate(cfg, user_counts(args), SimulationOptions.from_args(args), client_app)
     return run_dir
 
 

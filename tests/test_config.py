@@ -9,7 +9,7 @@ import pytest
 
 from common.config import RunConfig
 from simulation.cli import SetupError, build_parser, client_resources
-from common.config import RUN_KEYS, split_run_config
+from common.config import RUN_KEYS, UserCounts, flwr_run_settings
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -18,8 +18,20 @@ def test_pyproject_config_matches_runconfig_defaults() -> None:
     flwr_config = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
     method_config = {k: v for k, v in flwr_config.items() if k not in RUN_KEYS}
     assert method_config == RunConfig().to_record()
-    cfg, num_test, num_train, run_dir = split_run_config(flwr_config)
-    assert (cfg, num_test, num_train, run_dir.name) == (RunConfig(), 100, 20, "flwr-run")
+    cfg, counts, run_dir = flwr_run_settings(flwr_config)
+    assert (cfg, counts, run_dir.name) == (RunConfig(), UserCounts(100, 20), "flwr-run")
+    assert {k: flwr_config[k] for k in RUN_KEYS} == RUN_KEYS  # the defaults of a `flwr run` without these keys
+    assert flwr_run_settings({})[1:] == (UserCounts(100, 20), Path("runs/flwr-run").resolve())
+
+
+def test_user_counts_rule_training_users_out_without_task_adaptation() -> None:
+    counts = UserCounts(3, 5)
+    assert (counts.training(RunConfig(rounds=2)), counts.nodes(RunConfig(rounds=2))) == (5, 8)
+    assert (counts.training(RunConfig(rounds=0)), counts.nodes(RunConfig(rounds=0))) == (0, 3)
+    with pytest.raises(ValueError, match="--num-clients 0: expected at least 1 test user"):
+        UserCounts(0, 5)
+    with pytest.raises(ValueError, match="--train-clients -1: expected 0 or more"):
+        UserCounts(1, -1)
 
 
 def test_from_record_rejects_unknown_keys_and_bad_values() -> None:

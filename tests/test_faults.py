@@ -3,7 +3,6 @@ user run again; a failed training-user update is counted, shown and fails the ru
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from pathlib import Path
@@ -11,14 +10,13 @@ from pathlib import Path
 import cloudpickle
 import numpy as np
 import pytest
-from flwr.clientapp import ClientApp
 from safetensors.numpy import load_file
 
 import faulty_client
 from common import protocol as p
-from common.config import RunConfig
+from common.config import RunConfig, UserCounts
 from simulation.privacy_audit import main as audit_main
-from simulation.cli import build_parser, exit_status, simulate
+from simulation.cli import ClientAppFactory, SimulationOptions, build_parser, exit_status, simulate, user_counts
 
 cloudpickle.register_pickle_by_value(faulty_client)  # Ray workers cannot import from tests/
 
@@ -26,24 +24,25 @@ TINY_ARGS = ["--task", "LaMP-2M", "--data", "synthetic", "--model", "tiny-random
              "--batch-tokens", "256", "--personal-epochs", "1", "--max-history", "8", "--task-history", "4"]
 
 
-def _simulate(argv: list[str], client_app: ClientApp | None) -> tuple[argparse.Namespace, Path, dict]:
+def _simulate(argv: list[str], client_app: ClientAppFactory | None) -> tuple[UserCounts, Path, dict]:
     args = build_parser().parse_args([*argv, *TINY_ARGS])
     cfg = RunConfig(**{k: v for k, v in vars(args).items() if k in RunConfig.__dataclass_fields__})
-    return args, *simulate(args, cfg, client_app)
+    counts = user_counts(args)
+    return counts, *simulate(cfg, counts, SimulationOptions.from_args(args), client_app)
 
 
 def test_a_killed_worker_is_replaced_and_its_user_evaluated(tmp_path: Path) -> None:
     """One worker for three users (2 cores, 2 per client): the worker dies in the first user's personalization,
     Ray starts a new one and runs that message there again, which reuses the result the first worker stored."""
     marker = tmp_path / "killed.json"
-    args, run_dir, outcome = _simulate(
+    counts, run_dir, outcome = _simulate(
         ["--num-clients", "3", "--rounds", "0", "--cpus-per-client", "2", "--run-dir", str(tmp_path / "run")],
         faulty_client.dying_worker_app(0, marker),
     )
     killed = json.loads(marker.read_text())
     report = outcome["report"]
     assert report["users"] == {"test": 3, "evaluated": 3, "failed": 0, "train": 0}
-    assert exit_status("flower-simulation", report, args) == 0
+    assert exit_status("flower-simulation", report, counts, False) == 0
     assert Path(killed["adapter"]).stat().st_mtime_ns == killed["mtime_ns"], "the stored result was not reused"
     lines = [json.loads(line) for line in (run_dir / "audit" / "client.jsonl").read_text().splitlines()]
     received = Counter(e["message_id"] for e in lines if (e["direction"], e["message_type"]) == ("in", p.PERSONALIZE))
@@ -59,7 +58,7 @@ def test_a_failed_training_update_is_reported_and_fails_the_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["--num-clients", "1", "--train-clients", "2", "--rounds", "1", "--run-dir", str(tmp_path / "run")]
-    args, run_dir, outcome = _simulate(argv, faulty_client.failing_update_app(1))  # the first training user
+    counts, run_dir, outcome = _simulate(argv, faulty_client.failing_update_app(1))  # the first training user
     report = json.loads((run_dir / "report.json").read_text())
     adaptation = report["task_adaptation"]
     assert adaptation["sampled_updates"] == {"1": 2} and adaptation["failed_updates"] == {"1": 1}
@@ -74,12 +73,11 @@ def test_a_failed_training_update_is_reported_and_fails_the_run(
             in (run_dir / "report.md").read_text())
     assert json.loads((run_dir / "server" / "task_adapter.json").read_text())["failed_updates"] == {"1": 1}
     capsys.readouterr()
-    assert exit_status("flower-simulation", report, args) == 1
+    assert exit_status("flower-simulation", report, counts, False) == 1
     assert ("flower-simulation: 1 training-user update(s) failed, so the task adapter lacks them"
             in capsys.readouterr().err)
-    args.allow_failed_updates = True
-    assert exit_status("flower-simulation", report, args) == 0
+    assert exit_status("flower-simulation", report, counts, True) == 0
     # a resumed run (our own client now) keeps this task adapter, so it reports the failed update again
-    args, _, resumed = _simulate([*argv, "--resume"], None)
+    counts, _, resumed = _simulate([*argv, "--resume"], None)
     assert resumed["report"]["task_adaptation"]["failed_updates"] == {"1": 1}
-    assert exit_status("flower-simulation", resumed["report"], args) == 1
+    assert exit_status("flower-simulation", resumed["report"], counts, False) == 1

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 from common.config import RunConfig
 from common.metrics import finalize, statistics
 from common.tasks import get_task
-from simulation.cli import build_parser, main, simulate
+from simulation.cli import SimulationOptions, user_counts, build_parser, main, simulate
 
 TINY_ARGS = [
     "--task", "LaMP-2M", "--data", "synthetic", "--model", "tiny-random", "--personal-lr", "1e-2",
@@ -34,7 +34,7 @@ def federated_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]
         ["--num-clients", "3", "--train-clients", "3", "--rounds", "2", "--methods", "base,oppu,oppu+rag",
          "--run-dir", str(run_dir), *TINY_ARGS]
     )
-    return simulate(args, cfg)
+    return simulate(cfg, user_counts(args), SimulationOptions.from_args(args))
 
 
 def test_task_adapter_is_the_weighted_mean_of_client_updates(federated_run: tuple[Path, dict]) -> None:

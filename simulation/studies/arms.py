@@ -107,7 +107,7 @@ PEFT_ARMS = ("lora", "ia3", "prompt")
 
 def peft_sizes(cfg: RunConfig, cache_dir: Path | None) -> dict[str, dict[str, float]]:
     """Trainable parameters of each personal PEFT kind on the base model, computed locally (nothing is sent)."""
-    from client.adapters import attach_fresh
+    from client.adapters import attach_fresh, trainable_parameters
     from client.model_cache import load_fresh
     from client.model_build import resolve_model
 
@@ -115,8 +115,8 @@ def peft_sizes(cfg: RunConfig, cache_dir: Path | None) -> dict[str, dict[str, fl
     sizes = {}
     for kind in PEFT_ARMS:
         model = attach_fresh(load_fresh(model_dir, "cpu"), dataclasses.replace(cfg, peft=kind).peft_settings(), "size", 0)
-        trainable, total = model.get_nb_trainable_parameters()
-        sizes[kind] = {"trainable parameters": int(trainable), "trainable share": trainable / total}
+        trainable, share = trainable_parameters(model)
+        sizes[kind] = {"trainable parameters": int(trainable), "trainable share": share}
     return sizes
 
 

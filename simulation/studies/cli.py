@@ -2,12 +2,13 @@
 
 Every arm is a `flower-simulation` run in `<study-dir>/<arm>/`; an arm whose report is complete is reused
 and an interrupted one is resumed, so rerunning the same command continues a study. Then the study's
-table (markdown + json) and plot are written into the study directory (simulation/studies.py).
+table (markdown + json) and plot are written into the study directory (simulation/studies/arms.py, report.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -19,6 +20,7 @@ from common.store import read_json
 from simulation.cli import (
     RUNS_DIR,
     SetupError,
+    SimulationOptions,
     add_run_flags,
     check_run_flags,
     run_config_of,
@@ -26,6 +28,7 @@ from simulation.cli import (
     run_settings,
     setup_failure,
     simulate,
+    user_counts,
 )
 from simulation.studies.arms import STUDIES, Arm
 
@@ -53,24 +56,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _complete(report: dict[str, Any] | None, args: argparse.Namespace) -> bool:
-    return bool(report) and not run_failures(report, args)
+    return bool(report) and not run_failures(report, user_counts(args), args.allow_failed_updates)
 
 
 def run_arm(args: argparse.Namespace, arm: Arm, run_dir: Path) -> dict[str, Any] | None:
     """The arm's report: reused when complete, else the run is made (or resumed); None if it did not finish."""
-    arm_args = argparse.Namespace(**{**vars(args), "run_dir": run_dir, "resume": False})
+    counts = user_counts(args)
+    options = dataclasses.replace(SimulationOptions.from_args(args), run_dir=run_dir, resume=False)
     earlier = read_json(run_dir / "run.json")
     if earlier is not None:
-        if earlier != run_settings(arm_args, arm.config):
+        if earlier != run_settings(arm.config, counts):
             raise SystemExit(f"oppu-study: {run_dir} was run with other settings; pass another --study-dir")
         report = read_json(run_dir / "report.json")
         if _complete(report, args):
             print(f"  reusing the finished run in {run_dir}", flush=True)
             return report
-        arm_args.resume = True
+        options = dataclasses.replace(options, resume=True)
         print("  resuming the unfinished run", flush=True)
-    check_run_flags(arm_args, arm.config)
-    _, outcome = simulate(arm_args, arm.config)
+    check_run_flags(args, arm.config, run_dir)
+    _, outcome = simulate(arm.config, counts, options)
     return outcome.get("report")
 
 
