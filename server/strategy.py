@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterable
 from typing import Any
@@ -13,6 +14,8 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from common import protocol as p
 from common.config import RunConfig
+
+log = logging.getLogger(__name__)
 
 
 class TaskAdapterFedAvg(FedAvg):
@@ -57,6 +60,8 @@ class TaskAdapterFedAvg(FedAvg):
         ]
         metrics = aggregate_metricrecords(contents, weighted_by_key)
         self.train_loss[server_round] = float(metrics[p.TRAIN_LOSS])
+        log.info("task adaptation round %d: %d of %d updates averaged, training loss %.4f", server_round,
+                 len(contents), self.sampled[server_round], self.train_loss[server_round])
         if p.ANSWER_FREQUENCIES in metrics:
             self.answer_frequencies = list(metrics[p.ANSWER_FREQUENCIES])  # type: ignore[arg-type]
         return metrics

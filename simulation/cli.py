@@ -27,6 +27,7 @@ from flwr.clientapp import ClientApp
 from client.data import DataError, User
 from client.model_build import UnknownModelError, linear_module_names, resolve_model
 from common.config import RunConfig, UserCounts
+from simulation.console import run_log, setup_console
 
 log = logging.getLogger("oppu")
 ClientAppFactory = Callable[[Path], ClientApp]  # run directory -> the ClientApp its simulated nodes run
@@ -121,7 +122,9 @@ def add_run_flags(
     run.add_argument("--allow-failed-updates", action="store_true",
                      help="exit 0 even if some training users' task-adaptation updates failed (the report counts "
                      "them; the task adapter averages the others)")
-    run.add_argument("--verbose", action="store_true", help="print a setup error's traceback too")
+    run.add_argument("--verbose", action="store_true",
+                     help="show every library's log lines and warnings on the console (by default they go to "
+                          "<run-dir>/logs/console.log) and a setup error's traceback")
     method = parser.add_argument_group("method (also [tool.flwr.app.config] keys for `flwr run`)")
     for f in dataclasses.fields(RunConfig):
         if f.name not in fixed:
@@ -168,6 +171,7 @@ class SimulationOptions:
     gpus_per_client: str | float = "auto"
     canaries: bool = False
     timeout: float = 6 * 3600.0
+    verbose: bool = False  # the workers' output on the console too
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SimulationOptions:
@@ -292,15 +296,17 @@ def simulate(
         run_dir=run_dir, cache_dir=options.cache_dir, resume=options.resume, expected_nodes=len(nodes),
         timeout=options.timeout,
     )
-    run_simulation(
-        server_app=make_server_app(cfg, opts),
-        client_app=(client_app or make_client_app)(run_dir),  # nodes find their store in run_dir by partition id
-        num_supernodes=len(nodes),
-        backend_config={
-            "client_resources": {**resources, **WORKER_FAULT_TOLERANCE},
-            "init_args": {"logging_level": logging.WARNING, "log_to_driver": True},
-        },
-    )
+    with run_log(run_dir, options.verbose):  # every library's lines, DEBUG and up (the console shows ours)
+        run_simulation(
+            server_app=make_server_app(cfg, opts),
+            client_app=(client_app or make_client_app)(run_dir),  # nodes find their store in run_dir by partition id
+            num_supernodes=len(nodes),
+            backend_config={
+                "client_resources": {**resources, **WORKER_FAULT_TOLERANCE},
+                # the workers' own output (progress bars, warnings) reaches the console only with --verbose
+                "init_args": {"logging_level": logging.WARNING, "log_to_driver": options.verbose},
+            },
+        )
     return run_dir, opts.outcome
 
 
@@ -314,9 +320,9 @@ def run_config_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_console(args.verbose)
     cfg = run_config_of(args, parser)
     start = time.perf_counter()
     try:

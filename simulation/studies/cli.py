@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 import time
 from datetime import datetime
@@ -30,6 +29,7 @@ from simulation.cli import (
     simulate,
     user_counts,
 )
+from simulation.console import setup_console
 from simulation.studies.arms import STUDIES, Arm
 
 STUDY_CLIENTS = {"num_clients": 20, "train_clients": 10}  # the main run's 100 + 20 users take an hour on 2 cores
@@ -79,9 +79,9 @@ def run_arm(args: argparse.Namespace, arm: Arm, run_dir: Path) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_console(args.verbose)
     cfg = run_config_of(args, parser)
     study = STUDIES[args.study]
     study_dir = (args.study_dir or RUNS_DIR / f"{datetime.now():%Y%m%d-%H%M%S}-study-{study.name}").resolve()

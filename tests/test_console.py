@@ -1,0 +1,55 @@
+"""A console a person reads: a real 4-user flower-simulation prints our lines and the table; every library's lines
+go to <run-dir>/logs/console.log, and reach the console only with --verbose, each once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ARGS = ["--num-clients", "4", "--train-clients", "2", "--rounds", "1", "--task", "LaMP-2M", "--data", "synthetic",
+        "--model", "tiny-random", "--methods", "base,oppu", "--batch-tokens", "256", "--personal-epochs", "1",
+        "--max-history", "8", "--task-history", "4"]
+NOISE = ("DEBUG", "FutureWarning", "DeprecationWarning", "DEPRECATED", "alembic", "(raylet)", "Loading weights")
+
+
+def _run(run_dir: Path, *extra: str) -> tuple[list[str], list[str]]:
+    done = subprocess.run([sys.executable, "-m", "simulation.cli", *ARGS, "--run-dir", str(run_dir), *extra],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    console = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    # a progress bar redraws itself: keep our lines and one line per bar
+    lines = [line for line in console if "%|" not in line]
+    return lines, done.stdout.splitlines()
+
+
+@pytest.fixture(scope="module")
+def quiet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], list[str]]:
+    run_dir = tmp_path_factory.mktemp("console") / "run"
+    return run_dir, *_run(run_dir)
+
+
+def test_the_console_shows_one_line_per_phase_and_the_table(quiet: tuple[Path, list[str], list[str]]) -> None:
+    _, lines, stdout = quiet
+    assert [line.split(" ", 1)[1].split(":")[0] for line in lines] == [
+        f"run directory {quiet[0]}", "6 node(s)", "task adaptation round 1"]
+    assert stdout[0] == "# OPPU-FL report: LaMP-2M (personalized movie tagging)"
+    assert not [line for line in lines + stdout if any(word in line for word in NOISE)]
+    assert len(set(lines)) == len(lines)
+
+
+def test_every_library_line_is_in_the_run_log(quiet: tuple[Path, list[str], list[str]]) -> None:
+    log = (quiet[0] / "logs" / "console.log").read_text()
+    assert "The `run_simulation` function is deprecated" in log  # Flower's warning, kept out of the console
+    assert "flwr INFO [ROUND 1/1]" in log and "flwr DEBUG" in log
+    assert "py.warnings WARNING" in log and "FutureWarning" in log
+    assert "server.strategy INFO task adaptation round 1: 2 of 2 updates averaged" in log  # ours too
+
+
+def test_verbose_shows_the_libraries_lines_once(tmp_path: Path) -> None:
+    lines, _ = _run(tmp_path / "run", "--verbose")
+    assert sum("[ROUND 1/1]" in line for line in lines) == 1  # Flower's handler only, not ours as well
+    assert any("DEPRECATED FEATURE" in line for line in lines)
+    assert sum("task adaptation round 1: 2 of 2" in line for line in lines) == 1
