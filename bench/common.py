@@ -110,9 +110,9 @@ def test_users(count: int) -> list:
 
 def load_model(args: argparse.Namespace, dtype: str):
     """(model, tokenizer) of --model in `dtype` ('auto': as a run picks it) on --device, with --threads set first."""
-    from client.model_cache import load_base
     from client.device import pick_device
     from client.model_build import resolve_model
+    from client.model_cache import load_base
 
     torch.set_num_threads(args.threads)
     return load_base(resolve_model(args.model), str(pick_device(args.device)), dtype)
@@ -120,9 +120,9 @@ def load_model(args: argparse.Namespace, dtype: str):
 
 def train_fresh_lora(base: nn.Module, examples: list, pad_id: int, settings, seed: int) -> dict[str, float]:
     """`train_adapter` on a fresh LoRA (r=8 on q,v), as a personal adapter is trained in a run; the base is left clean."""
-    from common.config import PeftSettings
     from client.adapters import attach_fresh
     from client.training import train_adapter
+    from common.config import PeftSettings
 
     model = attach_fresh(base, PeftSettings(), "bench", seed)
     try:

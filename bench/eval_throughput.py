@@ -35,8 +35,8 @@ from bench.common import common_flags, finish, load_model, test_users
 from client.data import User
 from client.evaluate import generate, predict, query_prompts
 from client.prompts import build_prompt
-from common.tasks import get_task
 from common.config import PromptSettings
+from common.tasks import get_task
 
 REFERENCE_MAX_NEW_TOKENS = 200
 ARTICLE_ITEMS = 12  # history items per synthetic LaMP-4 article

@@ -27,8 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import finish
-from common.metrics import DECISION_RULES, decide
-from common.metrics import combine, finalize, primary_metric, statistics
+from common.metrics import (
+    DECISION_RULES,
+    combine,
+    decide,
+    finalize,
+    primary_metric,
+    statistics,
+)
 from common.store import read_json
 from common.tasks import get_task
 from server.report import best_reference

@@ -24,12 +24,18 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from bench.common import common_flags, finish, load_model, train_fresh_lora, training_flops
+from bench.common import (
+    common_flags,
+    finish,
+    load_model,
+    train_fresh_lora,
+    training_flops,
+)
 from client.data import HistoryItem, User
+from client.training import history_examples
+from common.config import PromptSettings, TrainingSettings
 from common.store import atomic_write_bytes
 from common.tasks import RATINGS, get_task
-from common.config import PromptSettings, TrainingSettings
-from client.training import history_examples
 
 TASK = "MovieLens"
 SETTINGS = TrainingSettings(epochs=1, lr=1e-3, max_batch_tokens=512)  # the run's personal-training batch budget

@@ -28,13 +28,19 @@ from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
 
 from bench.common import (
-    common_flags, finish, load_model, matmul_peak_gflops, test_users, train_fresh_lora, training_flops,
+    common_flags,
+    finish,
+    load_model,
+    matmul_peak_gflops,
+    test_users,
+    train_fresh_lora,
+    training_flops,
 )
-from client.forward import left_pad
 from client.device import pick_device, pick_dtype
-from common.tasks import get_task
+from client.forward import left_pad
 from client.training import Example, history_examples
 from common.config import PromptSettings, TrainingSettings
+from common.tasks import get_task
 
 NAIVE_BATCH = 16
 

@@ -10,17 +10,20 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from common.config import PeftSettings
-from common.store import atomic_directory
-
-
 import torch
-from peft import IA3Config, LoraConfig, PeftConfig, PeftModel, PromptTuningConfig, get_peft_model
+from peft import (
+    IA3Config,
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    PromptTuningConfig,
+    get_peft_model,
+)
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedModel
 
-
-
+from common.config import PeftSettings
+from common.store import atomic_directory
 
 
 def peft_config(settings: PeftSettings) -> PeftConfig:

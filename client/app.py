@@ -15,7 +15,14 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from client.audit_mod import audit_mod
@@ -43,9 +50,9 @@ def node_user(context: Context):
 
 def _setup(msg: Message, context: Context):
     """Run config, base model (the exact one the server announced) and tokenizer for this message."""
-    from common.config import RunConfig
-    from client.model_cache import find_model_by_hash, load_base
     from client.device import pick_device
+    from client.model_cache import find_model_by_hash, load_base
+    from common.config import RunConfig
 
     config = dict(msg.content[p.CONFIG])
     model_sha = str(config.pop(p.MODEL_SHA256))
@@ -84,8 +91,8 @@ def model_chunk(msg: Message, context: Context) -> Message:
 
 def adapt(msg: Message, context: Context) -> Message:
     """Task adaptation: local steps on the shared task LoRA; reply with it and the example count."""
-    from client.task_adapter import task_adaptation_step
     from client.references import answer_frequencies
+    from client.task_adapter import task_adaptation_step
     from common.tasks import get_task
 
     cfg, _, _, _, base, tokenizer = _setup(msg, context)

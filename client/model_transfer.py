@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from client.model_cache import default_cache_dir
-from common.model_files import MANIFEST, directory_hash, write_manifest, file_sha256
+from common.model_files import MANIFEST, file_sha256, verify_model_dir, write_manifest
 from common.store import atomic_directory
 
 
@@ -34,10 +34,11 @@ def receive_model_chunk(
             raise ValueError(f"model file {file!r} arrived corrupted (sha256 mismatch)")
     if not last:
         return False
-    actual = directory_hash(staging)
-    if actual != sha256:
+    try:
+        verify_model_dir(staging, expected=sha256)
+    except ValueError:
         shutil.rmtree(staging, ignore_errors=True)
-        raise ValueError(f"received model hashes to {actual}, the server announced {sha256}")
+        raise
     with atomic_directory(cache_dir / "models" / f"sha256-{sha256[:16]}") as installed:
         for path in staging.iterdir():
             path.rename(installed / path.name)

@@ -69,8 +69,9 @@ def _partition_table(run_dir: Path) -> list[dict[str, str]]:
 
 def node_config_mod(run_dir: Path | None = None) -> Mod:
     """A ClientApp mod that gives a node without `user-dir` in its node config the `user-dir` and `audit-dir` a
-    SuperNode is started with: from the partition table in `run_dir` (flower-simulation wrote every store there),
-    else, under `flwr run`, from the run config (the node takes its own partition)."""
+    SuperNode is started with, from its `partition-id`: looked up in the partition table (`nodes.json`) of the run
+    directory (`run_dir`, else the run config's `run-dir`), or, where there is none (a plain `flwr run`), the node's
+    own partition of the configured data."""
 
     def fill_node_config(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         node = context.node_config
@@ -79,13 +80,13 @@ def node_config_mod(run_dir: Path | None = None) -> Mod:
                 raise RuntimeError("node config has neither 'user-dir' nor 'partition-id': start the SuperNode "
                                    "with --node-config \"user-dir='<its user store>'\"")
             partition = int(node["partition-id"])
-            if run_dir is not None:
-                node["user-dir"] = str(run_dir / "clients" / _partition_table(run_dir)[partition]["user"])
-                node.setdefault("audit-dir", str(run_dir / "audit"))
+            root = run_dir or flwr_run_settings(context.run_config)[2]
+            if (root / "nodes.json").exists():
+                store = root / "clients" / _partition_table(root)[partition]["user"]
             else:
-                store, own_run_dir = own_partition(tuple(sorted(context.run_config.items())), partition)
-                node["user-dir"] = str(store)
-                node.setdefault("audit-dir", str(own_run_dir / "audit"))
+                store, root = own_partition(tuple(sorted(context.run_config.items())), partition)
+            node["user-dir"] = str(store)
+            node.setdefault("audit-dir", str(root / "audit"))
         return call_next(msg, context)
 
     return fill_node_config

@@ -7,9 +7,6 @@
 
 from __future__ import annotations
 
-from client.adapters import derived_seed
-from client.task_adapter import remove_adapters
-
 import logging
 import time
 from contextlib import nullcontext
@@ -17,18 +14,23 @@ from contextlib import nullcontext
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from client.adapters import attach_fresh, personal_adapter_name
-from common.config import Method, RunConfig, parse_method
+from client.adapters import (
+    TRAINING_RECORD,
+    atomic_save_adapter,
+    attach_fresh,
+    derived_seed,
+    personal_adapter_name,
+)
 from client.data import User
 from client.evaluate import predict, query_prompts
-from client.adapters import TRAINING_RECORD
-from common.metrics import Statistics, statistics
 from client.profile import user_profile
 from client.references import reference_predictions
-from common.store import UserStore, atomic_write_json
-from client.adapters import atomic_save_adapter
-from common.tasks import get_task
+from client.task_adapter import remove_adapters
 from client.training import history_examples, train_adapter
+from common.config import Method, RunConfig, parse_method
+from common.metrics import Statistics, statistics
+from common.store import UserStore, atomic_write_json
+from common.tasks import get_task
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from collections import Counter
 from collections.abc import Sequence
 
 from client.data import User
-from common.metrics import decide
 from client.retrieval import HistoryRetriever
+from common.metrics import decide
 from common.tasks import TaskSpec
 
 PREFIX = "ref-"

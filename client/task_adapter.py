@@ -9,18 +9,22 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from safetensors.torch import save_file
-
-from client.adapters import adapter_state, attach_fresh, derived_seed, load_adapter_state, peft_config
+from client.adapters import (
+    adapter_state,
+    attach_fresh,
+    derived_seed,
+    load_adapter_state,
+    peft_config,
+)
 from client.data import User
 from client.model_cache import load_base
 from client.training import history_examples, query_examples, train_adapter
 from common.config import PeftSettings, RunConfig, parse_method
 from common.store import atomic_directory
 from common.tasks import get_task
-
 
 TASK_ADAPTER = "task"
 

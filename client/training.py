@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from common.config import PromptSettings, TrainingSettings
-
 import random
 import time
 from dataclasses import dataclass
@@ -17,6 +15,7 @@ from client.data import User
 from client.forward import answer_logprobs
 from client.prompts import build_prompt
 from client.retrieval import HistoryRetriever
+from common.config import PromptSettings, TrainingSettings
 from common.tasks import TaskSpec
 
 

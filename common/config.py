@@ -18,7 +18,6 @@ from typing import Any, Literal
 from common.metrics import DECISION_RULES, decision_rule
 from common.tasks import HISTORY_FORMATS, TASKS, HistoryFormat, get_task
 
-
 PeftKind = Literal["lora", "ia3", "prompt"]
 
 

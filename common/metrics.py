@@ -10,10 +10,9 @@ metrics computed centrally from all predictions:
 
 from __future__ import annotations
 
-from typing import Literal
-
 import math
 from collections.abc import Iterable, Sequence
+from typing import Literal
 
 from rouge_score import rouge_scorer
 

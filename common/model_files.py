@@ -9,7 +9,6 @@ import hashlib
 import json
 from pathlib import Path
 
-
 MANIFEST = "oppu-model.json"
 
 
@@ -31,11 +30,13 @@ def model_hash(model_dir: Path) -> str:
     return json.loads((model_dir / MANIFEST).read_text())["sha256"]
 
 
-def verify_model_dir(model_dir: Path) -> str:
-    """Recompute a model directory's hash and check it against its manifest; returns the hash."""
-    recorded, actual = model_hash(model_dir), directory_hash(model_dir)
-    if recorded != actual:
-        raise ValueError(f"{model_dir}: files do not match the manifest hash ({actual} != {recorded})")
+def verify_model_dir(model_dir: Path, expected: str | None = None) -> str:
+    """Recompute a model directory's hash and check it against `expected` (default: its manifest's, as written;
+    a node receiving a model checks against what the server announced); returns the hash."""
+    actual = directory_hash(model_dir)
+    if actual != (expected or model_hash(model_dir)):
+        what = "the announced hash" if expected else "the manifest hash"
+        raise ValueError(f"{model_dir}: files do not match {what} ({actual} != {expected or model_hash(model_dir)})")
     return actual
 
 

@@ -45,7 +45,6 @@ CHUNK_STORED = "stored"
 CHUNK_FILE, CHUNK_OFFSET, CHUNK_DATA, CHUNK_FILE_SHA256, CHUNK_FILE_SIZE = "file", "offset", "data", "file-sha256", "file-size"
 CHUNK_LAST = "last"
 
-ROLES = ("train", "test")
 STATISTIC_NAMES = ("n", "correct", "tp", "fp", "fn", "abs_error", "sq_error", "rouge1", "rougeL")
 
 # a personalize reply may carry "<method>/<statistic>" and "time/<phase>-seconds", nothing else

@@ -19,16 +19,22 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from tqdm import tqdm
 
+from client.references import best_constant, reference_names
 from common import protocol as p
 from common.config import RunConfig, flwr_run_settings
 from common.metrics import decision_rule
-from client.references import best_constant, reference_names
 from common.store import atomic_write_json, read_json
 from common.tasks import get_task
 from server.audited_grid import AuditedGrid
 from server.distribution import announce, send_model
 from server.exchange import exchange
-from server.report import comparisons, method_results, method_statistics, versions, write_report
+from server.report import (
+    comparisons,
+    method_results,
+    method_statistics,
+    versions,
+    write_report,
+)
 from server.strategy import task_strategy
 
 log = logging.getLogger("oppu")
@@ -142,8 +148,8 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> None:
 
 def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
     """The whole federated OPPU run; returns (and writes) the report."""
-    from common.model_files import model_hash
     from client.model_build import resolve_model
+    from common.model_files import model_hash
 
     grid = AuditedGrid(grid, opts.run_dir / "audit")
     task = get_task(cfg.task)

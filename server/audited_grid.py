@@ -9,8 +9,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from flwr.app import Message
-from flwr.supercore.run import Run
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 from common.audit_log import append_jsonl, audit_entry, log_message
 

@@ -10,12 +10,12 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from common import protocol as p
-from common.metrics import Statistics, combine, finalize, primary_metric
 from client.references import DESCRIPTIONS
+from common import protocol as p
+from common.bootstrap import paired_difference
+from common.metrics import Statistics, combine, finalize, primary_metric
 from common.store import atomic_write_bytes, atomic_write_json, atomic_write_text
 from common.tasks import TaskSpec
-from common.bootstrap import paired_difference
 
 
 def method_statistics(record: Mapping[str, Any]) -> dict[str, Statistics]:

@@ -260,7 +260,13 @@ def _toml(value: object) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from simulation.cli import (
-        SetupError, build_parser, check_run_flags, exit_status, run_config_of, setup_failure, user_counts,
+        SetupError,
+        build_parser,
+        check_run_flags,
+        exit_status,
+        run_config_of,
+        setup_failure,
+        user_counts,
     )
 
     parser = build_parser(simulation=False)

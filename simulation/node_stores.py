@@ -18,10 +18,6 @@ from common.store import UserStore, atomic_write_json
 from common.tasks import get_task
 
 
-
-
-
-
 def write_partitions(
     run_dir: Path, test: list[User], train: list[User], canaries: dict[str, str]
 ) -> list[dict[str, str]]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from client.model_cache import load_base
 from client.model_build import resolve_model
+from client.model_cache import load_base
 
 
 @pytest.fixture(scope="session")

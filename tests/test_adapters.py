@@ -7,8 +7,15 @@ import torch
 from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from client.adapters import (
+    adapter_state,
+    attach_fresh,
+    load_adapter_state,
+    peft_config,
+    personal_adapter_name,
+    trainable_parameters,
+)
 from common.config import PeftSettings
-from client.adapters import peft_config, adapter_state, attach_fresh, load_adapter_state, personal_adapter_name, trainable_parameters
 
 
 def remove_adapters(model: PeftModel):

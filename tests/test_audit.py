@@ -16,8 +16,8 @@ import pytest
 
 from common import protocol as p
 from common.config import RunConfig
-from simulation.privacy_audit import main as audit_main
 from simulation.cli import SimulationOptions, build_parser, simulate, user_counts
+from simulation.privacy_audit import main as audit_main
 
 ARGS = [
     "--num-clients", "2", "--train-clients", "2", "--rounds", "1", "--methods", "base,oppu", "--canaries",

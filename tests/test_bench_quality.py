@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.quality import main
-from common.metrics import decide
-from common.metrics import finalize, statistics
+from common.metrics import decide, finalize, statistics
 from common.tasks import get_task
 
 

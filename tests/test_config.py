@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import RunConfig
+from common.config import RUN_KEYS, RunConfig, UserCounts, flwr_run_settings
 from simulation.cli import SetupError, build_parser, client_resources
-from common.config import RUN_KEYS, UserCounts, flwr_run_settings
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 

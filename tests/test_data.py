@@ -10,7 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from client.data import DataError, HistoryItem, Query, User, load_lamp, load_movielens, load_oppu, movielens_dir, synthetic_users
+from client.data import (
+    DataError,
+    HistoryItem,
+    Query,
+    User,
+    load_lamp,
+    load_movielens,
+    load_oppu,
+    movielens_dir,
+    synthetic_users,
+)
 from common.config import DataLimits
 from common.tasks import MOVIE_TAGS, RATINGS, get_task
 

@@ -13,9 +13,9 @@ import psutil
 
 from client.model_cache import find_model_by_hash
 from common.model_files import verify_model_dir
-from simulation.privacy_audit import main as audit_main
 from simulation.deploy import main as deploy_main
 from simulation.deploy import running
+from simulation.privacy_audit import main as audit_main
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--num-clients", "1", "--train-clients", "1", "--rounds", "1", "--methods", "base,oppu", "--task", "LaMP-2M",

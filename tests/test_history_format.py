@@ -5,15 +5,14 @@ from __future__ import annotations
 import pytest
 
 from client import personalize
-from common.config import RunConfig
 from client.data import HistoryItem, User, synthetic_users
-from common.model_files import model_hash
 from client.prompts import ANSWER_CUE, HISTORY_HEADER, build_prompt
 from client.retrieval import HistoryRetriever
+from client.training import history_examples
+from common.config import PromptSettings, RunConfig
+from common.model_files import model_hash
 from common.store import UserStore
 from common.tasks import get_task
-from common.config import PromptSettings
-from client.training import history_examples
 
 TASK = get_task("LaMP-2M")
 MARKERS = ["alpha", "bravo", "charlie", "delta", "echo"]

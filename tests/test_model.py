@@ -11,10 +11,15 @@ import pytest
 import torch
 
 from client.device import BF16_MIN_SPEEDUP, cpu_bf16_speedup, pick_dtype, resolve_dtype
-from common.model_files import MANIFEST, model_hash, verify_model_dir
-from client.model_cache import default_cache_dir, find_model_by_hash, load_base, model_slug
-from client.model_transfer import receive_model_chunk
 from client.model_build import resolve_model
+from client.model_cache import (
+    default_cache_dir,
+    find_model_by_hash,
+    load_base,
+    model_slug,
+)
+from client.model_transfer import receive_model_chunk
+from common.model_files import MANIFEST, model_hash, verify_model_dir
 
 
 def test_resolve_model_is_cached_and_stable(tiny_model_dir):

@@ -13,15 +13,15 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
 from client.adapters import attach_fresh, load_adapter_state
-from common.config import RunConfig, parse_method
 from client.data import synthetic_users
 from client.evaluate import predict, query_prompts
-from common.metrics import combine, finalize, statistics
 from client.model_cache import load_base, load_fresh
-from common.model_files import model_hash
-from client.task_adapter import initial_task_state, task_adapted_base, task_lora
 from client.personalize import personalize_user
 from client.profile import user_profile
+from client.task_adapter import initial_task_state, task_adapted_base, task_lora
+from common.config import RunConfig, parse_method
+from common.metrics import combine, finalize, statistics
+from common.model_files import model_hash
 from common.store import UserStore, read_json
 from common.tasks import get_task
 

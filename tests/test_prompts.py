@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from client.data import HistoryItem
-from client.prompts import ANSWER_CUE, HISTORY_HEADER, PROFILE_HEADER, Prompt, build_prompt
+from client.prompts import (
+    ANSWER_CUE,
+    HISTORY_HEADER,
+    PROFILE_HEADER,
+    Prompt,
+    build_prompt,
+)
 from common.tasks import MOVIE_TAGS, NEWS_CATEGORIES, TASKS, get_task
 
 NEWS = "[travel, education, parents, style & beauty, entertainment, food & drink, science & technology, business, sports, healthy living, women, politics, crime, culture & arts, religion]"
@@ -180,8 +186,8 @@ def test_get_task_unknown():
 
 @pytest.fixture(scope="module")
 def tok():
-    from client.model_cache import load_base
     from client.model_build import resolve_model
+    from client.model_cache import load_base
 
     model_dir = resolve_model("tiny-random")
     _, tokenizer = load_base(model_dir, "cpu")

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from common.bootstrap import paired_difference
 from common.metrics import combine, finalize
 from common.tasks import get_task
-from common.bootstrap import paired_difference
 from simulation.cli import run_config_of
-from simulation.studies.node_results import history_lengths, stored_statistics
 from simulation.studies.arms import STUDIES
 from simulation.studies.cli import build_parser
 from simulation.studies.cli import main as study_main
+from simulation.studies.node_results import history_lengths, stored_statistics
 
 RATING = get_task("MovieLens")
 TAGGING = get_task("LaMP-2M")

@@ -9,16 +9,21 @@ import pytest
 import torch
 from peft import PeftModel
 
-from common.config import PeftSettings
 from client.adapters import attach_fresh
 from client.data import HistoryItem, User, synthetic_users
 from client.evaluate import generate, label_probabilities
 from client.forward import WIDTH_MULTIPLE, answer_logprobs, left_pad
 from client.model_cache import load_base
 from client.prompts import HISTORY_HEADER
+from client.training import (
+    Example,
+    history_examples,
+    length_batches,
+    query_examples,
+    train_adapter,
+)
+from common.config import PeftSettings, PromptSettings, TrainingSettings
 from common.tasks import get_task
-from client.training import Example, history_examples, length_batches, query_examples, train_adapter
-from common.config import PromptSettings, TrainingSettings
 
 TASK = get_task("LaMP-2M")
 

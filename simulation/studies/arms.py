@@ -19,8 +19,18 @@ import numpy as np
 
 from common.config import RunConfig
 from common.tasks import TaskSpec, get_task
-from simulation.studies.report import Figure, StudyResult, Table, build_table, write_study
-from simulation.studies.node_results import history_lengths, paired_by_user, stored_statistics
+from simulation.studies.node_results import (
+    history_lengths,
+    paired_by_user,
+    stored_statistics,
+)
+from simulation.studies.report import (
+    Figure,
+    StudyResult,
+    Table,
+    build_table,
+    write_study,
+)
 
 
 @dataclass(frozen=True)
@@ -108,8 +118,8 @@ PEFT_ARMS = ("lora", "ia3", "prompt")
 def peft_sizes(cfg: RunConfig, cache_dir: Path | None) -> dict[str, dict[str, float]]:
     """Trainable parameters of each personal PEFT kind on the base model, computed locally (nothing is sent)."""
     from client.adapters import attach_fresh, trainable_parameters
-    from client.model_cache import load_fresh
     from client.model_build import resolve_model
+    from client.model_cache import load_fresh
 
     model_dir = resolve_model(cfg.model, cache_dir)
     sizes = {}

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from common.bootstrap import Difference, paired_difference
 from common.metrics import Statistics, combine, finalize, primary_metric
 from common.store import atomic_write_json, atomic_write_text
 from common.tasks import TaskSpec
-from common.bootstrap import Difference, paired_difference
 from server.report import write_png
 
 

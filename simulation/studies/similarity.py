@@ -15,7 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 from client.adapters import personal_adapter_name
-from common.store import UserStore, atomic_write_bytes, atomic_write_json, atomic_write_text
+from common.store import (
+    UserStore,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
