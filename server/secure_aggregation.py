@@ -46,12 +46,12 @@ class _KeepAverage(LegacyFedAvg):
         super().__init__(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=nodes, min_available_clients=nodes,
                          on_fit_config_fn=lambda _: config)
         self.average: list[np.ndarray] | None = None
-        self.received = 0
+        self.nodes: list[int] = []  # whose updates the average holds
 
     def aggregate_fit(
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        self.received = len(results)
+        self.nodes = [proxy.node_id for proxy, _ in results]  # type: ignore[attr-defined]
         if results:
             self.average = parameters_to_ndarrays(results[0][1].parameters)
         return None, {}  # the workflow then leaves its state alone; we read the average from here
@@ -61,7 +61,7 @@ def secure_round(
     grid: Grid, server_round: int, arrays: ArrayRecord, nodes: list[int], config: dict[str, Any], timeout: float
 ) -> tuple[list[np.ndarray] | None, int]:
     """One SecAgg+ round of `nodes` from the global `arrays`: (the average of their packed vectors, or None if the
-    round failed; how many clients it averages)."""
+    round failed; the nodes it averages)."""
     manager = SimpleClientManager()
     for node in nodes:
         manager.register(GridClientProxy(node, grid, grid.run.run_id))
@@ -77,7 +77,7 @@ def secure_round(
         modulus_range=MODULUS_RANGE, timeout=timeout,
     )
     workflow(grid, context)
-    return strategy.average, strategy.received
+    return strategy.average, strategy.nodes
 
 
 @dataclass
@@ -98,7 +98,9 @@ class SecureAdaptation:
             nodes = self.fedavg.sample(server_round)
             config = {**train_config, p.SERVER_ROUND: server_round, p.TASK_ADAPTER_NAMES: names,
                       p.ROUND_CLIENTS: len(nodes)}
-            average, received = secure_round(grid, server_round, arrays, nodes, config, timeout)
+            self.fedavg.round_inputs[server_round] = arrays
+            average, averaged = secure_round(grid, server_round, arrays, nodes, config, timeout)
+            received = len(averaged)
             if average is None:
                 log.warning("secure aggregation round %d failed: no average of its %d clients", server_round,
                             len(nodes))
@@ -112,6 +114,7 @@ class SecureAdaptation:
                 name: Array((arrays[name].numpy() + delta).astype(arrays[name].numpy().dtype))
                 for name, delta in zip(names, update, strict=True)
             })
+            self.fedavg.attributed[server_round] = dict.fromkeys(averaged, arrays)  # all the server can tell
             log.info("secure aggregation round %d: average of %d of %d updates", server_round, received, len(nodes))
         return Result(arrays=arrays)
 

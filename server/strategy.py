@@ -33,6 +33,10 @@ class TaskAdapterFedAvg(FedAvg):
         self.sampled: dict[int, int] = {}
         self.round_updates: dict[int, list[tuple[int, ArrayRecord]]] = {}  # round -> (weight, arrays)
         self.received: dict[int, int] = {}  # round -> updates in its average
+        # what the server holds of each round, for bench/attack.py: the global task LoRA it sent, and per node the
+        # task LoRA it can attribute to that node (its own update in clear; under SecAgg+ the round's average)
+        self.round_inputs: dict[int, ArrayRecord] = {}
+        self.attributed: dict[int, dict[int, ArrayRecord]] = {}
         self.train_loss: dict[int, float] = {}
         self.answer_frequencies: list[float] = []  # training users' answer-label shares (the best constant's input)
 
@@ -46,9 +50,20 @@ class TaskAdapterFedAvg(FedAvg):
         """Messages (the adapt phase's `train.adapt`, not FedAvg's plain `train`) to a seeded sample of the training
         nodes."""
         nodes = self.sample(server_round)
+        self.round_inputs[server_round] = arrays
         config[p.SERVER_ROUND] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, nodes, p.ADAPT)
+
+    def _check_and_log_replies(
+        self, replies: Iterable[Message], is_train: bool, validate: bool = True
+    ) -> tuple[list[Message], list[Message]]:
+        """FedAvg's reply check (the one hook its aggregate_train has, which Flower's DP wrapper requires unchanged),
+        after noting which node sent which update (under server-side DP: as the wrapper clipped it)."""
+        valid, errors = super()._check_and_log_replies(replies, is_train=is_train, validate=validate)
+        if is_train:
+            self.attributed[max(self.sampled)] = {r.metadata.src_node_id: r.content[self.arrayrecord_key] for r in valid}
+        return valid, errors
 
     def sample(self, server_round: int) -> list[int]:
         """The seeded sample of training nodes of a round (the same with or without secure aggregation)."""
