@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import (
     ArrayRecord,
@@ -23,12 +25,16 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
 from client.audit_mod import audit_mod
 from client.memory import free_memory_mod
 from client.partition import node_config_mod
 from common import protocol as p
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 Handler = Callable[[Message, Context], Message]
@@ -48,17 +54,24 @@ def node_user(context: Context):
     return load_oppu(user_dir / "data.json", record["task"])[0], record["role"], user_dir
 
 
-def _setup(msg: Message, context: Context):
-    """Run config, base model (the exact one the server announced) and tokenizer for this message."""
-    from client.device import pick_device
-    from client.model_cache import find_model_by_hash, load_base
+def _run_config(config: ConfigRecord):
+    """(run config, announced base-model hash) of a message's config: the run config plus the server's keys."""
     from common.config import RunConfig
 
-    config = dict(msg.content[p.CONFIG])
+    config = dict(config)
     model_sha = str(config.pop(p.MODEL_SHA256))
-    for key in (p.MODEL_NAME, p.SERVER_ROUND, p.TASK_ADAPTER_SHA256, p.CONSTANT_ANSWER):
+    for key in (p.MODEL_NAME, p.SERVER_ROUND, p.TASK_ADAPTER_SHA256, p.CONSTANT_ANSWER, p.TASK_ADAPTER_NAMES,
+                p.ROUND_CLIENTS):
         config.pop(key, None)
-    cfg = RunConfig.from_record(config)
+    return RunConfig.from_record(config), model_sha
+
+
+def _setup(config: ConfigRecord, context: Context):
+    """Run config, base model (the exact one the server announced) and tokenizer for a message's config."""
+    from client.device import pick_device
+    from client.model_cache import find_model_by_hash, load_base
+
+    cfg, model_sha = _run_config(config)
     model_dir = find_model_by_hash(model_sha, _cache_dir(context))
     if model_dir is None:
         raise RuntimeError(f"base model {model_sha[:12]} is not in this node's cache (the announce phase fetches it)")
@@ -89,24 +102,78 @@ def model_chunk(msg: Message, context: Context) -> Message:
     return Message(RecordDict({p.CONFIG: ConfigRecord({p.CHUNK_STORED: installed})}), reply_to=msg)
 
 
-def adapt(msg: Message, context: Context) -> Message:
-    """Task adaptation: local steps on the shared task LoRA; reply with it and the example count."""
+def _adapt_locally(config: ConfigRecord, state: dict[str, torch.Tensor], context: Context):
+    """One round of local task adaptation from the global task LoRA `state`: (run config, new state, example
+    count, training loss, the user's answer-label shares ([] for a task without labels))."""
     from client.references import answer_frequencies
     from client.task_adapter import task_adaptation_step
     from common.tasks import get_task
 
-    cfg, _, _, _, base, tokenizer = _setup(msg, context)
+    cfg, _, _, _, base, tokenizer = _setup(config, context)
     user, _, _ = node_user(context)
-    state = msg.content[p.ARRAYS].to_torch_state_dict()
-    server_round = int(msg.content[p.CONFIG][p.SERVER_ROUND])
-    new_state, num_examples, metrics = task_adaptation_step(base, tokenizer, cfg, user, state, server_round)
+    new_state, num_examples, metrics = task_adaptation_step(base, tokenizer, cfg, user, state, int(config[p.SERVER_ROUND]))
     task = get_task(cfg.task)
-    # with DP, updates are averaged uniformly (Flower's accountant requires equal weights)
-    reply_metrics = {p.NUM_EXAMPLES: 1 if cfg.dp_noise > 0 else num_examples, p.TRAIN_LOSS: metrics["loss"]}
-    if task.labels:  # FedAvg averages these shares weighted like the updates: the training users' answer mix
-        reply_metrics[p.ANSWER_FREQUENCIES] = answer_frequencies(task, user)
-    reply = RecordDict({p.ARRAYS: ArrayRecord(new_state), p.METRICS: MetricRecord(reply_metrics)})
+    return cfg, new_state, num_examples, metrics["loss"], answer_frequencies(task, user) if task.labels else []
+
+
+def adapt(msg: Message, context: Context) -> Message:
+    """Task adaptation in clear: local steps on the shared task LoRA; reply with it and the example count. With
+    --local-dp-epsilon, Flower's LocalDpMod clips the update and adds Gaussian noise before the reply leaves."""
+    from flwr.clientapp.mod import LocalDpMod
+
+    cfg, _ = _run_config(msg.content[p.CONFIG])
+    if cfg.local_dp_epsilon > 0:
+        # sensitivity 2 * clip: the clipped updates of any two histories of this user lie at most that far apart
+        local_dp = LocalDpMod(cfg.dp_clip, 2 * cfg.dp_clip, cfg.local_dp_epsilon, cfg.dp_delta)
+        return local_dp(msg, context, _adapt_in_clear)
+    return _adapt_in_clear(msg, context)
+
+
+def _adapt_in_clear(msg: Message, context: Context) -> Message:
+    cfg, new_state, num_examples, loss, shares = _adapt_locally(
+        msg.content[p.CONFIG], msg.content[p.ARRAYS].to_torch_state_dict(), context
+    )
+    if cfg.local_dp_epsilon > 0:  # loss and answer shares would leave without noise: the update goes alone
+        metrics: dict[str, float | list[float]] = {p.NUM_EXAMPLES: 1}
+    else:  # with DP, updates are averaged uniformly (Flower's accountant requires equal weights)
+        metrics = {p.NUM_EXAMPLES: 1 if cfg.dp_noise > 0 else num_examples, p.TRAIN_LOSS: loss}
+        if shares:  # FedAvg averages these shares weighted like the updates: the training users' answer mix
+            metrics[p.ANSWER_FREQUENCIES] = shares
+    reply = RecordDict({p.ARRAYS: ArrayRecord(new_state), p.METRICS: MetricRecord(metrics)})
     return Message(reply, reply_to=msg)
+
+
+def adapt_secure(msg: Message, context: Context) -> Message:
+    """The collect stage of secure-adapt (secaggplus_mod runs the other stages itself and masks this reply): local
+    task adaptation, replied as the legacy FitRes the mod reads, holding one vector (update, loss, answer shares;
+    common/secure_update.py) of weight 1. With --dp-noise the update is clipped to --dp-clip and this client adds
+    its share of the Gaussian noise (std noise * clip / sqrt(clients of the round)), so the sum carries it whole;
+    the loss and shares, not noised, then stay on the device."""
+    import numpy as np
+    import torch
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+    from flwr.supercore.differential_privacy import (
+        add_gaussian_noise_inplace,
+        clip_inputs_inplace,
+    )
+
+    from common.secure_update import pack_update
+
+    config = msg.content[p.FITINS_CONFIG]
+    names = [str(n) for n in config[p.TASK_ADAPTER_NAMES]]  # type: ignore[union-attr]
+    global_arrays = [a.numpy() for a in msg.content[p.FITINS_ARRAYS].values()]
+    state = {name: torch.from_numpy(array.copy()) for name, array in zip(names, global_arrays, strict=True)}
+    cfg, new_state, _, loss, shares = _adapt_locally(config, state, context)
+    update = [new_state[name].numpy().astype(np.float64) - g for name, g in zip(names, global_arrays)]
+    if cfg.dp_noise > 0:
+        clip_inputs_inplace(update, cfg.dp_clip)
+        add_gaussian_noise_inplace(update, cfg.dp_noise * cfg.dp_clip / math.sqrt(int(config[p.ROUND_CLIENTS])))
+        vector = pack_update(update, None, [])
+    else:
+        vector = pack_update(update, loss, shares)
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vector), 1, {})
+    return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
 def personalize(msg: Message, context: Context) -> Message:
@@ -117,7 +184,7 @@ def personalize(msg: Message, context: Context) -> Message:
     from common.store import UserStore, atomic_write_json, read_json
     from common.tasks import get_task
 
-    cfg, model_dir, model_sha, device, pristine, tokenizer = _setup(msg, context)
+    cfg, model_dir, model_sha, device, pristine, tokenizer = _setup(msg.content[p.CONFIG], context)
     user, _, user_dir = node_user(context)
     store = UserStore(user_dir.parent.parent, user.user_id)
     arrays = msg.content[p.ARRAYS]
@@ -150,8 +217,12 @@ def personalize(msg: Message, context: Context) -> Message:
     return Message(RecordDict({p.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
-def make_client_app(run_dir: Path | None = None, adapt: Handler = adapt, personalize: Handler = personalize) -> ClientApp:
-    """The ClientApp: our handlers (a test may swap the training ones for faulty or leaky ones) behind three mods.
+def make_client_app(
+    run_dir: Path | None = None, adapt: Handler = adapt, personalize: Handler = personalize,
+    adapt_secure: Handler = adapt_secure,
+) -> ClientApp:
+    """The ClientApp: our handlers (a test may swap the training ones for faulty or leaky ones) behind three mods,
+    and Flower's secaggplus_mod on the secure-adapt handler (inside the audit mod, which logs what leaves).
 
     `run_dir`: the run directory a simulation prepared, where each node's store waits under its partition id.
     """
@@ -160,6 +231,7 @@ def make_client_app(run_dir: Path | None = None, adapt: Handler = adapt, persona
     client_app.query(p.action(p.MODEL_CHUNK))(model_chunk)
     client_app.train(p.action(p.ADAPT))(adapt)
     client_app.train(p.action(p.PERSONALIZE))(personalize)
+    client_app.train(mods=[secaggplus_mod])(adapt_secure)  # Flower's SecAgg+ messages are plain `train`
     return client_app
 
 

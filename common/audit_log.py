@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message
 
 from common import protocol as p
 
@@ -36,6 +36,8 @@ def _raw_hits(raw: bytes, canaries: tuple[str, ...]) -> list[str]:
 
 
 def _value(value: Any, canaries: tuple[str, ...]) -> Any:
+    if isinstance(value, list):  # (SecAgg+ sends lists of keys, ciphertexts and masked vectors)
+        return [_value(v, canaries) for v in value]
     if isinstance(value, bytes):
         entry: dict[str, Any] = {"bytes": len(value), "sha256": hashlib.sha256(value).hexdigest()}
         if hits := _raw_hits(value, canaries):
@@ -45,6 +47,15 @@ def _value(value: Any, canaries: tuple[str, ...]) -> Any:
         return {"chars": len(value), "sha256": hashlib.sha256(value.encode()).hexdigest(),
                 **({"canaries": hits} if (hits := _raw_hits(value.encode(), canaries)) else {})}
     return value
+
+
+def _config_bytes(record: ConfigRecord) -> int:
+    """Flower's ConfigRecord.count_bytes, which raises on an empty string or list (SecAgg+ sends empty lists):
+    keys, plus 1 per bool, 8 per number, the length of a string or bytes, for each value or list element."""
+    def size(value: Any) -> int:
+        return 1 if isinstance(value, bool) else len(value) if isinstance(value, (str, bytes)) else 8
+
+    return sum(len(k) + sum(size(x) for x in (v if isinstance(v, list) else [v])) for k, v in record.items())
 
 
 def describe(msg: Message, canaries: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -65,7 +76,7 @@ def describe(msg: Message, canaries: tuple[str, ...] = ()) -> dict[str, Any]:
             size += record.count_bytes()
         for key, record in msg.content.config_records.items():
             records[key] = {"type": "config", "values": {k: _value(v, canaries) for k, v in record.items()}}
-            size += record.count_bytes()
+            size += _config_bytes(record)
         for key, record in msg.content.metric_records.items():
             records[key] = {"type": "metrics", "values": dict(record)}
             size += record.count_bytes()

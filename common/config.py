@@ -170,9 +170,24 @@ class RunConfig:
         "history items, just before the queries, which personal training then does not see): tune on validation",
     )
     validation_items: int = _opt(5, "history items per test user that split validation evaluates on")
-    dp_noise: float = _opt(0.0, "task adaptation with client-level DP: Gaussian noise multiplier (0: off)")
+    dp_noise: float = _opt(
+        0.0,
+        "task adaptation with client-level DP: Gaussian noise multiplier (0: off). The server adds the noise "
+        "(Flower's server-side fixed clipping); with --secure-aggregation each client adds its 1/sqrt(n) share "
+        "of it before masking (distributed DP)",
+    )
     dp_clip: float = _opt(1.0, "DP clipping norm of each client's task-adapter update")
     dp_delta: float = _opt(1e-5, "DP delta at which epsilon is reported")
+    local_dp_epsilon: float = _opt(
+        0.0,
+        "client-side DP of task adaptation (Flower's LocalDpMod): epsilon of each update a client sends, "
+        "clipped to --dp-clip with Gaussian noise added on the device (0: off); the report composes it over rounds",
+    )
+    secure_aggregation: bool = _opt(
+        False,
+        "task adaptation with Flower's SecAgg+ (secaggplus_mod, SecAggPlusWorkflow): the server learns only the "
+        "average of a round's updates, losses and answer shares (needs 2+ training users per round)",
+    )
     seed: int = _opt(0, "seed of sampling, adapter initialisation and data order")
     device: str = _opt("auto", "where clients compute: auto (CUDA if present), cpu, cuda or cuda:N")
     dtype: str = _opt(
@@ -211,6 +226,11 @@ class RunConfig:
             raise ValueError(f"dp-clip must be > 0, got {self.dp_clip}")
         if not 0 < self.dp_delta < 1:
             raise ValueError(f"dp-delta must be in (0, 1), got {self.dp_delta}")
+        if self.local_dp_epsilon < 0:
+            raise ValueError(f"local-dp-epsilon must be >= 0 (0: no client-side DP), got {self.local_dp_epsilon}")
+        if self.local_dp_epsilon > 0 and (self.dp_noise > 0 or self.secure_aggregation):
+            raise ValueError("local-dp-epsilon cannot be combined with dp-noise or secure-aggregation: for noise "
+                             "under secure aggregation use --secure-aggregation --dp-noise (distributed DP)")
         check_dtype_name(self.dtype)
         check_device_name(self.device)
         if not 0.0 < self.fraction_train <= 1.0:

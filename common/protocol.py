@@ -7,6 +7,12 @@ Phases and their messages (server -> node, node -> server):
                                                                         the user's answer-label shares)
 - personalize train.personalize  arrays: task LoRA, config: run config  reply metrics: statistics only
                                  + the best constant answer
+- secure-adapt train             with --secure-aggregation, the adapt phase under Flower's SecAgg+: four
+                                 stages (setup, share keys, collect masked vectors, unmask) of Flower's messages
+                                 (config "secaggplus_configs"; the collect stage also carries the task LoRA as
+                                 legacy "fitins.*" records). Replies carry public keys, encrypted key shares, the
+                                 masked vector (update, loss and answer shares of the user, see
+                                 common/secure_update.py) and key shares: never a tensor in clear
 
 Each message type is "<Flower category>.<action>": Flower's ClientApp routes `train.adapt` to the handler
 registered with `@app.train("adapt")` (`action` below gives that name). Personalize is a `train` message
@@ -21,6 +27,8 @@ ANNOUNCE = "query.announce"
 MODEL_CHUNK = "query.model_chunk"
 ADAPT = "train.adapt"
 PERSONALIZE = "train.personalize"
+# Flower's SecAggPlusWorkflow sends plain `train` messages and secaggplus_mod acts on those only
+SECURE_ADAPT = "train"
 
 ARRAYS = "arrays"  # FedAvg's default ArrayRecord key
 CONFIG = "config"  # FedAvg's default ConfigRecord key
@@ -32,6 +40,8 @@ MODEL_SHA256 = "model-sha256"
 SERVER_ROUND = "server-round"
 TASK_ADAPTER_SHA256 = "task-adapter-sha256"
 CONSTANT_ANSWER = "constant-answer"  # the best constant (reference row), from training users' answer shares
+TASK_ADAPTER_NAMES = "task-adapter-names"  # secure-adapt: the tensor names (Flower's legacy records drop them)
+ROUND_CLIENTS = "round-clients"  # secure-adapt: clients sampled this round (each adds 1/sqrt of the DP noise)
 
 # reply keys
 ROLE = "role"
@@ -53,6 +63,15 @@ ALLOWED_PERSONALIZE_METRIC = re.compile(
     rf"^({NUM_EXAMPLES}|{_METHOD}/({'|'.join(STATISTIC_NAMES)})|time/[a-z0-9-]+-seconds)$"
 )
 ALLOWED_ADAPT_METRIC = re.compile(rf"^({NUM_EXAMPLES}|{TRAIN_LOSS}|{ANSWER_FREQUENCIES})$")
+
+# secure-adapt records: Flower's legacy FitIns/FitRes keys and its SecAgg+ config record
+FITINS_ARRAYS, FITINS_CONFIG = "fitins.parameters", "fitins.config"
+FITRES_ARRAYS, FITRES_WEIGHT, FITRES_METRICS, FITRES_STATUS = (
+    "fitres.parameters", "fitres.num_examples", "fitres.metrics", "fitres.status")
+SECAGG_CONFIG = "secaggplus_configs"  # flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS
+# what a secure-adapt reply's config records may hold: SecAgg+'s stage outputs, and FitRes's status
+ALLOWED_SECURE_REPLY_CONFIG = {"pk1", "pk2", "dsts", "ctxts", "masked_params", "nids", "shares", "code", "message"}
+ALLOWED_SECURE_METRIC = re.compile(r"^num_examples$")  # FitRes's weight: 1 under secure aggregation
 
 
 def action(message_type: str) -> str:

@@ -89,13 +89,16 @@ def adapt_task(
     opts.outcome["strategy"] = fedavg
     opts.outcome["dp_strategy"] = strategy if strategy is not fedavg else None
     opts.outcome["initial_task_adapter"] = initial
+    if cfg.secure_aggregation:
+        from server.secure_aggregation import SecureAdaptation
+
+        strategy = opts.outcome["secure"] = SecureAdaptation(fedavg, cfg)
     result = strategy.start(
         grid=grid, initial_arrays=initial, num_rounds=cfg.rounds, timeout=opts.timeout,
         train_config=_message_config(cfg, model_sha),
     )
     # kept with the adapter: a resumed run reports the epsilon its reused adapter was released with
-    record = {"key": key, **fedavg.rounds_record(),
-              "differential_privacy": privacy_report(cfg, opts.outcome["dp_strategy"])}
+    record = {"key": key, **fedavg.rounds_record(), "differential_privacy": privacy_report(cfg, strategy, fedavg)}
     # the adapter's record: the key that says which run made it, its rounds and the training users' answer shares
     # (so a resumed run reports the same rounds, best constant and epsilon)
     save_task_adapter(cfg, result.arrays.to_torch_state_dict(), target)
@@ -208,6 +211,7 @@ def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
             "sampled_updates": adaptation.get("sampled_updates", {}),
             "failed_updates": adaptation.get("failed_updates", {}),
             "differential_privacy": adaptation.get("differential_privacy"),
+            "secure_aggregation": cfg.secure_aggregation,
         },
         "decision_rule": decision_rule(task, cfg.decision) if task.labels else None,
         "methods": method_results(task, records.values(), cfg.method_names()),
@@ -223,13 +227,25 @@ def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
     return report
 
 
-def privacy_report(cfg: RunConfig, dp_strategy: Any) -> dict[str, Any] | None:
-    """Epsilon/delta spent by the task-adapter releases (None when DP is off)."""
-    if dp_strategy is None:
+def privacy_report(cfg: RunConfig, strategy: Any, fedavg: Any) -> dict[str, Any] | None:
+    """Epsilon/delta of task adaptation's releases (None without DP), and where the noise was added: by the server
+    (Flower's server-side DP wrapper), on the devices with one share of it each under secure aggregation
+    (distributed), or on every device for its own update (client-side, Flower's LocalDpMod)."""
+    base = {"clipping_norm": cfg.dp_clip, "delta": cfg.dp_delta}
+    if cfg.local_dp_epsilon > 0:
+        # each update is one (epsilon, delta) Gaussian release; a user's rounds compose sequentially
+        rounds = len(fedavg.sampled)
+        return {**base, "mode": "client-side", "noise_multiplier": None, "epsilon_per_update": cfg.local_dp_epsilon,
+                "epsilon": rounds * cfg.local_dp_epsilon, "delta": rounds * cfg.dp_delta, "releases": rounds,
+                "accounting": "basic composition of LocalDpMod's Gaussian mechanism over a user's updates"}
+    if cfg.dp_noise <= 0:
         return None
-    spent = dp_strategy.privacy_spent()
-    return {"noise_multiplier": cfg.dp_noise, "clipping_norm": cfg.dp_clip, "epsilon": spent.epsilon,
-            "delta": spent.delta, "releases": spent.num_releases, "accounting": spent.accounting_method}
+    if cfg.secure_aggregation:
+        spent, mode = strategy.privacy_spent(len(fedavg.train_nodes)), "distributed"
+    else:
+        spent, mode = strategy.privacy_spent(), "server-side"
+    return {**base, "mode": mode, "noise_multiplier": cfg.dp_noise, "epsilon": spent.epsilon, "delta": spent.delta,
+            "releases": spent.num_releases, "accounting": spent.accounting_method}
 
 
 def make_server_app(cfg: RunConfig, opts: ServerOptions) -> ServerApp:

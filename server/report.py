@@ -159,7 +159,8 @@ def _task_adaptation_line(adaptation: Mapping[str, Any]) -> str:
     if not sampled:
         return ""
     failed = {r: n for r, n in adaptation["failed_updates"].items() if n}
-    text = f"Task adaptation: {adaptation['rounds']} FedAvg round(s); "
+    text = (f"Task adaptation: {adaptation['rounds']} FedAvg round(s)"
+            + (" under secure aggregation (SecAgg+)" if adaptation.get("secure_aggregation") else "") + "; ")
     if not failed:
         return text + f"all {sampled} training-user updates averaged.\n\n"
     return text + (f"**{sum(failed.values())} of {sampled} training-user updates failed** ("
@@ -170,9 +171,17 @@ def _task_adaptation_line(adaptation: Mapping[str, Any]) -> str:
 def _privacy_line(dp: Mapping[str, Any] | None) -> str:
     if not dp:
         return ""
-    return (f"\nTask adaptation with client-level DP: noise multiplier {dp['noise_multiplier']}, clipping norm "
-            f"{dp['clipping_norm']}: (epsilon {dp['epsilon']:.3g}, delta {dp['delta']:.0e}) after {dp['releases']} "
-            f"release(s), {dp['accounting']} accounting.\n")
+    mode = dp.get("mode", "server-side")  # (a report written before the modes had only the server's)
+    if mode == "client-side":
+        return (f"\nTask adaptation with client-side DP (Flower's LocalDpMod, noise added on each device): "
+                f"epsilon {dp['epsilon_per_update']:.3g} per update, clipping norm {dp['clipping_norm']}: "
+                f"(epsilon {dp['epsilon']:.3g}, delta {dp['delta']:.0e}) per user after {dp['releases']} "
+                f"update(s), {dp['accounting']}.\n")
+    where = ("the server adds the noise" if mode == "server-side"
+             else "each device adds its share of the noise before SecAgg+ masks its update")
+    return (f"\nTask adaptation with client-level DP ({mode}: {where}): noise multiplier {dp['noise_multiplier']}, "
+            f"clipping norm {dp['clipping_norm']}: (epsilon {dp['epsilon']:.3g}, delta {dp['delta']:.0e}) after "
+            f"{dp['releases']} release(s), {dp['accounting']} accounting.\n")
 
 
 def _split_text(config: Mapping[str, Any]) -> str:

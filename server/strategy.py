@@ -8,7 +8,13 @@ from collections.abc import Iterable
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid, NeighboringRelation, PrivacyConfig, SamplingMethod
+from flwr.serverapp import (
+    Grid,
+    NeighboringRelation,
+    PrivacyConfig,
+    RdpAccountant,
+    SamplingMethod,
+)
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAvg,
@@ -39,6 +45,11 @@ class TaskAdapterFedAvg(FedAvg):
         self.seed = seed
         self.sampled: dict[int, int] = {}
         self.round_updates: dict[int, list[tuple[int, ArrayRecord]]] = {}  # round -> (weight, arrays)
+        self.received: dict[int, int] = {}  # round -> updates in its average
+        # what the server holds of each round, for bench/attack.py: the global task LoRA it sent, and per node the
+        # task LoRA it can attribute to that node (its own update in clear; under SecAgg+ the round's average)
+        self.round_inputs: dict[int, ArrayRecord] = {}
+        self.attributed: dict[int, dict[int, ArrayRecord]] = {}
         self.train_loss: dict[int, float] = {}
         self.answer_frequencies: list[float] = []  # training users' answer-label shares (the best constant's input)
 
@@ -51,21 +62,49 @@ class TaskAdapterFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Messages (the adapt phase's `train.adapt`, not FedAvg's plain `train`) to a seeded sample of the training
         nodes."""
-        nodes = random.Random(f"{self.seed}-{server_round}").sample(self.train_nodes, self.sample_size)
-        self.sampled[server_round] = len(nodes)
+        nodes = self.sample(server_round)
+        self.round_inputs[server_round] = arrays
         config[p.SERVER_ROUND] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, nodes, p.ADAPT)
+
+    def _check_and_log_replies(
+        self, replies: Iterable[Message], is_train: bool, validate: bool = True
+    ) -> tuple[list[Message], list[Message]]:
+        """FedAvg's reply check (the one hook its aggregate_train has, which Flower's DP wrapper requires unchanged),
+        after noting which node sent which update (under server-side DP: as the wrapper clipped it)."""
+        valid, errors = super()._check_and_log_replies(replies, is_train=is_train, validate=validate)
+        if is_train:
+            self.attributed[max(self.sampled)] = {r.metadata.src_node_id: r.content[self.arrayrecord_key] for r in valid}
+        return valid, errors
+
+    def sample(self, server_round: int) -> list[int]:
+        """The seeded sample of training nodes of a round (the same with or without secure aggregation)."""
+        nodes = random.Random(f"{self.seed}-{server_round}").sample(self.train_nodes, self.sample_size)
+        self.sampled[server_round] = len(nodes)
+        return nodes
+
+    def keep_secure_round(self, server_round: int, received: int, loss: float | None, shares: list[float]) -> None:
+        """What a secure-aggregation round left the server: how many updates its sum holds, their average loss
+        (None under DP: it stays on the devices) and answer shares."""
+        self.received[server_round] = received
+        if loss is not None:
+            self.train_loss[server_round] = loss
+        if shares:
+            self.answer_frequencies = shares
 
     def _keep_round(self, contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
         server_round = max(self.sampled)  # FedAvg aggregates the round it configured last
         self.round_updates[server_round] = [
             (int(c[p.METRICS][p.NUM_EXAMPLES]), c[p.ARRAYS]) for c in contents
         ]
+        self.received[server_round] = len(contents)
         metrics = aggregate_metricrecords(contents, weighted_by_key)
-        self.train_loss[server_round] = float(metrics[p.TRAIN_LOSS])
-        log.info("task adaptation round %d: %d of %d updates averaged, training loss %.4f", server_round,
-                 len(contents), self.sampled[server_round], self.train_loss[server_round])
+        if p.TRAIN_LOSS in metrics:  # (client-side DP keeps the loss on the device)
+            self.train_loss[server_round] = float(metrics[p.TRAIN_LOSS])
+        loss = f", training loss {self.train_loss[server_round]:.4f}" if server_round in self.train_loss else ""
+        log.info("task adaptation round %d: %d of %d updates averaged%s", server_round, len(contents),
+                 self.sampled[server_round], loss)
         if p.ANSWER_FREQUENCIES in metrics:
             self.answer_frequencies = list(metrics[p.ANSWER_FREQUENCIES])  # type: ignore[arg-type]
         return metrics
@@ -77,27 +116,30 @@ class TaskAdapterFedAvg(FedAvg):
         return {
             "train_loss": {str(r): loss for r, loss in self.train_loss.items()},
             "sampled_updates": {str(r): n for r, n in self.sampled.items()},
-            "failed_updates": {str(r): n - len(self.round_updates.get(r, [])) for r, n in self.sampled.items()},
+            "failed_updates": {str(r): n - self.received.get(r, 0) for r, n in self.sampled.items()},
             "answer_frequencies": self.answer_frequencies,
         }
 
 
-def task_strategy(cfg: RunConfig, train_nodes: list[int]) -> tuple[TaskAdapterFedAvg, Strategy]:
-    """The FedAvg strategy, and what runs it: itself, or Flower's server-side DP wrapper with an accountant."""
-    fedavg = TaskAdapterFedAvg(train_nodes, cfg.fraction_train, cfg.seed)
-    if cfg.dp_noise <= 0:
-        return fedavg, fedavg
-    from flwr.serverapp import RdpAccountant
-
-    accountant = RdpAccountant(
+def rdp_accountant(cfg: RunConfig, population: int) -> RdpAccountant:
+    """Flower's RDP accountant of client-level DP over `population` training users (no sampling amplification)."""
+    return RdpAccountant(
         PrivacyConfig(
-            target_delta=cfg.dp_delta, population_size=len(train_nodes),
+            target_delta=cfg.dp_delta, population_size=population,
             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
             sampling_method=SamplingMethod.NO_AMPLIFICATION,
         )
     )
+
+
+def task_strategy(cfg: RunConfig, train_nodes: list[int]) -> tuple[TaskAdapterFedAvg, Strategy]:
+    """The FedAvg strategy, and what runs it in clear: itself, or Flower's server-side DP wrapper with an
+    accountant (secure aggregation runs the FedAvg's sampling itself: server/secure_aggregation.py)."""
+    fedavg = TaskAdapterFedAvg(train_nodes, cfg.fraction_train, cfg.seed)
+    if cfg.dp_noise <= 0 or cfg.secure_aggregation:
+        return fedavg, fedavg
     wrapped = DifferentialPrivacyServerSideFixedClipping(
         fedavg, noise_multiplier=cfg.dp_noise, clipping_norm=cfg.dp_clip,
-        num_sampled_clients=fedavg.sample_size, accountant=accountant,
+        num_sampled_clients=fedavg.sample_size, accountant=rdp_accountant(cfg, len(train_nodes)),
     )
     return fedavg, wrapped

@@ -127,16 +127,24 @@ def add_run_flags(
                           "<run-dir>/logs/console.log) and a setup error's traceback")
     method = parser.add_argument_group("method (also [tool.flwr.app.config] keys for `flwr run`)")
     for f in dataclasses.fields(RunConfig):
-        if f.name not in fixed:
-            method.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                                help=f.metadata["help"])
+        if f.name in fixed:
+            continue
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(f.default, bool):  # a switch, off by default
+            method.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            method.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
 
 
 def check_run_flags(args: argparse.Namespace, cfg: RunConfig, run_dir: Path | None = None) -> None:
     """What RunConfig cannot judge alone, checked before the run writes anything or any process starts; the base
     model is resolved here (built into the model cache on first use, as the server would), so an unknown --model
     stops the run before Ray does."""
-    user_counts(args)
+    counts = user_counts(args)
+    per_round = max(1, round(counts.training(cfg) * cfg.fraction_train))
+    if cfg.secure_aggregation and cfg.rounds and per_round < 2:
+        raise SetupError(f"--secure-aggregation: SecAgg+ needs 2 or more training users per round, got {per_round} "
+                         "(--train-clients times --fraction-train)")
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise SetupError(f"--timeout {args.timeout}: expected a finite number of seconds > 0")
     _check_run_dir(run_dir or getattr(args, "run_dir", None) or RUNS_DIR)

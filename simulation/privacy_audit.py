@@ -4,8 +4,9 @@ violation.
 Neither side's log is trusted alone: every check reads both. Checks: both logs are whole (no missing file, no
 undecodable or repeated line; a message a client received again in a new worker process, after the worker running it
 died, is a redelivery, not a repeat); no tensor in a reply (as the client sent it or the server received it) is, by
-name or content hash, a personal adapter's; every reply carries only the keys its phase allows; no planted canary
-string appears in any payload, and audit/canaries.json lists every canary the node stores hold; the logs agree per
+name or content hash, a personal adapter's; every reply carries only the keys its phase allows (a secure-adapt
+reply no tensor); in a secure-aggregation run (run.json or a message's run config says so) no clear adapt-phase
+update reaches the server; no planted canary string appears in any payload, and audit/canaries.json lists every canary the node stores hold; the logs agree per
 attempt and message id in both directions (every message one side sent the other side received, with the same
 content hash and node). An attempt is one Flower run (its run id is on every line): an interrupted attempt that a
 resumed one followed may leave messages sent but never received, nothing else. Writes <run>/audit/summary.json and
@@ -26,8 +27,12 @@ from common.audit_log import tensor_sha256
 from common.store import atomic_write_json
 from simulation.node_stores import CANARY
 
-PHASES = {p.ANNOUNCE: "announce", p.MODEL_CHUNK: "transfer", p.ADAPT: "adapt", p.PERSONALIZE: "personalize"}
-ALLOWED_REPLY_CONFIG = {p.ANNOUNCE: {p.ROLE, p.HAS_MODEL}, p.MODEL_CHUNK: {p.CHUNK_STORED}}
+PHASES = {p.ANNOUNCE: "announce", p.MODEL_CHUNK: "transfer", p.ADAPT: "adapt", p.PERSONALIZE: "personalize",
+          p.SECURE_ADAPT: "secure-adapt"}
+ALLOWED_REPLY_CONFIG = {p.ANNOUNCE: {p.ROLE, p.HAS_MODEL}, p.MODEL_CHUNK: {p.CHUNK_STORED},
+                        p.SECURE_ADAPT: p.ALLOWED_SECURE_REPLY_CONFIG}
+ALLOWED_REPLY_METRIC = {p.PERSONALIZE: p.ALLOWED_PERSONALIZE_METRIC, p.ADAPT: p.ALLOWED_ADAPT_METRIC,
+                        p.SECURE_ADAPT: p.ALLOWED_SECURE_METRIC}
 LOG_FIELDS = ("time", "side", "direction", "src", "dst", "message_id", "run", "message_type", "error", "records",
               "content_sha256")
 SIDES = ("server", "client")
@@ -126,7 +131,11 @@ def reply_violations(entry: dict[str, Any], adapter_names: set[str], adapter_has
     problems = []
     kind = entry.get("message_type")
     for key, record in entry["records"].items():
-        if record["type"] == "arrays":
+        if record["type"] == "arrays" and kind == p.SECURE_ADAPT:  # secaggplus_mod empties the FitRes arrays
+            if record["tensors"]:
+                problems.append(f"{_where(entry)}: carries a training user's update in clear ({key}: "
+                                f"{len(record['tensors'])} tensors) in phase secure-adapt")
+        elif record["type"] == "arrays":
             if kind != p.ADAPT:
                 problems.append(f"{_where(entry)}: carries tensors ({key}) in phase {PHASES.get(kind, kind)}")
             for tensor in record["tensors"]:
@@ -135,15 +144,32 @@ def reply_violations(entry: dict[str, Any], adapter_names: set[str], adapter_has
                 if any(name in tensor["name"] for name in adapter_names):
                     problems.append(f"{_where(entry)}: tensor {tensor['name']} is named after a personal adapter")
         elif record["type"] == "metrics":
-            allowed = p.ALLOWED_PERSONALIZE_METRIC if kind == p.PERSONALIZE else p.ALLOWED_ADAPT_METRIC
+            allowed = ALLOWED_REPLY_METRIC.get(kind, p.ALLOWED_ADAPT_METRIC)
             bad = sorted(k for k in record["values"] if not allowed.match(k))
-            if bad or kind not in (p.PERSONALIZE, p.ADAPT):
+            if bad or kind not in ALLOWED_REPLY_METRIC:
                 problems.append(f"{_where(entry)}: metric keys not allowed in this phase: {bad or list(record['values'])}")
         elif record["type"] == "config":
             bad = sorted(set(record["values"]) - ALLOWED_REPLY_CONFIG.get(kind, set()))
             if bad:
                 problems.append(f"{_where(entry)}: config keys not allowed in a reply: {bad}")
     return problems
+
+
+def secure_run(run_dir: Path, entries: list[dict[str, Any]]) -> bool:
+    """Whether the run was meant to aggregate securely: its run.json says so, or a message's run config does."""
+    settings = run_dir / "run.json"
+    declared = settings.exists() and json.loads(settings.read_text())["config"].get("secure-aggregation", False)
+    return bool(declared) or any(
+        record["type"] == "config" and record["values"].get("secure-aggregation") is True
+        for entry in entries for record in entry["records"].values()
+    )
+
+
+def masking_violations(entries: list[dict[str, Any]]) -> list[str]:
+    """In a secure-aggregation run no training user's update may travel in clear: the clear adapt phase must not
+    run at all (its replies are single users' updates)."""
+    return [f"{_where(e)}: carries a training user's update in clear in a secure-aggregation run"
+            for e in entries if _is_reply(e) and e.get("message_type") == p.ADAPT]
 
 
 def planted_canaries(run_dir: Path) -> tuple[dict[str, str], list[str]]:
@@ -234,6 +260,7 @@ def audit(run_dir: Path) -> dict[str, Any]:
         "personal-tensors-and-keys": [v for e in entries if _is_reply(e) for v in reply_violations(e, names, hashes)],
         "canaries": canary_problems + [v for e in entries for v in canary_violations(e, canaries)],
         "logs-agree": agreement,
+        "updates-masked": masking_violations(entries) if secure_run(run_dir, entries) else [],
     }
     server = [e for e in entries if e["side"] == "server"]
     phases, per_node = traffic(server)

@@ -111,7 +111,8 @@ def test_honest_run_passes_the_audit(
     summary = _summary(run_dir)
     assert summary["passed"] and summary["canaries_planted"] == 4
     assert summary["personal_adapters_checked"] == 2
-    assert set(summary["checks"]) == {"logs-whole", "personal-tensors-and-keys", "canaries", "logs-agree"}
+    assert set(summary["checks"]) == {"logs-whole", "personal-tensors-and-keys", "canaries", "logs-agree",
+                                      "updates-masked"}
     assert len(summary["attempts"]) == 1 and summary["sent_not_received_in_interrupted_attempts"] == 0
     assert set(summary["phases"]) == {"announce", "adapt", "personalize"}
     # the adapt phase carries the task LoRA both ways; personalize replies are small metric records
@@ -182,6 +183,18 @@ def test_one_sided_tampering_fails_the_audit(
     assert any(message in v for v in summary["checks"][check]["violations"]), summary["checks"][check]
     out = capsys.readouterr().out
     assert f"[FAIL] {check}" in out and message in out and "audit FAILED" in out
+
+
+def test_clear_updates_fail_the_audit_of_a_secure_aggregation_run(honest_run: Path, tmp_path: Path) -> None:
+    """The honest run in clear, declared a secure-aggregation run: each training user's update reached the server."""
+    run_dir = _copy(honest_run, tmp_path)
+    settings = json.loads((run_dir / "run.json").read_text())
+    settings["config"]["secure-aggregation"] = True
+    (run_dir / "run.json").write_text(json.dumps(settings))
+    assert audit_main([str(run_dir)]) == 1
+    violations = _summary(run_dir)["checks"]["updates-masked"]["violations"]
+    assert len(violations) == 4  # 2 training users' replies, in both logs
+    assert all(f"{p.ADAPT} message" in v and "update in clear in a secure-aggregation run" in v for v in violations)
 
 
 def test_honest_resumed_run_passes_the_audit(resumed_run: Path, tmp_path: Path) -> None:

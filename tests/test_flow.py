@@ -137,6 +137,41 @@ def test_differential_privacy_reports_epsilon(tmp_path: Path) -> None:
     assert json.loads((run_dir / "report.json").read_text())["task_adaptation"]["differential_privacy"] == dp
 
 
+def _noise_std(outcome: dict, server_round: int = 1) -> list[float]:
+    """Per update the server holds for the round: the standard deviation of (update - global) over its weights."""
+    strategy = outcome["strategy"]
+    start = strategy.round_inputs[server_round]
+    return [float(np.std(np.concatenate([(arrays[n].numpy() - start[n].numpy()).ravel() for n in start])))
+            for arrays in strategy.attributed[server_round].values()]
+
+
+def test_client_side_dp_noises_each_update_on_the_device(tmp_path: Path) -> None:
+    args, cfg = _config(["--num-clients", "1", "--train-clients", "2", "--rounds", "1", "--methods", "base",
+                         "--local-dp-epsilon", "2.0", "--dp-clip", "0.5", "--run-dir", str(tmp_path / "ldp"),
+                         *TINY_ARGS])
+    run_dir, outcome = simulate(cfg, user_counts(args), SimulationOptions.from_args(args))
+    dp = outcome["report"]["task_adaptation"]["differential_privacy"]
+    assert (dp["mode"], dp["epsilon"], dp["delta"], dp["releases"]) == ("client-side", 2.0, 1e-5, 1)
+    # LocalDpMod's Gaussian mechanism: std = sensitivity (2 * clip) * sqrt(2 ln(1.25 / delta)) / epsilon
+    expected = 2 * 0.5 * np.sqrt(2 * np.log(1.25 / 1e-5)) / 2.0
+    assert _noise_std(outcome) == pytest.approx([expected] * 2, rel=0.05)  # the clipped update is ~0.5 / 60 each
+    assert outcome["report"]["task_adaptation"]["train_loss"] == {}  # the loss stays on the device
+    assert "client-side DP (Flower's LocalDpMod" in (run_dir / "report.md").read_text()
+
+
+def test_distributed_dp_adds_each_clients_share_of_the_noise_under_secure_aggregation(tmp_path: Path) -> None:
+    args, cfg = _config(["--num-clients", "1", "--train-clients", "2", "--rounds", "1", "--methods", "base",
+                         "--secure-aggregation", "--dp-noise", "1.0", "--dp-clip", "0.5",
+                         "--run-dir", str(tmp_path / "ddp"), *TINY_ARGS])
+    run_dir, outcome = simulate(cfg, user_counts(args), SimulationOptions.from_args(args))
+    dp = outcome["report"]["task_adaptation"]["differential_privacy"]
+    assert (dp["mode"], dp["noise_multiplier"], dp["releases"]) == ("distributed", 1.0, 1)
+    assert 0 < dp["epsilon"] < float("inf")
+    # two clients add std 1.0 * 0.5 / sqrt(2) each: the sum has std 0.5, the average 0.25
+    assert _noise_std(outcome) == pytest.approx([0.25] * 2, rel=0.05)
+    assert "distributed: each device adds its share of the noise" in (run_dir / "report.md").read_text()
+
+
 def test_reference_rows_and_best_constant_on_values(federated_run: tuple[Path, dict]) -> None:
     """The user's most frequent label and the training users' most frequent answer, recomputed from the stores."""
     from collections import Counter

@@ -1,0 +1,44 @@
+"""What a training user contributes to a secure-aggregation round, as the one vector SecAgg+ sums.
+
+SecAgg+ sums integer vectors: Flower's secaggplus_mod clips each float to [-CLIPPING_RANGE, CLIPPING_RANGE] and
+quantizes it to QUANTIZATION_RANGE levels (stochastic rounding, unbiased), and masks it modulo MODULUS_RANGE.
+So a client sends its *update* (new task LoRA minus the global one: small, so the quantization step, 2*16/2**22
+= 7.6e-6 per client, is far below it) and not the weights, and every client has weight 1 (a weight w < max_weight
+scales values by w/max_weight before quantization and loses precision). The user's training loss and answer-label
+shares ride in the same vector, so the server learns only their averages too (what FedAvg's metric aggregation
+reports). The sum of n clients' quantized values must stay below MODULUS_RANGE: n <= 2**32 / 2**22 = 1024 per round.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CLIPPING_RANGE = 16.0  # covers task-LoRA updates (Adam moves a weight ~lr per step) and training losses < 16
+QUANTIZATION_RANGE = 2**22  # Flower's default
+MODULUS_RANGE = 2**32  # Flower's default (and its maximum)
+SHARES = 1.0  # each client's secrets are shared with every client of the round (a float: a share of the round)
+THRESHOLD = 0.5  # shares needed to unmask: the server must collude with half a round's clients to unmask one
+
+
+def pack_update(update: list[np.ndarray], loss: float | None, answer_shares: list[float]) -> list[np.ndarray]:
+    """[update tensors..., [loss], answer shares (if the task has labels)]; without a loss (DP: the update goes
+    alone) just the update. A value SecAgg+ would clip is an error."""
+    vector = [np.asarray(a, dtype=np.float64) for a in update]
+    if loss is not None:
+        vector.append(np.array([loss], dtype=np.float64))
+    if answer_shares:
+        vector.append(np.asarray(answer_shares, dtype=np.float64))
+    largest = max(float(np.abs(a).max()) for a in vector if a.size)
+    if not largest <= CLIPPING_RANGE:
+        raise ValueError(f"a value of {largest:.3g} exceeds SecAgg+'s clipping range {CLIPPING_RANGE}: the sum would "
+                         "be wrong (a diverged update or loss)")
+    return vector
+
+
+def unpack_update(
+    vector: list[np.ndarray], num_tensors: int
+) -> tuple[list[np.ndarray], float | None, list[float]]:
+    """(update tensors, loss or None, answer shares) of a packed vector, or of the average of packed vectors."""
+    rest = vector[num_tensors:]
+    loss = float(rest[0][0]) if rest else None
+    return vector[:num_tensors], loss, [float(x) for x in rest[1]] if len(rest) > 1 else []

@@ -1,0 +1,136 @@
+"""Task adaptation under Flower's SecAgg+: the server learns only the average of a round's updates.
+
+flwr 1.41 ships SecAgg+ as `SecAggPlusWorkflow` (server) and `secaggplus_mod` (client) for the legacy workflow
+API only: the workflow reads a `LegacyContext` (a legacy Strategy's configure_fit/aggregate_fit and a client
+manager) and runs its four stages over a Grid. The Message-API `strategy.start` has no hook for a multi-message
+round, so each round here runs Flower's workflow unchanged on our (audited) grid, with a LegacyContext that holds
+what our FedAvg decided: its seeded sample of training nodes (as legacy client proxies) and the round's config.
+The workflow hands the unmasked average to `aggregate_fit`, which keeps it; no cryptography is ours.
+
+A client that fails or drops out after the key sharing is unmasked from its neighbours' key shares (the workflow's
+dropout recovery); a round that keeps fewer clients than the reconstruction threshold fails and is reported as such.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.common import FitRes, Parameters, Scalar, parameters_to_ndarrays
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+
+from common import protocol as p
+from common.config import RunConfig
+from common.secure_update import (
+    CLIPPING_RANGE,
+    MODULUS_RANGE,
+    QUANTIZATION_RANGE,
+    SHARES,
+    THRESHOLD,
+    unpack_update,
+)
+from server.strategy import TaskAdapterFedAvg, rdp_accountant
+
+log = logging.getLogger("oppu")
+
+
+class _KeepAverage(LegacyFedAvg):
+    """The legacy strategy the workflow drives: configure_fit asks every node the client manager holds (our
+    sample); aggregate_fit keeps the unmasked average the workflow computed (it gives every result that average)."""
+
+    def __init__(self, config: dict[str, Any], nodes: int):
+        super().__init__(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=nodes, min_available_clients=nodes,
+                         on_fit_config_fn=lambda _: config)
+        self.average: list[np.ndarray] | None = None
+        self.nodes: list[int] = []  # whose updates the average holds
+
+    def aggregate_fit(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        self.nodes = [proxy.node_id for proxy, _ in results]  # type: ignore[attr-defined]
+        if results:
+            self.average = parameters_to_ndarrays(results[0][1].parameters)
+        return None, {}  # the workflow then leaves its state alone; we read the average from here
+
+
+def secure_round(
+    grid: Grid, server_round: int, arrays: ArrayRecord, nodes: list[int], config: dict[str, Any], timeout: float
+) -> tuple[list[np.ndarray] | None, int]:
+    """One SecAgg+ round of `nodes` from the global `arrays`: (the average of their packed vectors, or None if the
+    round failed; the nodes it averages)."""
+    manager = SimpleClientManager()
+    for node in nodes:
+        manager.register(GridClientProxy(node, grid, grid.run.run_id))
+    strategy = _KeepAverage(config, len(nodes))
+    context = LegacyContext(
+        Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+        config=ServerConfig(num_rounds=server_round), strategy=strategy, client_manager=manager,
+    )
+    context.state[MAIN_PARAMS_RECORD] = arrays
+    context.state[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
+    workflow = SecAggPlusWorkflow(
+        SHARES, THRESHOLD, max_weight=1.0, clipping_range=CLIPPING_RANGE, quantization_range=QUANTIZATION_RANGE,
+        modulus_range=MODULUS_RANGE, timeout=timeout,
+    )
+    workflow(grid, context)
+    return strategy.average, strategy.nodes
+
+
+@dataclass
+class SecureAdaptation:
+    """Rounds of secure task adaptation; `releases` are (noise multiplier, clients) of each DP release."""
+
+    fedavg: TaskAdapterFedAvg
+    cfg: RunConfig
+    releases: list[tuple[float, int]] = field(default_factory=list)
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int, timeout: float,
+              train_config: ConfigRecord) -> Result:
+        """Like Flower's `strategy.start`: every round samples with our FedAvg and adds the securely averaged update
+        to the global task LoRA (a failed round leaves it as it was)."""
+        names = list(initial_arrays.keys())
+        arrays = initial_arrays
+        for server_round in range(1, num_rounds + 1):
+            nodes = self.fedavg.sample(server_round)
+            config = {**train_config, p.SERVER_ROUND: server_round, p.TASK_ADAPTER_NAMES: names,
+                      p.ROUND_CLIENTS: len(nodes)}
+            self.fedavg.round_inputs[server_round] = arrays
+            average, averaged = secure_round(grid, server_round, arrays, nodes, config, timeout)
+            received = len(averaged)
+            if average is None:
+                log.warning("secure aggregation round %d failed: no average of its %d clients", server_round,
+                            len(nodes))
+                self.fedavg.keep_secure_round(server_round, 0, None, [])
+                continue
+            update, loss, shares = unpack_update(average, len(names))
+            self.fedavg.keep_secure_round(server_round, received, loss, shares)
+            if self.cfg.dp_noise > 0:  # survivors' noise shares: std noise * clip * sqrt(received / sampled)
+                self.releases.append((self.cfg.dp_noise * float(np.sqrt(received / len(nodes))), received))
+            arrays = ArrayRecord({
+                name: Array((arrays[name].numpy() + delta).astype(arrays[name].numpy().dtype))
+                for name, delta in zip(names, update, strict=True)
+            })
+            self.fedavg.attributed[server_round] = dict.fromkeys(averaged, arrays)  # all the server can tell
+            log.info("secure aggregation round %d: average of %d of %d updates", server_round, received, len(nodes))
+        return Result(arrays=arrays)
+
+    def privacy_spent(self, population: int) -> Any:
+        """(epsilon, delta) of the distributed-DP releases, by Flower's RDP accountant (as for server-side DP)."""
+        from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+        accountant = rdp_accountant(self.cfg, population)
+        for noise, clients in self.releases:
+            accountant.compose(GaussianPrivacyEvent(noise_multiplier=noise, sample_size=clients,
+                                                    population_size=population))
+        return accountant.get_privacy_spent()

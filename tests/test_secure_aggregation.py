@@ -1,0 +1,113 @@
+"""Secure aggregation of task adaptation (Flower's SecAgg+) on real runs with the tiny model: the server's task
+adapter is the average of the updates the nodes kept in clear, a node that drops out mid-protocol costs only its own
+update, no clear update reaches the server, and the audit catches a node that sends one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cloudpickle
+import numpy as np
+import pytest
+import secure_clients
+from safetensors.numpy import load_file
+
+from common.audit_log import tensor_sha256
+from common.config import RunConfig
+from common.secure_update import CLIPPING_RANGE, pack_update, unpack_update
+from simulation.cli import (
+    ClientAppFactory,
+    SetupError,
+    SimulationOptions,
+    build_parser,
+    check_run_flags,
+    simulate,
+    user_counts,
+)
+from simulation.privacy_audit import main as audit_main
+
+cloudpickle.register_pickle_by_value(secure_clients)  # Ray workers cannot import from tests/
+
+TINY_ARGS = ["--task", "LaMP-2M", "--data", "synthetic", "--model", "tiny-random", "--methods", "base",
+             "--batch-tokens", "256", "--personal-epochs", "1", "--max-history", "8", "--task-history", "4",
+             "--secure-aggregation", "--canaries"]
+
+
+def _simulate(argv: list[str], client_app: ClientAppFactory) -> tuple[Path, dict]:
+    args = build_parser().parse_args([*argv, *TINY_ARGS])
+    cfg = RunConfig(**{k: v for k, v in vars(args).items() if k in RunConfig.__dataclass_fields__})
+    return simulate(cfg, user_counts(args), SimulationOptions.from_args(args), client_app)
+
+
+@pytest.fixture(scope="module")
+def dropout_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One test user, three training users (partitions 1-3); partition 2 drops out after the key sharing."""
+    run_dir = tmp_path_factory.mktemp("runs") / "dropout"
+    argv = ["--num-clients", "1", "--train-clients", "3", "--rounds", "1", "--run-dir", str(run_dir)]
+    return _simulate(argv, secure_clients.dropout_app(2))
+
+
+def test_a_round_survives_a_dropout_and_averages_the_others(dropout_run: tuple[Path, dict]) -> None:
+    run_dir, outcome = dropout_run
+    adaptation = outcome["report"]["task_adaptation"]
+    assert adaptation["secure_aggregation"] is True
+    assert adaptation["sampled_updates"] == {"1": 3} and adaptation["failed_updates"] == {"1": 1}
+    vectors = secure_clients.clear_vectors(run_dir, 1)
+    assert len(vectors) == 2  # the dropped node never trained to the end
+    initial = outcome["initial_task_adapter"]
+    names = list(initial.keys())
+    update, loss, shares = unpack_update([np.mean(arrays, axis=0) for arrays in zip(*vectors.values())], len(names))
+    assert max(float(np.abs(d).max()) for d in update) > 1e-3  # an update the tolerance below can tell apart
+    saved = load_file(str(run_dir / "server" / "task_adapter" / "adapter_model.safetensors"))
+    for name, delta in zip(names, update):
+        # SecAgg+ quantization: one step is 2 * 16 / 2**22 = 7.6e-6 per client
+        np.testing.assert_allclose(saved[name] - initial[name].numpy(), delta, rtol=0, atol=1e-5)
+    assert adaptation["train_loss"]["1"] == pytest.approx(loss, abs=1e-5)
+    assert outcome["strategy"].answer_frequencies == pytest.approx(shares, abs=1e-5)
+    assert "1 FedAvg round(s) under secure aggregation (SecAgg+); **1 of 3" in (run_dir / "report.md").read_text()
+
+
+def test_no_clear_update_reaches_the_server_and_the_audit_passes(dropout_run: tuple[Path, dict]) -> None:
+    run_dir, _ = dropout_run
+    assert audit_main([str(run_dir)]) == 0
+    summary = json.loads((run_dir / "audit" / "summary.json").read_text())
+    assert summary["checks"]["updates-masked"]["passed"] and "adapt" not in summary["phases"]
+    assert summary["phases"]["secure-adapt"]["messages_up"] == 3 + 3 + 3 + 2  # the dropout's error reply counts
+    server_log = (run_dir / "audit" / "server.jsonl").read_text()
+    for vector in secure_clients.clear_vectors(run_dir, 1).values():
+        for array in vector:
+            for form in (array, array.astype(np.float32)):
+                assert tensor_sha256(form) not in server_log
+    replies = [json.loads(line) for line in server_log.splitlines()]
+    replies = [e for e in replies if e["direction"] == "in" and e["message_type"] == "train" and not e["error"]]
+    assert replies and all(not r["tensors"] for e in replies for r in e["records"].values() if r["type"] == "arrays")
+
+
+def test_a_node_that_sends_its_update_beside_the_masked_one_fails_the_audit(tmp_path: Path) -> None:
+    argv = ["--num-clients", "1", "--train-clients", "2", "--rounds", "1", "--run-dir", str(tmp_path / "leaky")]
+    run_dir, _ = _simulate(argv, secure_clients.leaky_app(1))
+    assert audit_main([str(run_dir)]) == 1
+    leaks = json.loads((run_dir / "audit" / "summary.json").read_text())["checks"]["personal-tensors-and-keys"]
+    assert any("server in train message" in v and "config keys not allowed in a reply: ['update']" in v
+               for v in leaks["violations"]), leaks
+
+
+def test_packed_vector_round_trip_and_clipping_range() -> None:
+    update = [np.full((2, 3), 0.01), np.arange(4.0) / 100]
+    vector = pack_update(update, 2.5, [0.25, 0.75])
+    back, loss, shares = unpack_update(vector, 2)
+    assert [a.tolist() for a in back] == [a.tolist() for a in update] and (loss, shares) == (2.5, [0.25, 0.75])
+    assert unpack_update(pack_update(update, None, []), 2)[1:] == (None, [])  # DP: the update goes alone
+    with pytest.raises(ValueError, match=f"exceeds SecAgg\\+'s clipping range {CLIPPING_RANGE}"):
+        pack_update(update, CLIPPING_RANGE + 1, [])
+
+
+def test_secure_aggregation_flags_are_checked(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["--train-clients", "1", "--secure-aggregation", "--run-dir", str(tmp_path)])
+    cfg = RunConfig(secure_aggregation=True)
+    with pytest.raises(SetupError, match="SecAgg\\+ needs 2 or more training users per round, got 1"):
+        check_run_flags(args, cfg)
+    with pytest.raises(ValueError, match="local-dp-epsilon cannot be combined with dp-noise or secure-aggregation"):
+        RunConfig(secure_aggregation=True, local_dp_epsilon=1.0)
+    assert build_parser().parse_args([]).secure_aggregation is False
