@@ -1,16 +1,18 @@
-"""`oppu-deploy`: one SuperLink and N SuperNodes as real processes on 127.0.0.1, then `flwr run` against them.
+"""`oppu-deploy`: real Flower processes (SuperLink, SuperNodes, `flwr run`) with TLS and SuperNode authentication.
 
-TLS certificates (a local CA and a certificate for 127.0.0.1) and SuperNode authentication keys are made
-here; each SuperNode is registered with the SuperLink and started with its own node-local store, model
-cache and audit directory. Every process started is stopped by PID, with every process below it, at the end, on
-failure and on Ctrl-C; if oppu-deploy itself is killed (even by SIGKILL), a watchdog process kills them.
+`local` (also the bare form) is the quick path: one SuperLink and N SuperNodes on 127.0.0.1, then `flwr run`. The
+other roles split the same over machines (docs/deployment.md): `superlink` on a coordinator (CA made once and kept,
+a certificate for the names machines use), `partition` (one data file per user), `supernode` on each device machine
+(one SuperNode per local user file), `register` (node public keys), `run` (`flwr run` against the SuperLink). Every
+process started is stopped by PID, with every process below it, at the end, on failure and on Ctrl-C; if oppu-deploy
+itself is killed (even by SIGKILL), a watchdog process kills them.
 
-Layout under the run directory:
-    deploy/tls/                 ca.pem, superlink.pem, superlink.key
-    deploy/nodes/<i>/           node key pair, model cache, audit log
-    deploy/flwr-home/           FLWR_HOME for the CLI (connection "oppu-local")
+Layout of the quick path, under the run directory:
+    deploy/tls/                 ca.pem, ca.key, superlink.pem, superlink.key
+    deploy/nodes/<i>/           node key pair, model cache
+    deploy/flwr-home/           FLWR_HOME for the CLI (connection "oppu")
     deploy/logs/                superlink.log, register-<i>.log, supernode-<i>.log, flwr-run.log, watchdog.log
-    clients/<user>/             node-local stores, as in the simulation
+    clients/<user>/             node-local stores, as in the simulation; audit/ both sides' logs
 """
 
 from __future__ import annotations
