@@ -116,6 +116,9 @@ def add_run_flags(
         run.add_argument("--gpus-per-client", type=gpu_share, default="auto",
                          help="GPU share per simulated client (Ray): a number, or 'auto': the visible GPUs shared "
                          "evenly by the clients that run at once (--device auto or cuda; 0 without a GPU)")
+        run.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                         help="join this existing Ray cluster (`ray start --head` printed it) instead of starting Ray "
+                         "here; every machine must see --run-dir (and --cache-dir) at the same path, checked first")
         run.add_argument("--canaries", action="store_true",
                          help="plant a unique marker string in every user's history; `oppu-audit` checks none is sent")
     run.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds to wait for a phase's replies")
@@ -180,6 +183,7 @@ class SimulationOptions:
     canaries: bool = False
     timeout: float = 6 * 3600.0
     verbose: bool = False  # the workers' output on the console too
+    ray_address: str | None = None  # None: Ray starts on this machine
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SimulationOptions:
@@ -285,6 +289,10 @@ def simulate(
         len(os.sched_getaffinity(0)),
     )
     run_dir = prepare_run_dir(cfg, counts, options).resolve()
+    if options.ray_address:
+        from simulation.ray_cluster import join_ray_cluster
+
+        join_ray_cluster(options.ray_address, run_dir, options.cache_dir)
     if options.resume and (run_dir / "nodes.json").exists():  # the stores of the interrupted run stay as they are
         nodes = json.loads((run_dir / "nodes.json").read_text())
     else:

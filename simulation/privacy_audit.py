@@ -64,11 +64,11 @@ def read_log(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return entries, problems
 
 
-def read_logs(audit_dir: Path) -> tuple[list[dict[str, Any]], list[str], int]:
-    """(entries of both logs, problems, redeliveries): problems are a missing log, lines that are not entries, and
-    repeated lines other than redeliveries (a message a client received again, on a new worker)."""
+def read_logs(audit_dir: Path, sides: tuple[str, ...] = SIDES) -> tuple[list[dict[str, Any]], list[str], int]:
+    """(entries of the sides' logs, problems, redeliveries): problems are a missing log, lines that are not entries,
+    and repeated lines other than redeliveries (a message a client received again, on a new worker)."""
     entries, problems, redelivered = [], [], 0
-    for side in SIDES:
+    for side in sides:
         path = audit_dir / f"{side}.jsonl"
         if not path.exists():
             problems.append(f"{path}: missing, so no {side} side to check the other side's log against")
@@ -172,12 +172,13 @@ def masking_violations(entries: list[dict[str, Any]]) -> list[str]:
             for e in entries if _is_reply(e) and e.get("message_type") == p.ADAPT]
 
 
-def planted_canaries(run_dir: Path) -> tuple[dict[str, str], list[str]]:
+def planted_canaries(run_dir: Path, listed_required: bool = True) -> tuple[dict[str, str], list[str]]:
     """(canary -> user, problems): the canaries audit/canaries.json lists together with those found in the node
-    stores' data, so a missing or edited canaries.json neither hides a canary nor goes unnoticed."""
+    stores' data, so a missing or edited canaries.json neither hides a canary nor goes unnoticed. The server's side
+    alone (`listed_required=False`) may lack the list: a coordinator holds no stores to have planted any."""
     path = run_dir / "audit" / "canaries.json"
     try:
-        listed, problems = json.loads(path.read_text()), []
+        listed, problems = json.loads(path.read_text()) if listed_required or path.exists() else {}, []
     except (FileNotFoundError, json.JSONDecodeError) as e:
         state = "missing" if isinstance(e, FileNotFoundError) else f"not JSON ({e.msg})"
         listed, problems = {}, [f"{path}: {state}; it lists the planted canaries ({{}} when none were planted)"]
@@ -249,23 +250,26 @@ def traffic(server: list[dict[str, Any]]) -> tuple[dict[str, dict[str, int]], di
     return {k: dict(v) for k, v in phases.items()}, {k: dict(v) for k, v in nodes.items()}
 
 
-def audit(run_dir: Path) -> dict[str, Any]:
-    """Run every check on both logs; the summary that `oppu-audit` prints and writes."""
-    entries, log_problems, redelivered = read_logs(run_dir / "audit")
-    canaries, canary_problems = planted_canaries(run_dir)
+def audit(run_dir: Path, sides: tuple[str, ...] = SIDES) -> dict[str, Any]:
+    """Run every check on the sides' logs (both: all of them; one side alone, as on a machine that holds only that
+    side: every check but logs-agree); the summary that `oppu-audit` prints and writes."""
+    entries, log_problems, redelivered = read_logs(run_dir / "audit", sides)
+    canaries, canary_problems = planted_canaries(run_dir, listed_required="client" in sides)
     names, hashes = personal_tensors(run_dir)
-    agreement, in_flight = agreement_violations(entries)
     checks: dict[str, list[str]] = {
         "logs-whole": log_problems,
         "personal-tensors-and-keys": [v for e in entries if _is_reply(e) for v in reply_violations(e, names, hashes)],
         "canaries": canary_problems + [v for e in entries for v in canary_violations(e, canaries)],
-        "logs-agree": agreement,
         "updates-masked": masking_violations(entries) if secure_run(run_dir, entries) else [],
     }
+    in_flight = 0
+    if len(sides) == 2:
+        checks["logs-agree"], in_flight = agreement_violations(entries)
     server = [e for e in entries if e["side"] == "server"]
-    phases, per_node = traffic(server)
+    phases, per_node = traffic(server if "server" in sides else entries)
     return {
         "run_dir": str(run_dir),
+        "sides": list(sides),
         "messages": {"server": len(server), "client": len(entries) - len(server)},
         "attempts": attempts(entries),
         "sent_not_received_in_interrupted_attempts": in_flight,
@@ -282,15 +286,22 @@ def audit(run_dir: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="oppu-audit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path, help="a run directory written by flower-simulation")
+    parser.add_argument("run_dir", type=Path,
+                        help="a run directory written by flower-simulation or oppu-deploy; with --side client, a "
+                             "node's own directory (<dir>/<user> of `oppu-deploy supernode`)")
+    parser.add_argument("--side", choices=("both", *SIDES), default="both",
+                        help="the logs to check: both (all checks), or one side alone where only it is (the "
+                             "coordinator's run directory: server; a device machine's node directory: client): every "
+                             "check but logs-agree, which needs both logs (copy the nodes' audit/client.jsonl into "
+                             "the run's audit/client.jsonl for it)")
     args = parser.parse_args(argv)
     if not args.run_dir.is_dir():
         print(f"oppu-audit: {args.run_dir}: no such run directory", file=sys.stderr)
         return 2
-    summary = audit(args.run_dir)
+    summary = audit(args.run_dir, SIDES if args.side == "both" else (args.side,))
     atomic_write_json(args.run_dir / "audit" / "summary.json", summary)
-    print(f"audit of {args.run_dir}: {summary['messages']['server']} server / {summary['messages']['client']} client "
-          f"log entries, {summary['personal_adapters_checked']} personal adapters, "
+    print(f"audit of {args.run_dir} ({' and '.join(summary['sides'])} side{'s' * (len(summary['sides']) - 1)}): "
+          f"{summary['messages']['server']} server / {summary['messages']['client']} client log entries, {summary['personal_adapters_checked']} personal adapters, "
           f"{summary['canaries_planted']} canaries")
     if len(summary["attempts"]) > 1:
         print(f"  {len(summary['attempts'])} attempts (resumed); sent but cut off by an interruption: "

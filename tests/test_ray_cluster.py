@@ -1,0 +1,76 @@
+"""`flower-simulation --ray-address`: the run joins a Ray cluster that the test starts (`ray start --head` on
+127.0.0.1) and stops; the driver starts no Ray of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from simulation.deploy import free_port, running, stop_trees
+
+REPO = Path(__file__).resolve().parents[1]
+ARGS = ["--num-clients", "1", "--train-clients", "1", "--rounds", "1", "--methods", "base,oppu", "--task", "LaMP-2M",
+        "--data", "synthetic", "--model", "tiny-random", "--batch-tokens", "256", "--personal-epochs", "1",
+        "--max-history", "8", "--task-history", "4"]
+
+
+def _ray_head(temp_dir: Path, port: int, log: Path) -> subprocess.Popen:
+    """A one-machine Ray cluster in the foreground (--block), every port of its own chosen free on 127.0.0.1."""
+    ports = {flag: str(free_port()) for flag in (
+        "--ray-client-server-port", "--node-manager-port", "--object-manager-port", "--metrics-export-port",
+        "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port")}
+    low = free_port()
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+             "--port", str(port), "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard=false",
+             "--disable-usage-stats", "--temp-dir", str(temp_dir), "--min-worker-port", str(low),
+             "--max-worker-port", str(low + 40), *(x for pair in ports.items() for x in pair)],
+            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+
+def test_simulation_joins_a_ray_cluster(tmp_path: Path) -> None:
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    port, head_log = free_port(), tmp_path / "ray-head.log"
+    head = _ray_head(temp_dir, port, head_log)
+    tree: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 90
+        while not list(temp_dir.glob("session_latest/logs/raylet.out")):
+            assert head.poll() is None, head_log.read_text()
+            assert time.monotonic() < deadline, head_log.read_text()
+            time.sleep(0.5)
+        time.sleep(2)  # the raylet registers with the GCS
+        run_dir = tmp_path / "run"
+        driver = subprocess.run(
+            [sys.executable, "-m", "simulation.cli", *ARGS, "--run-dir", str(run_dir), "--ray-address",
+             f"127.0.0.1:{port}"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+            text=True, timeout=240)
+        assert driver.returncode == 0, driver.stderr[-4000:]
+        report = json.loads((run_dir / "report.json").read_text())
+        assert report["users"] == {"test": 1, "evaluated": 1, "failed": 0, "train": 1}
+        assert not list(run_dir.glob(".ray-check"))
+        # the clients ran as the cluster's workers: its session logged our driver and its workers
+        logs = temp_dir / "session_latest" / "logs"
+        assert len(list(logs.glob("python-core-driver-*.log"))) == 1
+        assert list(logs.glob("python-core-worker-*.log"))
+        tree = [psutil.Process(head.pid), *psutil.Process(head.pid).children(recursive=True)]
+    finally:
+        stop_trees([psutil.Process(head.pid)] if head.poll() is None else [], grace=15)
+        head.wait(30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    deadline = time.monotonic() + 15
+    while (alive := running(tree)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive, [" ".join(p.cmdline()) for p in alive]
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(temp_dir) in " ".join(p.info["cmdline"] or [])]
+
