@@ -28,6 +28,7 @@ from client.data import DataError, User
 from client.model_build import UnknownModelError, linear_module_names, resolve_model
 from common.config import RunConfig, UserCounts
 from simulation.console import run_log, setup_console
+from simulation.errors import SetupError
 
 log = logging.getLogger("oppu")
 ClientAppFactory = Callable[[Path], ClientApp]  # run directory -> the ClientApp its simulated nodes run
@@ -37,10 +38,6 @@ RUNS_DIR = Path("runs")
 # restarted, and the message it was running is run once more on its replacement (a message that kills every
 # worker it runs on then fails alone). Retries cover system failures only: an exception in our code is not retried.
 WORKER_FAULT_TOLERANCE = {"max_restarts": -1, "max_task_retries": 1}
-
-
-class SetupError(Exception):
-    """Bad data or settings found before the simulation starts (exit status 2)."""
 
 
 def gpu_share(text: str) -> str | float:

@@ -40,7 +40,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from common.config import RunConfig, UserCounts
-from common.store import UserStore, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from common.store import (
+    UserStore,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+)
 
 CONNECTION = "oppu"
 REPO = Path(__file__).resolve().parents[1]
@@ -665,7 +671,13 @@ def _report(prog: str, run_dir: Path, status: int, counts: UserCounts, allow_fai
 
 
 def main(argv: list[str] | None = None) -> int:
-    from simulation.cli import SetupError, check_run_flags, run_config_of, setup_failure, user_counts
+    from simulation.cli import (
+        SetupError,
+        check_run_flags,
+        run_config_of,
+        setup_failure,
+        user_counts,
+    )
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in ROLES and argv[0] not in ("-h", "--help")):

@@ -15,6 +15,8 @@ import secrets
 import sys
 from pathlib import Path
 
+from simulation.errors import SetupError
+
 
 def _sees(path: str, token: str) -> str | None:
     """On one Ray node: None if `path`/.ray-check holds `token` and `path` is writable, else what is wrong."""
@@ -42,7 +44,6 @@ def join_ray_cluster(address: str, run_dir: Path, cache_dir: Path | None) -> Non
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from simulation.cli import SetupError
 
     env = {"PYTHONPATH": os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])}
     if cache_dir:
