@@ -130,6 +130,10 @@ def adapt(msg: Message, context: Context) -> Message:
 
 
 def _adapt_in_clear(msg: Message, context: Context) -> Message:
+    """The clear reply: the new task LoRA, the example count, the loss and answer shares (unless noised)."""
+    import torch  # noqa: F401  (flwr's to_torch_state_dict refuses to run before torch is imported; a SuperNode
+    # starts a fresh ClientApp process per message)
+
     cfg, new_state, num_examples, loss, shares = _adapt_locally(
         msg.content[p.CONFIG], msg.content[p.ARRAYS].to_torch_state_dict(), context
     )

@@ -684,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["local", *argv]
     parser = build_parser()
     args = parser.parse_args(argv)
-    prog = f"oppu-deploy {args.role}"
+    prog = "oppu-deploy" if args.role == "local" else f"oppu-deploy {args.role}"  # the quick path speaks as before
     try:
         if args.role == "superlink":
             return serve_superlink(args.dir, args.host, args.port, args.name)
