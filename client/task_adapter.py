@@ -22,7 +22,7 @@ from client.adapters import (
 from client.data import User
 from client.model_cache import load_base
 from client.training import history_examples, query_examples, train_adapter
-from common.config import PeftSettings, RunConfig, parse_method
+from common.config import PeftSettings, RunConfig
 from common.store import atomic_directory
 from common.tasks import get_task
 
@@ -65,7 +65,7 @@ def task_adaptation_step(
     shared model learns every prompt format it will be evaluated with at no extra cost.
     """
     task = get_task(cfg.task)
-    depths = sorted({parse_method(m).k for m in cfg.method_names()})
+    depths = cfg.retrieval_depths()
     by_depth = [
         query_examples(user, task, tokenizer, cfg.prompt_settings(k))
         + history_examples(user, task, tokenizer, cfg.prompt_settings(k), max_items=cfg.task_history or None)

@@ -100,6 +100,12 @@ AT_LEAST = {
     "max_text_chars": 1, "max_user_history": 1,
 }
 POSITIVE = ("local_epochs", "task_lr", "personal_epochs", "personal_lr")
+# settings that only test users' personalization and evaluation read: a task adapter made under other values of
+# these serves as well (`--task-adapter-from`); of `methods` and `k` task adaptation reads only the retrieval depths
+PERSONALIZATION_ONLY = (
+    "methods", "k", "decision", "peft", "personal_epochs", "personal_lr", "max_history", "history_selection",
+    "selection_items", "history_format", "profile_items", "split", "validation_items",
+)
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -109,6 +115,9 @@ def _opt(default: Any, help: str) -> Any:
 def _key(name: str) -> str:
     """A field's config key and flag name (max_history -> max-history)."""
     return name.replace("_", "-")
+
+
+PERSONALIZATION_ONLY_KEYS = frozenset(_key(name) for name in PERSONALIZATION_ONLY)
 
 
 @dataclass(frozen=True)
@@ -256,6 +265,15 @@ class RunConfig:
             kind=self.peft, r=self.lora_r, alpha=self.lora_alpha,  # type: ignore[arg-type]
             target_modules=tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()),
         )
+
+    def retrieval_depths(self) -> list[int]:
+        """The retrieval depths the methods use (0: none); task adaptation trains on each of them."""
+        return sorted({parse_method(m).k for m in self.method_names()})
+
+    def task_adaptation_settings(self) -> dict[str, Any]:
+        """What the shared task adapter depends on: the record without the personalization-only settings."""
+        record = {key: value for key, value in self.to_record().items() if key not in PERSONALIZATION_ONLY_KEYS}
+        return {**record, "retrieval-depths": self.retrieval_depths()}
 
     def prompt_settings(self, k: int = 0, use_profile: bool = False, history_format: HistoryFormat = "both") -> PromptSettings:
         """`history_format` matters to personal training only (task adaptation keeps question -> answer)."""

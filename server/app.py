@@ -46,7 +46,6 @@ class ServerOptions:
 
     run_dir: Path
     cache_dir: Path | None = None
-    resume: bool = False
     expected_nodes: int = 1  # wait for this many connected nodes before announcing
     timeout: float = 6 * 3600.0
     progress: bool = True
@@ -70,19 +69,20 @@ def _message_config(cfg: RunConfig, model_sha: str) -> ConfigRecord:
 def adapt_task(
     grid: Grid, cfg: RunConfig, opts: ServerOptions, model_dir: Path, model_sha: str, train_nodes: list[int]
 ) -> tuple[ArrayRecord, dict[str, Any]]:
-    """FedAvg rounds of the shared task LoRA over training nodes (skipped on resume when already done);
+    """FedAvg rounds of the shared task LoRA over training nodes, skipped when the run directory holds one made
+    with the same task-adaptation settings (an interrupted run's, or one --task-adapter-from copied in);
     (the task LoRA, its record: per-round loss and failed updates, the training users' answer-label shares
     averaged as FedAvg averages metrics)."""
     from client.model_cache import load_fresh
     from client.task_adapter import initial_task_state, save_task_adapter
 
     target = opts.run_dir / "server" / "task_adapter"
-    key = hashlib.sha256(f"{model_sha}|{sorted(cfg.to_record().items())}".encode()).hexdigest()
+    key = hashlib.sha256(f"{model_sha}|{sorted(cfg.task_adaptation_settings().items())}".encode()).hexdigest()
     saved = read_json(target.parent / "task_adapter.json")
-    if opts.resume and saved and saved["key"] == key:
+    if saved and saved["key"] == key:  # an interrupted run's, or one copied in by --task-adapter-from
         from safetensors.torch import load_file
 
-        log.info("resume: reusing the task adapter of the interrupted run")
+        log.info("reusing the task adapter in %s (made with the same task-adaptation settings)", target)
         return ArrayRecord(load_file(target / "adapter_model.safetensors")), saved
     initial = ArrayRecord(initial_task_state(load_fresh(model_dir, "cpu", "float32"), cfg))  # not kept: the server holds no model
     fedavg, strategy = task_strategy(cfg, train_nodes)
@@ -212,6 +212,7 @@ def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
             "failed_updates": adaptation.get("failed_updates", {}),
             "differential_privacy": adaptation.get("differential_privacy"),
             "secure_aggregation": cfg.secure_aggregation,
+            "copied_from": adaptation.get("copied_from"),  # the earlier run whose adapter this one reused
         },
         "decision_rule": decision_rule(task, cfg.decision) if task.labels else None,
         "methods": method_results(task, records.values(), cfg.method_names()),

@@ -160,7 +160,8 @@ def _task_adaptation_line(adaptation: Mapping[str, Any]) -> str:
         return ""
     failed = {r: n for r, n in adaptation["failed_updates"].items() if n}
     text = (f"Task adaptation: {adaptation['rounds']} FedAvg round(s)"
-            + (" under secure aggregation (SecAgg+)" if adaptation.get("secure_aggregation") else "") + "; ")
+            + (" under secure aggregation (SecAgg+)" if adaptation.get("secure_aggregation") else "")
+            + (f", reused from the run in {adaptation['copied_from']}" if adaptation.get("copied_from") else "") + "; ")
     if not failed:
         return text + f"all {sampled} training-user updates averaged.\n\n"
     return text + (f"**{sum(failed.values())} of {sampled} training-user updates failed** ("

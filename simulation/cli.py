@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -107,6 +108,11 @@ def add_run_flags(
         if one_run:
             run.add_argument("--resume", action="store_true",
                              help="continue an interrupted run: finished users are skipped")
+        if one_run:
+            run.add_argument("--task-adapter-from", type=Path, default=None, metavar="RUN_DIR",
+                             help="reuse the task adapter of this earlier run instead of training one: its "
+                             "task-adaptation settings and user counts must be this run's (only personalization "
+                             "and evaluation settings may differ, e.g. --personal-lr, --max-history, --split)")
         run.add_argument("--cache-dir", type=Path, default=None,
                          help="model cache (default: $OPPU_CACHE_DIR or ~/.cache/oppu-fl)")
         run.add_argument("--cpus-per-client", type=float, default=1.0, help="CPU cores per simulated client (Ray)")
@@ -174,6 +180,7 @@ class SimulationOptions:
 
     run_dir: Path | None = None  # None: a new runs/<time>-<task>
     resume: bool = False
+    task_adapter_from: Path | None = None  # an earlier run whose task adapter this one reuses
     cache_dir: Path | None = None
     cpus_per_client: float = 1.0
     gpus_per_client: str | float = "auto"
@@ -264,6 +271,35 @@ def prepare_run_dir(cfg: RunConfig, counts: UserCounts, options: SimulationOptio
     return run_dir
 
 
+def copy_task_adapter(source: Path, run_dir: Path, cfg: RunConfig, counts: UserCounts, canaries: bool) -> None:
+    """Copy `source`'s task adapter into `run_dir/server/`, where the server reuses it; a SetupError (nothing
+    written) unless `source` made it under this run's task-adaptation settings, users and no canaries."""
+    from common.store import atomic_write_json, read_json
+
+    flag = f"--task-adapter-from {source}"
+    earlier, saved = read_json(source / "run.json"), read_json(source / "server" / "task_adapter.json")
+    if earlier is None or saved is None:
+        raise SetupError(f"{flag}: expected a run directory whose task adaptation finished "
+                         "(run.json and server/task_adapter.json)")
+    theirs = RunConfig.from_record(earlier["config"]).task_adaptation_settings()
+    ours = cfg.task_adaptation_settings()
+    differ = [f"{key} {theirs.get(key)!r} there, {value!r} here" for key, value in ours.items() if theirs.get(key) != value]
+    differ += [f"{key} {earlier[key]} there, {ours_count} here" for key, ours_count in
+               (("num_clients", counts.test), ("train_clients", counts.train)) if earlier[key] != ours_count]
+    if canaries or read_json(source / "audit" / "canaries.json"):
+        differ.append("canaries (planted strings are drawn per run)")
+    if differ:
+        raise SetupError(f"{flag}: its task adapter was made under other task-adaptation settings: "
+                         + "; ".join(differ))
+    target = run_dir / "server" / "task_adapter"
+    staging = target.with_name(".task_adapter.copy")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source / "server" / "task_adapter", staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    atomic_write_json(target.parent / "task_adapter.json", {**saved, "copied_from": str(source.resolve())})
+
+
 def run_settings(cfg: RunConfig, counts: UserCounts) -> dict:
     """What must match for --resume to continue a run (saved as run.json once its node stores exist)."""
     return {"config": cfg.to_record(), "num_clients": counts.test, "train_clients": counts.train}
@@ -286,6 +322,10 @@ def simulate(
         len(os.sched_getaffinity(0)),
     )
     run_dir = prepare_run_dir(cfg, counts, options).resolve()
+    if options.task_adapter_from:
+        if options.resume:
+            raise SetupError("--task-adapter-from: a resumed run keeps its own task adapter; give one of the two")
+        copy_task_adapter(options.task_adapter_from, run_dir, cfg, counts, options.canaries)
     if options.ray_address:
         from simulation.ray_cluster import join_ray_cluster
 
@@ -306,7 +346,7 @@ def simulate(
     if options.cache_dir:  # the nodes' model cache (a simulated node has no node config of its own to say it)
         os.environ["OPPU_CACHE_DIR"] = str(options.cache_dir.resolve())
     opts = ServerOptions(
-        run_dir=run_dir, cache_dir=options.cache_dir, resume=options.resume, expected_nodes=len(nodes),
+        run_dir=run_dir, cache_dir=options.cache_dir, expected_nodes=len(nodes),
         timeout=options.timeout,
     )
     with run_log(run_dir, options.verbose):  # every library's lines, DEBUG and up (the console shows ours)

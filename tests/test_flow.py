@@ -207,3 +207,28 @@ def test_reference_rows_and_best_constant_on_values(federated_run: tuple[Path, d
     assert {("oppu", "base"), ("oppu", "ref-mode"), ("base", "ref-constant")} <= compared
     markdown = (run_dir / "report.md").read_text()
     assert "| ref-mode | ref-constant |" in markdown and "decision rule `argmax`" in markdown
+
+
+def test_task_adapter_from_reuses_an_earlier_runs_adapter_and_refuses_other_settings(
+    federated_run: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Personal settings may differ from the source run; a task-adaptation setting may not."""
+    source, _ = federated_run
+    base = ["--num-clients", "3", "--train-clients", "3", "--rounds", "2", "--methods", "base,oppu,oppu+rag",
+            *TINY_ARGS, "--task-adapter-from", str(source)]
+    reused = tmp_path / "reused"
+    assert main([*base, "--run-dir", str(reused), "--personal-lr", "5e-3"]) == 0
+    name = "adapter_model.safetensors"
+    assert (reused / "server" / "task_adapter" / name).read_bytes() == \
+        (source / "server" / "task_adapter" / name).read_bytes()
+    report = json.loads((reused / "report.json").read_text())
+    assert report["task_adaptation"]["copied_from"] == str(source.resolve())
+    assert report["task_adaptation"]["train_loss"] == json.loads((source / "report.json").read_text())[
+        "task_adaptation"]["train_loss"]
+    assert f"reused from the run in {source.resolve()}" in (reused / "report.md").read_text()
+    capsys.readouterr()
+    for changed, key in ((["--task-lr", "1e-3"], "task-lr"), (["--methods", "base,oppu+rag-k2"], "retrieval-depths")):
+        refused = tmp_path / key
+        assert main([*base, "--run-dir", str(refused), *changed]) == 2
+        assert key in capsys.readouterr().err
+        assert not (refused / "server" / "task_adapter").exists() and not (refused / "run.json").exists()
