@@ -274,7 +274,7 @@ def prepare_run_dir(cfg: RunConfig, counts: UserCounts, options: SimulationOptio
 def copy_task_adapter(source: Path, run_dir: Path, cfg: RunConfig, counts: UserCounts, canaries: bool) -> None:
     """Copy `source`'s task adapter into `run_dir/server/`, where the server reuses it; a SetupError (nothing
     written) unless `source` made it under this run's task-adaptation settings, users and no canaries."""
-    from common.store import atomic_write_json, read_json
+    from common.store import atomic_directory, atomic_write_json, read_json
 
     flag = f"--task-adapter-from {source}"
     earlier, saved = read_json(source / "run.json"), read_json(source / "server" / "task_adapter.json")
@@ -292,11 +292,8 @@ def copy_task_adapter(source: Path, run_dir: Path, cfg: RunConfig, counts: UserC
         raise SetupError(f"{flag}: its task adapter was made under other task-adaptation settings: "
                          + "; ".join(differ))
     target = run_dir / "server" / "task_adapter"
-    staging = target.with_name(".task_adapter.copy")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source / "server" / "task_adapter", staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    with atomic_directory(target, replace=True) as staging:
+        shutil.copytree(source / "server" / "task_adapter", staging, dirs_exist_ok=True)
     atomic_write_json(target.parent / "task_adapter.json", {**saved, "copied_from": str(source.resolve())})
 
 
@@ -321,10 +318,10 @@ def simulate(
         options.cpus_per_client, options.gpus_per_client, cfg.device, torch.cuda.device_count(),
         len(os.sched_getaffinity(0)),
     )
+    if options.task_adapter_from and options.resume:
+        raise SetupError("--task-adapter-from: a resumed run keeps its own task adapter; give one of the two")
     run_dir = prepare_run_dir(cfg, counts, options).resolve()
     if options.task_adapter_from:
-        if options.resume:
-            raise SetupError("--task-adapter-from: a resumed run keeps its own task adapter; give one of the two")
         copy_task_adapter(options.task_adapter_from, run_dir, cfg, counts, options.canaries)
     if options.ray_address:
         from simulation.ray_cluster import join_ray_cluster
