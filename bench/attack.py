@@ -38,6 +38,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from bench.common import finish
+from common.store import atomic_write_json
 
 CONFIGS: dict[str, list[str]] = {
     "none": [],
@@ -160,6 +161,8 @@ def attack(run_dir: Path, cfg, outcome: dict[str, Any]) -> dict[str, Any]:
     strategy = outcome["strategy"]
     members, non_members, exposures = [], [], []
     for server_round, held in strategy.attributed.items():
+        print(f"bench.attack: scoring round {server_round}: {len(held)} update(s) x {len(outsiders) + 1} user(s) "
+              "and a canary ranking each", flush=True)
         start = strategy.round_inputs[server_round]
         before = {u: scorer.loss(start, u) for u in users}
         for node, arrays in held.items():
@@ -262,6 +265,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         flags = [f.format(noise=args.noise, epsilon=args.epsilon) for f in CONFIGS[name]]
         common = ["--num-clients", str(args.num_clients), "--train-clients", str(args.train_clients), *extra]
         results[name] = run_config(name, [*common, *flags], base_dir)
+        print(f"bench.attack: {name} done ({len(results)} of {len(names)})", flush=True)
+        if args.out:  # a configuration's figures survive a later one's crash
+            atomic_write_json(args.out, {"command": argv, "configs": results, "finished": False})
     return finish(args, {"command": argv, "configs": results}, table(results))
 
 
