@@ -8,9 +8,11 @@ For each configuration it runs a real federated run, then attacks what the serve
 training node, the task LoRA it can attribute to that node (the node's own update in clear; under secure
 aggregation only the round's average, the same for every node of the round):
 - membership inference: the score of (update U, user v) is the loss drop that U alone gives on v's history items
-  (the items task adaptation trains on): loss under the round's global task LoRA minus loss under U. Members are
-  (the node's update, its own user); non-members (that update, a test user: never in any round). ROC AUC and the
-  TPR at 1% FPR over these pairs; 0.5 and 0.01 are chance;
+  (the items task adaptation trains on): loss under the round's global task LoRA minus loss under U, less the
+  median drop U gives the outsiders (an update that lowers every user's loss says nothing about who trained it).
+  Members are (the node's update, its own user); non-members (that update, a test user: never in any round).
+  ROC AUC with a bootstrap 95% interval and the TPR at 1% FPR over these pairs; 0.5 and 0.01 are chance; the
+  AUC of the uncalibrated drop is kept beside it;
 - canary exposure (Carlini et al. 2019): the planted string's rank, by likelihood after the text it follows in the
   user's latest history item, among CANDIDATES random strings of its shape under U; exposure
   log2(CANDIDATES + 1) - log2(rank) (0 = no better than chance, log2(CANDIDATES + 1) = ranked first), mean over
@@ -74,6 +76,27 @@ def roc_auc(positives: list[float], negatives: list[float]) -> float:
     """P(a member's score > a non-member's), ties half (Mann-Whitney U)."""
     pos, neg = np.asarray(positives)[:, None], np.asarray(negatives)[None, :]
     return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size))
+
+
+def calibrate(drops: list[tuple[float, list[float]]]) -> tuple[list[float], list[float]]:
+    """Each update's scores minus the median outsider drop under that update (per-update difficulty calibration):
+    an update that lowers everyone's loss says nothing about who trained it; only a drop beyond the outsiders'
+    does. (member scores, non-member scores)."""
+    members, non_members = [], []
+    for member, outsiders in drops:
+        middle = float(np.median(outsiders))
+        members.append(member - middle)
+        non_members += [x - middle for x in outsiders]
+    return members, non_members
+
+
+def auc_interval(positives: list[float], negatives: list[float], resamples: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Bootstrap interval of roc_auc, members and non-members resampled apart: how far from 0.5 is noise."""
+    rng = np.random.default_rng(seed)
+    pos, neg = np.asarray(positives), np.asarray(negatives)
+    aucs = [roc_auc(rng.choice(pos, pos.size).tolist(), rng.choice(neg, neg.size).tolist()) for _ in range(resamples)]
+    return float(np.quantile(aucs, (1 - level) / 2)), float(np.quantile(aucs, (1 + level) / 2))
 
 
 def tpr_at_fpr(positives: list[float], negatives: list[float], fpr: float = 0.01) -> float:
@@ -159,7 +182,8 @@ def attack(run_dir: Path, cfg, outcome: dict[str, Any]) -> dict[str, Any]:
     outsiders = [u for u, role in roles.items() if role == "test"]
     scorer = Scorer(cfg, users)
     strategy = outcome["strategy"]
-    members, non_members, exposures = [], [], []
+    drops: list[tuple[float, list[float]]] = []  # per update: (its member's loss drop, the outsiders' drops)
+    exposures = []
     for server_round, held in strategy.attributed.items():
         print(f"bench.attack: scoring round {server_round}: {len(held)} update(s) x {len(outsiders) + 1} user(s) "
               "and a canary ranking each", flush=True)
@@ -167,12 +191,17 @@ def attack(run_dir: Path, cfg, outcome: dict[str, Any]) -> dict[str, Any]:
         before = {u: scorer.loss(start, u) for u in users}
         for node, arrays in held.items():
             user = node_user[node]
-            members.append(before[user] - scorer.loss(arrays, user))
-            non_members += [before[v] - scorer.loss(arrays, v) for v in outsiders]
+            drops.append((before[user] - scorer.loss(arrays, user), [before[v] - scorer.loss(arrays, v) for v in outsiders]))
             exposures.append(scorer.exposure(arrays, user, canaries[user], seed=server_round * 1000 + node % 1000))
-    return {"membership_auc": roc_auc(members, non_members), "tpr_at_1pct_fpr": tpr_at_fpr(members, non_members),
+    members, non_members = [m for m, _ in drops], [x for _, others in drops for x in others]
+    calibrated_members, calibrated_non_members = calibrate(drops)
+    return {"membership_auc": roc_auc(calibrated_members, calibrated_non_members),
+            "auc_95": auc_interval(calibrated_members, calibrated_non_members),
+            "tpr_at_1pct_fpr": tpr_at_fpr(calibrated_members, calibrated_non_members),
+            "membership_auc_uncalibrated": roc_auc(members, non_members),
             "canary_exposure": float(np.mean(exposures)), "canary_exposure_max": math.log2(CANDIDATES + 1),
-            "pairs": {"members": len(members), "non_members": len(non_members)}}
+            "pairs": {"members": len(members), "non_members": len(non_members)},
+            "scores": {"members": members, "non_members": non_members}}
 
 
 def price(run_dir: Path, report: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -224,12 +253,13 @@ def run_config(name: str, flags: list[str], base_dir: Path) -> dict[str, Any]:
 def table(results: dict[str, dict[str, Any]]) -> list[str]:
     first = next(iter(results.values()))
     methods = [k for k in first if k in ("base", "oppu", "rag-k1", "pag", "oppu+rag-k1")]
-    head = ["configuration", "membership AUC", "TPR@1%FPR", "canary exposure", *[f"{m} {first['metric']}"
+    head = ["configuration", "membership AUC (95% CI)", "uncalibrated AUC", "TPR@1%FPR", "canary exposure", *[f"{m} {first['metric']}"
             for m in methods], "epsilon", "task-adaptation s", "KB/round", "audit"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         eps = "-" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
-        lines.append(f"| {name} | {r['membership_auc']:.3f} | {r['tpr_at_1pct_fpr']:.3f} | "
+        low, high = r["auc_95"]
+        lines.append(f"| {name} | {r['membership_auc']:.3f} [{low:.2f}, {high:.2f}] | {r['membership_auc_uncalibrated']:.3f} | {r['tpr_at_1pct_fpr']:.3f} | "
                      f"{r['canary_exposure']:.2f} / {r['canary_exposure_max']:.2f} | "
                      + " | ".join(f"{r[m]:.4f}" for m in methods)
                      + f" | {eps} | {r['task_adaptation_seconds']:.1f} | {r['bytes_per_round'] / 1e3:,.0f} | "
