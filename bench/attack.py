@@ -191,7 +191,8 @@ def attack(run_dir: Path, cfg, outcome: dict[str, Any]) -> dict[str, Any]:
         before = {u: scorer.loss(start, u) for u in users}
         for node, arrays in held.items():
             user = node_user[node]
-            drops.append((before[user] - scorer.loss(arrays, user), [before[v] - scorer.loss(arrays, v) for v in outsiders]))
+            outsider_drops = [before[v] - scorer.loss(arrays, v) for v in outsiders]
+            drops.append((before[user] - scorer.loss(arrays, user), outsider_drops))
             exposures.append(scorer.exposure(arrays, user, canaries[user], seed=server_round * 1000 + node % 1000))
     members, non_members = [m for m, _ in drops], [x for _, others in drops for x in others]
     calibrated_members, calibrated_non_members = calibrate(drops)
@@ -253,13 +254,14 @@ def run_config(name: str, flags: list[str], base_dir: Path) -> dict[str, Any]:
 def table(results: dict[str, dict[str, Any]]) -> list[str]:
     first = next(iter(results.values()))
     methods = [k for k in first if k in ("base", "oppu", "rag-k1", "pag", "oppu+rag-k1")]
-    head = ["configuration", "membership AUC (95% CI)", "uncalibrated AUC", "TPR@1%FPR", "canary exposure", *[f"{m} {first['metric']}"
-            for m in methods], "epsilon", "task-adaptation s", "KB/round", "audit"]
+    head = ["configuration", "membership AUC (95% CI)", "uncalibrated AUC", "TPR@1%FPR", "canary exposure",
+            *[f"{m} {first['metric']}" for m in methods], "epsilon", "task-adaptation s", "KB/round", "audit"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         eps = "-" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
         low, high = r["auc_95"]
-        lines.append(f"| {name} | {r['membership_auc']:.3f} [{low:.2f}, {high:.2f}] | {r['membership_auc_uncalibrated']:.3f} | {r['tpr_at_1pct_fpr']:.3f} | "
+        lines.append(f"| {name} | {r['membership_auc']:.3f} [{low:.2f}, {high:.2f}] | "
+                     f"{r['membership_auc_uncalibrated']:.3f} | {r['tpr_at_1pct_fpr']:.3f} | "
                      f"{r['canary_exposure']:.2f} / {r['canary_exposure_max']:.2f} | "
                      + " | ".join(f"{r[m]:.4f}" for m in methods)
                      + f" | {eps} | {r['task_adaptation_seconds']:.1f} | {r['bytes_per_round'] / 1e3:,.0f} | "
