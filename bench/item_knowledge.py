@@ -27,7 +27,7 @@ from bench.common import finish
 from client.data import User, load_movielens
 from client.history import validation_view
 from client.partition import split_users
-from client.references import RECENT_ITEMS
+from client.references import RECENT_ITEMS, RECENT_MEAN, reference_predictions
 from common.config import RunConfig, UserCounts
 from common.tasks import get_task
 
@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tests, _ = split_users(users, UserCounts(test=args.num_clients, train=0), RunConfig())
     views = [validation_view(user, task, args.validation_items) for user in tests]
     outside = [user for user in users if user.user_id not in {t.user_id for t in tests}]
-    recent = stats.fmean(abs(rounded(stats.fmean(float(i.fields["score"]) for i in v.history[-RECENT_ITEMS:]))
-                             - float(q.gold)) for v in views for q in v.queries)
+    recent = stats.fmean(abs(float(answer) - float(query.gold)) for view in views  # the report's own row
+                         for answer, query in zip(reference_predictions(task, view)[RECENT_MEAN], view.queries))
     rows: dict[str, dict[str, float]] = {}
     for count in counts:
         population = outside if count == 0 else split_users(users, UserCounts(args.num_clients, count), RunConfig())[1]
