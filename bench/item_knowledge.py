@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     users = load_movielens()
     tests, _ = split_users(users, UserCounts(test=args.num_clients, train=0), RunConfig())
     views = [validation_view(user, task, args.validation_items) for user in tests]
-    outside = [user for user in users if user.user_id not in {t.user_id for t in tests}]
+    test_ids = {user.user_id for user in tests}
+    outside = [user for user in users if user.user_id not in test_ids]
     recent = stats.fmean(abs(float(answer) - float(query.gold)) for view in views  # the report's own row
                          for answer, query in zip(reference_predictions(task, view)[RECENT_MEAN], view.queries))
     rows: dict[str, dict[str, float]] = {}

@@ -108,7 +108,6 @@ def add_run_flags(
         if one_run:
             run.add_argument("--resume", action="store_true",
                              help="continue an interrupted run: finished users are skipped")
-        if one_run:
             run.add_argument("--task-adapter-from", type=Path, default=None, metavar="RUN_DIR",
                              help="reuse the task adapter of this earlier run instead of training one: its "
                              "task-adaptation settings and user counts must be this run's (only personalization "
