@@ -25,7 +25,8 @@ PEAK_SHAPES = ((512, 576, 1536), (1024, 1536, 576), (2048, 2048, 2048))
 def matmul_peak_gflops(dtype: torch.dtype, device: str = "cpu", repeats: int = 20) -> float:
     """Best GFLOP/s of plain matmuls at the current thread count (shapes of a small LLM's layers and a square)."""
     best = 0.0
-    for m, k, n in PEAK_SHAPES:
+    big = ((8192, 8192, 8192),) if torch.device(device).type == "cuda" else ()  # a GPU needs a larger product to fill
+    for m, k, n in PEAK_SHAPES + big:
         a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
         for _ in range(2):
             a @ b

@@ -76,7 +76,7 @@ def _setup(config: ConfigRecord, context: Context):
     if model_dir is None:
         raise RuntimeError(f"base model {model_sha[:12]} is not in this node's cache (the announce phase fetches it)")
     device = str(pick_device(cfg.device))
-    base, tokenizer = load_base(model_dir, device, cfg.dtype)
+    base, tokenizer = load_base(model_dir, device, cfg.dtype, cfg.quantize)
     return cfg, model_dir, model_sha, device, base, tokenizer
 
 

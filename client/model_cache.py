@@ -16,6 +16,7 @@ from transformers import (
 )
 
 from client.device import attention_for, resolve_dtype
+from client.quantize import quantization_config
 from common.model_files import MANIFEST
 
 
@@ -29,22 +30,29 @@ def model_slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "--" for c in name.strip("/"))
 
 
-def load_base(model_dir: Path, device: str = "cpu", dtype: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_base(
+    model_dir: Path, device: str = "cpu", dtype: str = "auto", quantize: str = "none"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Base model and tokenizer, loaded once per process and shared by every user on this worker."""
-    return _load_base(Path(model_dir).resolve(), device, resolve_dtype(dtype, device))
+    return _load_base(Path(model_dir).resolve(), device, resolve_dtype(dtype, device), quantize)
 
 
-def load_fresh(model_dir: Path, device: str = "cpu", dtype: str = "auto") -> PreTrainedModel:
-    """An unshared copy of the base (for merging a task adapter into it)."""
-    return _load_base.__wrapped__(Path(model_dir).resolve(), device, resolve_dtype(dtype, device))[0]
+def load_fresh(model_dir: Path, device: str = "cpu", dtype: str = "auto", quantize: str = "none") -> PreTrainedModel:
+    """An unshared copy of the base."""
+    return _load_base.__wrapped__(Path(model_dir).resolve(), device, resolve_dtype(dtype, device), quantize)[0]
 
 
 @cache
-def _load_base(model_dir: Path, device: str, dtype: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_base(model_dir: Path, device: str, dtype: str, quantize: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     torch_device = torch.device(device)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=getattr(torch, dtype), attn_implementation=attention_for(torch_device, dtype)
-    ).to(torch_device)
+    settings = {"dtype": getattr(torch, dtype), "attn_implementation": attention_for(torch_device, dtype)}
+    if quantize == "none":
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **settings).to(torch_device)
+    else:  # 4-bit weights are placed on the GPU as they are quantized (a quantized model cannot be moved)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, quantization_config=quantization_config(quantize, device), device_map={"": torch_device.index or 0},
+            **settings,
+        )
     model.eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -112,7 +112,7 @@ def personalize_user(
             atomic_save_adapter(peft_model, name, store.adapter(name))
             atomic_write_json(store.adapter(name) / TRAINING_RECORD, {
                 "base_model_sha256": model_hash, "task_adapter_sha256": task_adapter_sha, "task": task.name,
-                "variant": variant, "seed": cfg.seed, "config": cfg.to_record(),
+                "variant": variant, "seed": cfg.seed, "quantization": cfg.quantize, "config": cfg.to_record(),
             })
         results: dict[str, Statistics] = {}
         kept: dict[str, list[dict[str, object]]] = {}

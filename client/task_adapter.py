@@ -21,10 +21,11 @@ from client.adapters import (
 )
 from client.data import User
 from client.model_cache import load_base
-from client.training import history_examples, query_examples, train_adapter
+from client.quantize import dequantized_copy
+from client.training import Example, history_examples, query_examples, train_adapter
 from common.config import PeftSettings, RunConfig
 from common.store import atomic_directory
-from common.tasks import get_task
+from common.tasks import TaskSpec, get_task
 
 TASK_ADAPTER = "task"
 
@@ -51,6 +52,23 @@ def initial_task_state(base: PreTrainedModel, cfg: RunConfig) -> dict[str, torch
         remove_adapters(model)
 
 
+def task_examples(
+    user: User, task: TaskSpec, tokenizer: PreTrainedTokenizerBase, cfg: RunConfig, server_round: int
+) -> list[Example]:
+    """A training user's task-adaptation examples: its queries, then its `cfg.task_history` latest items.
+
+    Each example gets one of the retrieval depths the configured methods use (seeded by user and round), so the
+    shared model learns every prompt format it will be evaluated with at no extra cost.
+    """
+    by_depth = [
+        query_examples(user, task, tokenizer, cfg.prompt_settings(k))
+        + history_examples(user, task, tokenizer, cfg.prompt_settings(k), max_items=cfg.task_history or None)
+        for k in cfg.retrieval_depths()
+    ]
+    rng = random.Random(derived_seed(cfg.seed, user.user_id, server_round, "depths"))
+    return [rng.choice(variants) for variants in zip(*by_depth)]
+
+
 def task_adaptation_step(
     base: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -59,20 +77,8 @@ def task_adaptation_step(
     global_state: dict[str, torch.Tensor],
     server_round: int,
 ) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
-    """Local training of the task LoRA on a training user's examples: (new state, #examples, metrics).
-
-    Each example gets one of the retrieval depths the configured methods use (seeded choice), so the
-    shared model learns every prompt format it will be evaluated with at no extra cost.
-    """
-    task = get_task(cfg.task)
-    depths = cfg.retrieval_depths()
-    by_depth = [
-        query_examples(user, task, tokenizer, cfg.prompt_settings(k))
-        + history_examples(user, task, tokenizer, cfg.prompt_settings(k), max_items=cfg.task_history or None)
-        for k in depths
-    ]
-    rng = random.Random(derived_seed(cfg.seed, user.user_id, server_round, "depths"))
-    examples = [rng.choice(variants) for variants in zip(*by_depth)]
+    """Local training of the task LoRA on a training user's examples: (new state, #examples, metrics)."""
+    examples = task_examples(user, get_task(cfg.task), tokenizer, cfg, server_round)
     model = attach_fresh(base, task_lora(cfg), TASK_ADAPTER, 0)
     try:
         load_adapter_state(model, TASK_ADAPTER, global_state)
@@ -85,21 +91,23 @@ def task_adaptation_step(
         remove_adapters(model)
 
 
-_merged_cache: dict[tuple[Path, str, str, str], PreTrainedModel] = {}
+_merged_cache: dict[tuple[Path, str, str, str, str], PreTrainedModel] = {}
 
 
 def task_adapted_base(
     model_dir: Path, device: str, cfg: RunConfig, task_state: dict[str, torch.Tensor] | None, state_hash: str
 ) -> PreTrainedModel:
-    """The base with the task LoRA merged in; built once per (model, task adapter) in each process."""
-    pristine = load_base(model_dir, device, cfg.dtype)[0]
+    """The base with the task LoRA merged in; built once per (model, task adapter) in each process. A 4-bit base
+    (--quantize) gets it merged into a dequantized copy of the adapted layers (client/quantize.py says why)."""
+    pristine = load_base(model_dir, device, cfg.dtype, cfg.quantize)[0]
     if task_state is None:
         return pristine
-    key = (model_dir, device, cfg.dtype, state_hash)
+    key = (model_dir, device, cfg.dtype, cfg.quantize, state_hash)
     if key not in _merged_cache:
         _merged_cache.clear()  # one merged copy at a time bounds memory
         settings = task_lora(cfg)
-        model = attach_fresh(copy_targets(pristine, settings.target_modules), settings, TASK_ADAPTER, 0)
+        copied = (copy_targets if cfg.quantize == "none" else dequantized_copy)(pristine, settings.target_modules)
+        model = attach_fresh(copied, settings, TASK_ADAPTER, 0)
         load_adapter_state(model, TASK_ADAPTER, task_state)
         _merged_cache[key] = model.merge_and_unload()
     return _merged_cache[key]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -104,8 +105,13 @@ def train_adapter(
     seed: int,
     desc: str = "training",
     progress: bool = False,
+    after_step: Callable[[list[int], float], None] | None = None,
 ) -> dict[str, float]:
-    """Train the active adapter on `examples`; returns mean loss, steps, tokens and seconds."""
+    """Train the active adapter on `examples`; returns mean loss, steps, tokens and seconds.
+
+    `after_step(batch indices, loss)` runs after each optimiser step, so a benchmark can evaluate mid-training
+    (it must leave the model in train mode) without a second training loop.
+    """
     if not examples:
         raise ValueError(f"{desc}: no training examples")
     rng = random.Random(seed)
@@ -133,6 +139,8 @@ def train_adapter(
         optimizer.step()
         losses.append(loss.item())
         tokens += sum(lengths[i] for i in batch)
+        if after_step is not None:
+            after_step(batch, losses[-1])
     model.eval()
     return {
         "loss": sum(losses) / len(losses),

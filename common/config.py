@@ -59,6 +59,9 @@ SPLITS = ("test", "validation")
 DTYPES = ("float32", "bfloat16")
 
 
+QUANTIZATIONS = ("none", "nf4")
+
+
 def check_dtype_name(dtype: str) -> None:
     """'auto', 'float32' or 'bfloat16'; anything else is an error (checked without measuring anything)."""
     if dtype != "auto" and dtype not in DTYPES:
@@ -204,6 +207,11 @@ class RunConfig:
         "base model dtype on clients: auto (bf16 on CUDA, and on a CPU where a measured bf16 matmul is at least "
         "1.5x fp32), float32, bfloat16; adapters always train in fp32",
     )
+    quantize: str = _opt(
+        "none",
+        f"frozen base weights on clients: {', '.join(QUANTIZATIONS)}. nf4: QLoRA, the base in 4-bit NF4 with bf16 "
+        "compute (bitsandbytes: pip install -e '.[gpu]'); CUDA only",
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -241,6 +249,11 @@ class RunConfig:
             raise ValueError("local-dp-epsilon cannot be combined with dp-noise or secure-aggregation: for noise "
                              "under secure aggregation use --secure-aggregation --dp-noise (distributed DP)")
         check_dtype_name(self.dtype)
+        if self.quantize not in QUANTIZATIONS:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {self.quantize!r}")
+        if self.quantize != "none" and self.device == "cpu":
+            raise ValueError(f"quantize {self.quantize} runs on CUDA only (bitsandbytes' 4-bit LoRA gradients are "
+                             "not reliable on a CPU); drop --quantize or use --device auto/cuda on a GPU host")
         check_device_name(self.device)
         if not 0.0 < self.fraction_train <= 1.0:
             raise ValueError(f"fraction-train must be in (0, 1], got {self.fraction_train}")

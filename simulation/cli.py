@@ -27,6 +27,7 @@ from flwr.clientapp import ClientApp
 
 from client.data import DataError, User
 from client.model_build import UnknownModelError, linear_module_names, resolve_model
+from client.quantize import quantization_problem
 from common.config import RunConfig, UserCounts
 from simulation.console import run_log, setup_console
 from simulation.errors import SetupError
@@ -153,6 +154,9 @@ def check_run_flags(args: argparse.Namespace, cfg: RunConfig, run_dir: Path | No
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise SetupError(f"--timeout {args.timeout}: expected a finite number of seconds > 0")
     _check_run_dir(run_dir or getattr(args, "run_dir", None) or RUNS_DIR)
+    quantization = quantization_problem(cfg.quantize, cfg.device)
+    if quantization:
+        raise SetupError(quantization)
     modules = linear_module_names(cfg.model, getattr(args, "cache_dir", None))
     if modules is not None:
         unknown = [t for t in cfg.peft_settings().target_modules if t not in modules]

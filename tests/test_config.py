@@ -6,6 +6,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 from common.config import RUN_KEYS, RunConfig, UserCounts, flwr_run_settings
 from simulation.cli import SetupError, build_parser, client_resources
@@ -75,3 +76,17 @@ def test_gpus_per_client_flag_takes_auto_or_a_share(capsys: pytest.CaptureFixtur
         with pytest.raises(SystemExit):
             build_parser().parse_args(["--gpus-per-client", bad])
         assert f"expected 'auto' or a number >= 0, got '{bad}'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_quantize_nf4_without_cuda_exits_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from simulation.cli import main
+
+    assert main(["--quantize", "nf4", "--model", "tiny-random", "--num-clients", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--quantize nf4 loads the base with bitsandbytes on a CUDA GPU" in err
+    assert "no CUDA GPU is visible here" in err
+    with pytest.raises(ValueError, match="quantize must be one of none, nf4, got 'int8'"):
+        RunConfig(quantize="int8")
+    with pytest.raises(ValueError, match="quantize nf4 runs on CUDA only"):
+        RunConfig(quantize="nf4", device="cpu")

@@ -38,6 +38,7 @@ def test_export_then_plain_peft_load_reproduces_predictions(tiny, tiny_model_dir
     out = tmp_path / "mine"
     manifest = export_adapter(run_dir, user.user_id, out)
     assert manifest["base_model_sha256"] == model_hash(tiny_model_dir)
+    assert manifest["quantization"] == "none"
     assert manifest["task"] == "LaMP-2M" and manifest["peft_config"]["r"] == 8
     assert set(manifest["files"]) == {"adapter_config.json", "adapter_model.safetensors"}
     _, tokenizer = tiny

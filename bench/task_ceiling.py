@@ -1,0 +1,206 @@
+"""The central upper bound of the shared task adapter: the task LoRA trained on every non-test user's ratings at once.
+
+    python -m bench.task_ceiling --num-clients 20 --users 40 --items-per-user 8 --eval-every 20 --max-steps 40
+    python -m bench.task_ceiling --device cuda --batch-tokens 4096 --eval-every 50 --out task_ceiling.json
+
+A run's task adapter sees a few hundred ratings (20 training users x 16 items); this trains the same LoRA, with the
+run's own example construction (client.task_adapter.task_examples), forward, loss and optimiser
+(client.training.train_adapter), outside Flower on the histories of every user outside the default run's test set
+(`--users` samples fewer, `--items-per-user` keeps each one's latest items). Every `--eval-every` optimiser steps it
+scores `base` (k=0 prompts, median rule, as a run's `base` row; the LoRA unmerged, which is the same function as the
+merged task-adapted base) on the validation questions of the test users, and prints MAE, the spread of the expected
+rating across questions and its Pearson correlation with the gold, beside the no-LLM rows on the same questions:
+ref-recent-mean, and population / level+item from bench.item_knowledge. If even this curve stays above
+*population*, no amount of federated task adaptation of this model makes the base know the movies.
+The JSON (--out) is rewritten after every evaluation, so a killed run keeps its curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import statistics as stats
+import sys
+import time
+from typing import Any
+
+from bench.common import common_flags, finish, load_model, machine
+from bench.item_knowledge import ceiling_rows
+from client.adapters import attach_fresh, derived_seed
+from client.data import User, load_movielens
+from client.evaluate import predict, query_prompts
+from client.history import validation_view
+from client.partition import split_users
+from client.references import RECENT_MEAN, reference_predictions
+from client.task_adapter import TASK_ADAPTER, remove_adapters, task_examples, task_lora
+from client.training import Example, train_adapter
+from common.config import RunConfig, UserCounts
+from common.store import atomic_write_json
+from common.tasks import TaskSpec, get_task
+
+VALIDATION_ITEMS = 5  # a run's --validation-items
+
+
+@dataclasses.dataclass
+class Progress:
+    """What training has seen so far, and the time spent evaluating (not counted as training time)."""
+
+    steps: int = 0
+    examples: int = 0
+    tokens: int = 0
+    losses: list[float] = dataclasses.field(default_factory=list)
+    eval_seconds: float = 0.0
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+def base_scores(model: Any, tokenizer: Any, task: TaskSpec, views: list[User], cfg: RunConfig) -> dict[str, Any]:
+    """MAE of `base` on the views' questions, and the spread and gold correlation of its expected rating."""
+    prompts = [p for view in views for p in query_prompts(view, task, tokenizer, cfg.prompt_settings(0), None)]
+    golds = [float(q.gold) for view in views for q in view.queries]
+    predictions, probabilities = predict(model, tokenizer, task, prompts, rule="median")
+    assert probabilities is not None  # a rating task is scored over its labels
+    expected = [sum(p * float(label) for p, label in zip(row, task.labels)) for row in probabilities]
+    spread = stats.pstdev(expected)
+    flat = spread < 1e-12 or stats.pstdev(golds) == 0  # a correlation of a constant is undefined
+    return {"mae": stats.fmean(abs(float(a) - g) for a, g in zip(predictions, golds)), "sd": spread,
+            "corr": None if flat else stats.correlation(expected, golds)}
+
+
+def reference_rows(task: TaskSpec, views: list[User], outside: list[User], training: list[User],
+                   items: int) -> dict[str, Any]:
+    """The no-LLM rows on the same questions: the user's recent mean, and the item-knowledge ceilings learned from
+    every outside user's full history and from exactly the training data."""
+    recent = stats.fmean(abs(float(answer) - float(query.gold)) for view in views
+                         for answer, query in zip(reference_predictions(task, view)[RECENT_MEAN], view.queries))
+    return {RECENT_MEAN: recent, "all outside": ceiling_rows(views, outside, 0),
+            "training data": ceiling_rows(views, training, items)}
+
+
+def training_users(users: list[User], tests: list[User], count: int) -> list[User]:
+    """Every user outside the test set, or (count > 0) a seeded sample of them as a run draws training users."""
+    if count:
+        return split_users(users, UserCounts(len(tests), count), RunConfig())[1]
+    test_ids = {user.user_id for user in tests}
+    return [user for user in users if user.user_id not in test_ids]
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The flags; each count is checked once here."""
+    parser = argparse.ArgumentParser(prog="bench.task_ceiling", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-clients", type=int, default=100, help="test users: the longest histories")
+    parser.add_argument("--items-per-user", type=int, default=0, help="latest history items per training user (0: all)")
+    parser.add_argument("--users", type=int, default=0, help="training users, sampled from the rest (0: all of them)")
+    parser.add_argument("--lora-r", type=int, default=8, help="rank of the task LoRA")
+    parser.add_argument("--lora-targets", default="q_proj,v_proj", help="modules that get the LoRA")
+    parser.add_argument("--lr", type=float, default=2e-3, help="learning rate (a run's --task-lr)")
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the training examples")
+    parser.add_argument("--batch-tokens", type=int, default=128, help="tokens per optimiser step (a run's default)")
+    parser.add_argument("--eval-every", type=int, default=100, help="optimiser steps between evaluations")
+    parser.add_argument("--eval-users", type=int, default=0, help="test users evaluated (0: all)")
+    parser.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps (0: no cap)")
+    parser.add_argument("--dtype", default="auto", help="auto (as a run picks it), float32 or bfloat16")
+    common_flags(parser)
+    args = parser.parse_args(argv)
+    for flag in ("num_clients", "lora_r", "batch_tokens", "eval_every"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("items_per_user", "users", "eval_users", "max_steps"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse(argv)
+    cfg = RunConfig(task_history=args.items_per_user, lora_r=args.lora_r, lora_targets=args.lora_targets,
+                    task_lr=args.lr, local_epochs=args.epochs, batch_tokens=args.batch_tokens, dtype=args.dtype)
+    task = get_task("MovieLens")
+    users = load_movielens()
+    tests, _ = split_users(users, UserCounts(test=args.num_clients, train=0), RunConfig())
+    views = [validation_view(user, task, VALIDATION_ITEMS) for user in tests[: args.eval_users or None]]
+    test_ids = {user.user_id for user in tests}
+    outside = [user for user in users if user.user_id not in test_ids]
+    training = training_users(users, tests, args.users)
+    base, tokenizer = load_model(args, args.dtype)
+    start = time.perf_counter()
+    examples: list[Example] = [e for user in training for e in task_examples(user, task, tokenizer, cfg, 1)]
+    build_seconds = time.perf_counter() - start
+    results: dict[str, Any] = {
+        "command": argv if argv is not None else sys.argv[1:], "settings": {**vars(args), "out": str(args.out)},
+        "test_users": len(views), "questions": sum(len(v.queries) for v in views),
+        "training": {"users": len(training), "examples": len(examples),
+                     "tokens_per_epoch": sum(len(e.prompt) + len(e.answer) for e in examples),
+                     "build_seconds": build_seconds},
+        "references": reference_rows(task, views, outside, training, args.items_per_user), "curve": [],
+    }
+    print(f"{len(examples)} examples from {len(training)} training users ({results['training']['tokens_per_epoch']} "
+          f"tokens an epoch) built in {build_seconds:.1f} s; {results['questions']} validation questions of "
+          f"{len(views)} test users", flush=True)
+    about = machine()
+    model = attach_fresh(base, task_lora(cfg), TASK_ADAPTER, derived_seed(cfg.seed, "task"))
+    seen = Progress()
+
+    def evaluate() -> None:
+        """One point of the curve: score, print, and rewrite the partial JSON."""
+        began = time.perf_counter()
+        model.eval()
+        point = {"step": seen.steps, "examples": seen.examples, "tokens": seen.tokens,
+                 "seconds": began - seen.start - seen.eval_seconds,
+                 "loss": stats.fmean(seen.losses) if seen.losses else None,
+                 **base_scores(model, tokenizer, task, views, cfg)}
+        model.train()
+        seen.losses = []
+        seen.eval_seconds += time.perf_counter() - began
+        results["curve"].append(point)
+        print(f"step {point['step']}: {point['examples']} examples, {point['tokens']} tokens, {point['seconds']:.1f} s "
+              f"({point['tokens'] / max(point['seconds'], 1e-9):.0f} tokens/s), loss {fmt(point['loss'])}, "
+              f"MAE {point['mae']:.3f}, sd {point['sd']:.3f}, corr {fmt(point['corr'])}", flush=True)
+        if args.out:
+            atomic_write_json(args.out, {"machine": about, **results})
+
+    def after_step(batch: list[int], loss: float) -> None:
+        """Count what the step saw; evaluate every --eval-every steps."""
+        seen.steps += 1
+        seen.examples += len(batch)
+        seen.tokens += sum(len(examples[i].prompt) + len(examples[i].answer) for i in batch)
+        seen.losses.append(loss)
+        if seen.steps % args.eval_every == 0:
+            evaluate()
+
+    settings = dataclasses.replace(cfg.task_training(), max_steps=args.max_steps or None)  # a run's, with a cap
+    try:
+        evaluate()
+        train_adapter(model, examples, tokenizer.pad_token_id, settings, seed=derived_seed(cfg.seed, "central"),
+                      desc="central task adapter", after_step=after_step)
+        if seen.losses:  # steps since the last evaluation
+            evaluate()
+    finally:
+        model.eval()  # the shared base goes back as load_base made it
+        remove_adapters(model)
+    last = results["curve"][-1]
+    results["tokens_per_second"] = last["tokens"] / max(last["seconds"], 1e-9)
+    return finish(args, results, table(results))
+
+
+def fmt(value: float | None) -> str:
+    """A figure, or n/a where there is none yet (no loss before step 1, no correlation of a constant)."""
+    return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def table(results: dict[str, Any]) -> list[str]:
+    """The curve as markdown, then the no-LLM rows on the same questions."""
+    refs = results["references"]
+    lines = ["| step | examples | tokens | seconds | train loss | MAE | sd | corr |", "|---" * 8 + "|"]
+    lines += [f"| {p['step']} | {p['examples']} | {p['tokens']} | {p['seconds']:.1f} | {fmt(p['loss'])} | "
+              f"{p['mae']:.3f} | {p['sd']:.3f} | {fmt(p['corr'])} |" for p in results["curve"]]
+    lines += ["", "| no-LLM row (same questions) | MAE |", "|---|---|", f"| {RECENT_MEAN} | {refs[RECENT_MEAN]:.3f} |"]
+    lines += [f"| {row} ({source}) | {refs[source][row]:.3f} |" for source in ("all outside", "training data")
+              for row in ("population", "level+item")]
+    lines.append(f"tokens/s of training: {results['tokens_per_second']:.0f}")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
