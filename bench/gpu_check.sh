@@ -56,7 +56,7 @@ run_stage() {  # run_stage NAME SECONDS FIGURES.json COMMAND...: time-limited, l
   [ "$limit" -gt "$remaining" ] && limit=$remaining
   echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
   local t0; t0=$(date +%s)
-  timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+  timeout --kill-after=10 "$limit" bash -c '"$@"' "$name" "$@" >>"$LOG" 2>&1  # bash -c: stages may be functions
   local status=$?
   local took=$(( $(date +%s) - t0 ))
   case $status in
@@ -72,8 +72,11 @@ skip_unless() {  # skip_unless NAME PYTHON-CONDITION REASON: true (0) when the s
   record "$1" skipped 0 "$3"; echo "=== $1: skipped ($3)" | tee -a "$LOG"; return 1
 }
 
-install() {  # a venv over the host's Python; only wheels whose package is missing or older go in
+install_missing() {  # a venv over the host's Python; only wheels whose package is missing or older go in
   [ -x "$PY" ] || python3 -m venv --system-site-packages "$VENV" || return 1
+  # the host's packages stay visible, also where its python3 is itself a venv's (--system-site-packages misses them)
+  python3 -c "import site; print('\n'.join(site.getsitepackages()))" > \
+    "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/host-site-packages.pth"
   if [ -d "$WHEELS" ]; then
     for sum in "$WHEELS"/*.sha256; do  # NAME.sha256 beside NAME.part-*: joined once every part is there
       [ -e "$sum" ] || continue
@@ -138,10 +141,12 @@ EOF
   return $status
 }
 
+export -f install_missing gpu_sampler run_default
+export PY VENV WHEELS WORK
 IFS=, read -ra WANTED <<< "$STAGES"
 for stage in "${WANTED[@]}"; do
   case $stage in
-    install) run_stage install 300 "" install ;;
+    install) run_stage install 300 "" install_missing ;;
     tests|tests-unit|tests-runs)
       selection=""; [ "$stage" = tests-unit ] && selection="-k not simulation and not supernodes"
       [ "$stage" = tests-runs ] && selection="-k simulation or supernodes"

@@ -56,6 +56,10 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 def attention_for(device: torch.device, dtype: str) -> str:
-    """Eager attention for bf16 on a CPU, where torch's fused attention backward made a LoRA step 25% slower
-    (SmolLM2, 1 thread, 64-512 tokens); the library default (sdpa) elsewhere."""
-    return "eager" if device.type == "cpu" and dtype == "bfloat16" else "sdpa"
+    """Eager attention on CUDA and for bf16 on a CPU; the library default (sdpa) for fp32 on a CPU.
+
+    CUDA: with left padding, a pad position attends to nothing, and torch's fused SDPA kernels give NaN for such
+    rows (pytorch#103749, #125674); on an H200 every task-adaptation update of SmolLM2 came back NaN in bf16 and nf4,
+    while eager attention masks with the dtype's minimum and stays finite. CPU bf16: the fused backward made a LoRA
+    step 25% slower (SmolLM2, 1 thread, 64-512 tokens)."""
+    return "eager" if device.type == "cuda" or dtype == "bfloat16" else "sdpa"

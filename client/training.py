@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -129,19 +130,23 @@ def train_adapter(
         plan = plan[: settings.max_steps]
     model.train()
     start, losses, tokens = time.perf_counter(), [], 0
-    for batch in tqdm(plan, desc=desc, disable=not progress, leave=False):
-        logprobs, mask = answer_logprobs(
-            model, [examples[i].prompt for i in batch], [examples[i].answer for i in batch], pad_id
-        )
-        loss = -(logprobs * mask).sum() / mask.sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        tokens += sum(lengths[i] for i in batch)
-        if after_step is not None:
-            after_step(batch, losses[-1])
-    model.eval()
+    try:
+        for batch in tqdm(plan, desc=desc, disable=not progress, leave=False):
+            logprobs, mask = answer_logprobs(
+                model, [examples[i].prompt for i in batch], [examples[i].answer for i in batch], pad_id
+            )
+            loss = -(logprobs * mask).sum() / mask.sum()
+            losses.append(loss.item())
+            if not math.isfinite(losses[-1]):  # a diverged adapter would be sent or evaluated as a result
+                raise FloatingPointError(f"{desc}: training loss {losses[-1]} at step {len(losses)} of {len(plan)}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            tokens += sum(lengths[i] for i in batch)
+            if after_step is not None:
+                after_step(batch, losses[-1])
+    finally:
+        model.eval()  # the shared base is in eval mode between users, also after a failure
     return {
         "loss": sum(losses) / len(losses),
         "final_loss": losses[-1],

@@ -198,3 +198,13 @@ def test_unsafe_file_names_from_the_server_are_refused(tmp_path, name):
         receive_model_chunk("a" * 64, "x", name, 0, b"{}", hashlib.sha256(b"{}").hexdigest(), 2, True,
                             cache_dir=tmp_path)
     assert not (tmp_path / "evil.py").exists()
+
+
+def test_cuda_computes_attention_eagerly():
+    """Fused SDPA gave NaN task-adapter updates on an H200 (left-padded rows attend to nothing): CUDA uses eager."""
+    from client.device import attention_for
+
+    assert attention_for(torch.device("cuda"), "bfloat16") == "eager"
+    assert attention_for(torch.device("cuda"), "float32") == "eager"
+    assert attention_for(torch.device("cpu"), "bfloat16") == "eager"
+    assert attention_for(torch.device("cpu"), "float32") == "sdpa"

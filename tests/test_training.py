@@ -328,6 +328,23 @@ def test_train_adapter_step_plan(tiny):
     assert capped["steps"] == 2
 
 
+def test_a_diverged_adapter_is_an_error_not_a_result(tiny):
+    """A NaN loss (as fused attention gave on CUDA) stops training with the step named, before a NaN update leaves."""
+    base, tokenizer = tiny
+    user = synthetic_users(1, history_len=8)[0]
+    examples = history_examples(user, TASK, tokenizer, PromptSettings())
+    model = attach_fresh(base, PeftSettings(), "user-nan", seed=0)
+    try:
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
+            next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(1.0)
+        with pytest.raises(FloatingPointError, match=r"user nan: training loss nan at step 1 of \d+"):
+            train_adapter(model, examples, tokenizer.pad_token_id, TrainingSettings(1, 1e-3, 256), seed=1,
+                          desc="user nan")
+    finally:
+        remove_adapters(model)
+
+
 # ---------------------------------------------------------------------- consumers of the forward pass
 
 
