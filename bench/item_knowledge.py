@@ -52,18 +52,31 @@ def rounded(value: float) -> float:
     return float(min(5, max(1, round(value))))
 
 
+def asked_movie(user_id: str, query_id: str) -> str:
+    """The movie a MovieLens question asks about: a validation question is "val-<movie>", a test query
+    "<user>-<movie>" (client/history.py, client/data.py)."""
+    return query_id.removeprefix("val-").removeprefix(f"{user_id}-")
+
+
+def ceiling_predictions(user: User, mean: float, offsets: dict[str, float]) -> dict[str, list[float]]:
+    """The population (mean + the movie's offset) and level + item (the user's recent mean + the movie's offset)
+    answers to each of `user`'s questions; a movie nobody in the population rated gets offset 0."""
+    level = stats.fmean(float(item.fields["score"]) for item in user.history[-RECENT_ITEMS:])
+    asked = [offsets.get(asked_movie(user.user_id, q.id), 0.0) for q in user.queries]
+    return {"population": [rounded(mean + o) for o in asked], "level+item": [rounded(level + o) for o in asked]}
+
+
 def ceiling_rows(tests: list[User], population: list[User], task_history: int) -> dict[str, float]:
     """MAE of population and level + item on the validation questions of `tests` (views from validation_view)."""
     mean, offsets = item_offsets(population, task_history)
     population_errors, level_errors, covered = [], [], 0
     for user in tests:
-        level = stats.fmean(float(item.fields["score"]) for item in user.history[-RECENT_ITEMS:])
-        for query in user.queries:
-            offset = offsets.get(query.id.removeprefix("val-"))
-            covered += offset is not None
+        answers = ceiling_predictions(user, mean, offsets)
+        for i, query in enumerate(user.queries):
+            covered += asked_movie(user.user_id, query.id) in offsets
             gold = float(query.gold)
-            population_errors.append(abs(rounded(mean + (offset or 0.0)) - gold))
-            level_errors.append(abs(rounded(level + (offset or 0.0)) - gold))
+            population_errors.append(abs(answers["population"][i] - gold))
+            level_errors.append(abs(answers["level+item"][i] - gold))
     return {"population": stats.fmean(population_errors), "level+item": stats.fmean(level_errors),
             "covered": covered / len(level_errors)}
 

@@ -9,6 +9,9 @@ It runs `flower-simulation` (run directory runs/bench-quality-<time> unless give
   reference row with paired per-user bootstrap 95% CIs (what report.md shows);
 - for label tasks, every decision rule on the same adapters: the label probabilities each device kept in its
   store are re-read here (this bench runs where the node stores are, like the adapter-similarity study);
+- MovieLens: the no-LLM ceiling rows (bench.item_knowledge's *population* and *level + item*, with movie offsets
+  from the other users in the run's node stores) beside ref-recent-mean, and the share of that reachable gain
+  each method took;
 - cost: CPU seconds per test user (training, profile, evaluation) and the primary-metric gain over `base`
   per CPU second.
 Tune with `--split validation` (each test user's latest history items before the queries); the test
@@ -27,8 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import finish
+from bench.item_knowledge import ceiling_predictions, item_offsets
+from client.data import load_oppu
+from client.history import validation_view
+from client.references import RECENT_MEAN
+from common.bootstrap import paired_difference
+from common.config import RunConfig
 from common.metrics import (
     DECISION_RULES,
+    Statistics,
     combine,
     decide,
     finalize,
@@ -56,6 +66,49 @@ def rule_statistics(task, run_dir: Path, rules: list[str]) -> dict[str, dict[str
                 predictions = [decide(task.labels, r["probabilities"], rule) for r in rows]  # type: ignore[arg-type]
                 by_method.setdefault(method, {}).setdefault(rule, []).append(statistics(task, predictions, golds))
     return by_method
+
+
+def item_ceiling(task, run_dir: Path, config: dict[str, Any]) -> dict[str, dict[str, Statistics]]:
+    """{user: {row: statistics}} of the no-LLM ceiling rows (bench.item_knowledge) on each test user's evaluated
+    questions: `ceiling:population` (mean rating + the movie's offset) and `ceiling:level+item` (the user's recent
+    mean + the movie's offset), with offsets learned from the history items of every other user in the run's node
+    stores (leave one out; never a query's gold). Read here, where the stores are: no node sends any of it."""
+    cfg = RunConfig.from_record(config)
+    nodes = json.loads((run_dir / "nodes.json").read_text())
+    users = {n["user"]: load_oppu(run_dir / "clients" / n["user"] / "data.json", task.name)[0] for n in nodes}
+    rows = {}
+    for node in (n for n in nodes if n["role"] == "test"):
+        user = users[node["user"]]
+        seen = validation_view(user, task, cfg.validation_items) if cfg.split == "validation" else user
+        mean, offsets = item_offsets([u for name, u in users.items() if name != user.user_id], 0)
+        golds = [q.gold for q in seen.queries]
+        rows[user.user_id] = {f"ceiling:{name}": statistics(task, [f"{a:g}" for a in answers], golds)
+                              for name, answers in ceiling_predictions(seen, mean, offsets).items()}
+    return rows
+
+
+def ceiling_table(task, run_dir: Path, report: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """The ceiling rows beside ref-recent-mean, and how much of the gain they reach each method took (paired CIs)."""
+    lead, _ = primary_metric(task)
+    ceiling = item_ceiling(task, run_dir, report["config"])
+    per_user = [{**(read_json(run_dir / "clients" / user / "result.json") or {}).get("statistics", {}), **rows}
+                for user, rows in ceiling.items()]
+    names = [*report["methods"], RECENT_MEAN, *next(iter(ceiling.values()))]
+    value = {name: finalize(task, combine(u[name] for u in per_user if name in u))[lead] for name in names}
+    reachable = value[RECENT_MEAN] - value["ceiling:level+item"]
+    table = ["", f"No-LLM ceiling from the run's {len(json.loads((run_dir / 'nodes.json').read_text())) - 1} other "
+             "users' histories (leave one out): how much of the gain it reaches each method took",
+             f"| row | {lead} | vs {RECENT_MEAN} (95% CI) | share of the reachable gain |", "|---|---|---|---|"]
+    results = {}
+    for name in names:
+        if name == RECENT_MEAN:
+            continue
+        d = paired_difference(task, per_user, name, RECENT_MEAN)
+        share = (value[RECENT_MEAN] - value[name]) / reachable if reachable else float("nan")
+        results[name] = {lead: value[name], "vs_recent_mean": [d.difference, d.low, d.high], "share": share}
+        table.append(f"| {name} | {value[name]:.4f} | {d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}] | "
+                     f"{share:.0%} |")
+    return table, results
 
 
 def cpu_seconds_per_user(run_dir: Path) -> float:
@@ -114,6 +167,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             values = {rule: finalize(task, combine(users))[lead] for rule, users in stats.items()}
             results["rules"][method] = values
             table.append(f"| {method} | " + " | ".join(f"{values[r]:.4f}" for r in rules) + " |")
+    if task.name == "MovieLens":
+        lines, results["ceiling"] = ceiling_table(task, run_dir, report)
+        table += lines
     seconds = cpu_seconds_per_user(run_dir)
     base = rows.get("base", {}).get("metrics", {}).get(lead)
     table += ["", f"CPU seconds per test user: {seconds:.1f}; wall {wall / 60:.1f} min"]

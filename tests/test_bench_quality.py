@@ -32,3 +32,42 @@ def test_quality_bench_reports_references_and_recomputes_every_rule(tmp_path: Pa
         assert results["rules"]["oppu"][rule] == pytest.approx(finalize(task, statistics(task, predictions, golds))["mae"])
     assert results["rules"]["oppu"]["median"] == pytest.approx(results["rows"]["oppu"]["metrics"]["mae"])
     assert results["cpu_seconds_per_user"] > 0
+    check_ceiling_rows(run_dir, results["ceiling"])
+
+
+def check_ceiling_rows(run_dir: Path, ceiling: dict) -> None:
+    """The ceiling rows, recomputed by hand from the node stores: offsets from the other users' histories only."""
+    from statistics import fmean
+
+    nodes = json.loads((run_dir / "nodes.json").read_text())
+    stores = {n["user"]: json.loads((run_dir / "clients" / n["user"] / "data.json").read_text()) for n in nodes}
+
+    def ratings(record: dict) -> list[tuple[str, float]]:
+        return [(str(item["id"]), float(item["score"])) for item in record["profile"]]
+
+    errors = {"population": [], "level+item": []}
+    for node in (n for n in nodes if n["role"] == "test"):
+        history = ratings(stores[node["user"]])
+        seen, questions = history[:-3], history[-3:]  # --validation-items 3
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        everyone: list[float] = []
+        for other, record in stores.items():
+            if other == node["user"]:
+                continue
+            theirs = ratings(record)
+            level = fmean(s for _, s in theirs)
+            everyone += [s for _, s in theirs]
+            for movie, score in theirs:
+                sums[movie] = sums.get(movie, 0.0) + score - level
+                counts[movie] = counts.get(movie, 0) + 1
+        level = fmean(s for _, s in seen[-32:])
+        for movie, gold in questions:
+            offset = sums.get(movie, 0.0) / (counts.get(movie, 0) + 5)
+            errors["population"].append(abs(min(5, max(1, round(fmean(everyone) + offset))) - gold))
+            errors["level+item"].append(abs(min(5, max(1, round(level + offset))) - gold))
+    for name, values in errors.items():
+        assert ceiling[f"ceiling:{name}"]["mae"] == pytest.approx(fmean(values))
+    assert set(ceiling) == {"base", "oppu", "ceiling:population", "ceiling:level+item"}
+    assert all(-4 <= row["vs_recent_mean"][1] <= row["vs_recent_mean"][0] <= row["vs_recent_mean"][2] <= 4
+               for row in ceiling.values())
