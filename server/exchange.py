@@ -8,6 +8,9 @@ from collections.abc import Callable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+SHORTEST_WAIT = 0.2  # seconds between pulls right after a reply
+LONGEST_WAIT = 2.0  # while none arrives: a phase's last reply is read at most this late
+
 
 def exchange(
     grid: Grid, messages: list[Message], timeout: float, on_reply: Callable[[Message], None] | None = None
@@ -19,12 +22,15 @@ def exchange(
     ids = set(grid.push_messages(messages))
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
+    wait = SHORTEST_WAIT
     while ids and time.monotonic() < deadline:
-        for reply in grid.pull_messages(list(ids)):
+        pulled = grid.pull_messages(list(ids))
+        for reply in pulled:
             ids.discard(reply.metadata.reply_to_message_id)
             replies.append(reply)
             if on_reply:
                 on_reply(reply)
-        if ids:
-            time.sleep(0.2)
+        if ids:  # waiting is cheap: longer pauses while nothing arrives, short again once something does
+            wait = SHORTEST_WAIT if pulled else min(LONGEST_WAIT, wait * 2)
+            time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
     return replies

@@ -341,7 +341,9 @@ def simulate(
 
     from client.app import make_client_app
     from server.app import ServerOptions, make_server_app
+    from simulation.waiting import install_patient_extractor
 
+    install_patient_extractor()  # the engine's wait for replies, nearly free (simulation/waiting.py)
     log.info("run directory %s: %d nodes", run_dir, len(nodes))
     if options.cache_dir:  # the nodes' model cache (a simulated node has no node config of its own to say it)
         os.environ["OPPU_CACHE_DIR"] = str(options.cache_dir.resolve())
@@ -357,7 +359,9 @@ def simulate(
             backend_config={
                 "client_resources": {**resources, **WORKER_FAULT_TOLERANCE},
                 # the workers' own output (progress bars, warnings) reaches the console only with --verbose
-                "init_args": {"logging_level": logging.WARNING, "log_to_driver": options.verbose},
+                "init_args": {"logging_level": logging.WARNING, "log_to_driver": options.verbose,
+                              # nothing reads Ray's dashboard; a joined cluster keeps its own
+                              **({} if options.ray_address else {"include_dashboard": False})},
             },
         )
     return run_dir, opts.outcome

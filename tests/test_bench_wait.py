@@ -1,0 +1,19 @@
+"""bench.driver_wait on a tiny run: the driver's CPU while it waits for personalization, read from its console."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.driver_wait import main
+
+
+def test_driver_wait_measures_the_personalization_phase(tmp_path: Path) -> None:
+    results = main(["--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "wait.json"), "--",
+                    "--model", "tiny-random", "--num-clients", "2", "--methods", "base,oppu", "--personal-epochs", "8"])
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["users"]["evaluated"] == 2
+    # the window spans personalization (and the report's writing), so it is at least the phase the server timed
+    assert results["wait_seconds"] >= 0.8 * report["timings"]["personalize-seconds"]
+    assert 0 <= results["driver_cpu_seconds"] <= 2 * results["wait_seconds"]  # 2 cores at most
+    assert json.loads((tmp_path / "wait.json").read_text())["driver_share"] == results["driver_share"]
