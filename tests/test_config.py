@@ -86,6 +86,14 @@ def test_quantize_nf4_without_cuda_exits_2_with_one_line(capsys: pytest.CaptureF
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--quantize nf4 loads the base with bitsandbytes on a CUDA GPU" in err
     assert "no CUDA GPU is visible here" in err
+    from simulation.deploy import main as deploy_main
+    from simulation.studies.cli import main as study_main
+
+    tiny = ["--quantize", "nf4", "--model", "tiny-random", "--num-clients", "1"]
+    assert deploy_main([*tiny, "--train-clients", "1"]) == 2 and study_main(["activity", *tiny]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["oppu-deploy", "oppu-study"]  # one line each
+    assert all("--quantize nf4 loads the base with bitsandbytes on a CUDA GPU" in line for line in lines)
     with pytest.raises(ValueError, match="quantize must be one of none, nf4, got 'int8'"):
         RunConfig(quantize="int8")
     with pytest.raises(ValueError, match="quantize nf4 runs on CUDA only"):
