@@ -39,7 +39,6 @@ from common.config import RunConfig, UserCounts
 from common.store import atomic_write_json
 from common.tasks import TaskSpec, get_task
 
-VALIDATION_ITEMS = 5  # a run's --validation-items
 
 
 @dataclasses.dataclass
@@ -77,14 +76,6 @@ def reference_rows(task: TaskSpec, views: list[User], outside: list[User], train
             "training data": ceiling_rows(views, training, items)}
 
 
-def training_users(users: list[User], tests: list[User], count: int) -> list[User]:
-    """Every user outside the test set, or (count > 0) a seeded sample of them as a run draws training users."""
-    if count:
-        return split_users(users, UserCounts(len(tests), count), RunConfig())[1]
-    test_ids = {user.user_id for user in tests}
-    return [user for user in users if user.user_id not in test_ids]
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """The flags; each count is checked once here."""
     parser = argparse.ArgumentParser(prog="bench.task_ceiling", description=__doc__,
@@ -119,10 +110,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     task = get_task("MovieLens")
     users = load_movielens()
     tests, _ = split_users(users, UserCounts(test=args.num_clients, train=0), RunConfig())
-    views = [validation_view(user, task, VALIDATION_ITEMS) for user in tests[: args.eval_users or None]]
+    views = [validation_view(user, task, RunConfig().validation_items) for user in tests[: args.eval_users or None]]
     test_ids = {user.user_id for user in tests}
     outside = [user for user in users if user.user_id not in test_ids]
-    training = training_users(users, tests, args.users)
+    # every outside user, or (--users N) a seeded sample of them as a run draws its training users
+    training = split_users(users, UserCounts(len(tests), args.users), RunConfig())[1] if args.users else outside
     base, tokenizer = load_model(args, args.dtype)
     start = time.perf_counter()
     examples: list[Example] = [e for user in training for e in task_examples(user, task, tokenizer, cfg, 1)]

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from bench.item_knowledge import ceiling_rows
-from bench.task_ceiling import VALIDATION_ITEMS, main, training_users
+from bench.task_ceiling import main
 from client.data import load_movielens
 from client.history import validation_view
 from client.partition import split_users
@@ -28,16 +28,16 @@ def test_curve_and_reference_rows(tiny, tmp_path):
     assert all(0 <= p["mae"] <= 4 and p["sd"] >= 0 for p in curve)
     assert [p["examples"] for p in curve] == sorted(p["examples"] for p in curve) and curve[-1]["tokens"] > 0
     assert results["training"]["users"] == 4 and results["training"]["examples"] == 4 * (5 + 4)  # queries + items
-    assert results["questions"] == 3 * VALIDATION_ITEMS
+    assert results["questions"] == 3 * 5  # a run's --validation-items
 
     task = get_task("MovieLens")
     users = load_movielens()
     tests, _ = split_users(users, UserCounts(3, 0), RunConfig())
-    views = [validation_view(u, task, VALIDATION_ITEMS) for u in tests]
+    views = [validation_view(u, task, 5) for u in tests]
     outside = [u for u in users if u not in tests]
     refs = results["references"]
     assert refs["all outside"] == ceiling_rows(views, outside, 0)
-    assert refs["training data"] == ceiling_rows(views, training_users(users, tests, 4), 4)
+    assert refs["training data"] == ceiling_rows(views, split_users(users, UserCounts(3, 4), RunConfig())[1], 4)
     recent = [abs(float(a) - float(q.gold)) for v in views
               for a, q in zip(reference_predictions(task, v)[RECENT_MEAN], v.queries)]
     assert refs[RECENT_MEAN] == pytest.approx(sum(recent) / len(recent))
