@@ -359,9 +359,7 @@ def simulate(
             backend_config={
                 "client_resources": {**resources, **WORKER_FAULT_TOLERANCE},
                 # the workers' own output (progress bars, warnings) reaches the console only with --verbose
-                "init_args": {"logging_level": logging.WARNING, "log_to_driver": options.verbose,
-                              # nothing reads Ray's dashboard; a joined cluster keeps its own
-                              **({} if options.ray_address else {"include_dashboard": False})},
+                "init_args": {"logging_level": logging.WARNING, "log_to_driver": options.verbose},
             },
         )
     return run_dir, opts.outcome

@@ -50,6 +50,7 @@ def setup_console(verbose: bool) -> None:
     handler.addFilter(_ConsoleFilter(verbose))
     root.addHandler(handler)
     logging.captureWarnings(True)
+    _route_ray_through_root()
     flower = logging.getLogger("flwr")
     if verbose:
         if flower_console not in flower.handlers:
@@ -58,6 +59,18 @@ def setup_console(verbose: bool) -> None:
     else:
         flower.removeHandler(flower_console)
         hf_logging.disable_progress_bar()  # transformers' "Loading weights" bars (the server loads the base once)
+
+
+def _route_ray_through_root() -> None:
+    """Ray's driver-side lines (e.g. its warning that a small /dev/shm puts the object store in /tmp) to our handlers:
+    `import ray` gives its logger a stderr handler of its own that skips the root logger, so they would reach the
+    console and never the run's log."""
+    import ray  # noqa: F401  (configures the "ray" logger once, at import)
+
+    ray_logger = logging.getLogger("ray")
+    for handler in list(ray_logger.handlers):
+        ray_logger.removeHandler(handler)
+    ray_logger.propagate = True
 
 
 class _LinesToLog(io.TextIOBase):

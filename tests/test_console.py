@@ -34,7 +34,7 @@ def quiet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], li
 def test_the_console_shows_one_line_per_phase_and_the_table(quiet: tuple[Path, list[str], list[str]]) -> None:
     _, lines, stdout = quiet
     assert [line.split(" ", 1)[1].split(":")[0] for line in lines] == [
-        f"run directory {quiet[0]}", "6 node(s)", "task adaptation round 1"]
+        f"run directory {quiet[0]}", "6 node(s)", "task adaptation round 1"], "\n".join(lines)
     assert stdout[0] == "# OPPU-FL report: LaMP-2M (personalized movie tagging)"
     assert not [line for line in lines + stdout if any(word in line for word in NOISE)]
     assert len(set(lines)) == len(lines)
@@ -53,3 +53,25 @@ def test_verbose_shows_the_libraries_lines_once(tmp_path: Path) -> None:
     assert sum("[ROUND 1/1]" in line for line in lines) == 1  # Flower's handler only, not ours as well
     assert any("DEPRECATED FEATURE" in line for line in lines)
     assert sum("task adaptation round 1: 2 of 2" in line for line in lines) == 1
+
+
+
+RAY_WARNS = """
+import logging, sys
+from pathlib import Path
+import ray  # gives the "ray" logger its own stderr handler, as in every run
+from simulation.console import run_log, setup_console
+setup_console(verbose=False)
+with run_log(Path(sys.argv[1])):
+    logging.getLogger("ray._private.services").warning("WARNING: The object store is using /tmp/ray")
+"""
+
+
+def test_rays_own_warnings_go_to_the_run_log_not_the_console(tmp_path: Path) -> None:
+    # Ray's logger prints to stderr through a handler of its own (e.g. "the object store is using /tmp instead of
+    # /dev/shm" in a container with a small /dev/shm); it must take our route like every other library's lines
+    done = subprocess.run([sys.executable, "-c", RAY_WARNS, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "object store" not in done.stderr
+    log = (tmp_path / "logs" / "console.log").read_text()
+    assert "ray._private.services WARNING WARNING: The object store is using /tmp/ray" in log
