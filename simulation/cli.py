@@ -40,6 +40,9 @@ RUNS_DIR = Path("runs")
 # restarted, and the message it was running is run once more on its replacement (a message that kills every
 # worker it runs on then fails alone). Retries cover system failures only: an exception in our code is not retried.
 WORKER_FAULT_TOLERANCE = {"max_restarts": -1, "max_task_retries": 1}
+# A local Ray cluster's address: loopback, so its traffic never leaves the machine (Ray replaces 127.0.0.1 itself by
+# the machine's network address, not 127.0.0.2)
+LOCAL_RAY_ADDRESS = "127.0.0.2"
 
 
 def gpu_share(text: str) -> str | float:
@@ -359,7 +362,8 @@ def simulate(
             backend_config={
                 "client_resources": {**resources, **WORKER_FAULT_TOLERANCE},
                 # the workers' own output (progress bars, warnings) reaches the console only with --verbose
-                "init_args": {"logging_level": logging.WARNING, "log_to_driver": options.verbose},
+                "init_args": {"logging_level": logging.WARNING, "log_to_driver": options.verbose,
+                              **({} if options.ray_address else {"_node_ip_address": LOCAL_RAY_ADDRESS})},
             },
         )
     return run_dir, opts.outcome

@@ -3,11 +3,13 @@ go to <run-dir>/logs/console.log, and reach the console only with --verbose, eac
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from ray_sessions import logged_addresses
 
 ARGS = ["--num-clients", "4", "--train-clients", "2", "--rounds", "1", "--task", "LaMP-2M", "--data", "synthetic",
         "--model", "tiny-random", "--methods", "base,oppu", "--batch-tokens", "256", "--personal-epochs", "1",
@@ -39,6 +41,11 @@ def test_the_console_shows_one_line_per_phase_and_the_table(quiet: tuple[Path, l
     assert not [line for line in lines + stdout if any(word in line for word in NOISE)]
     assert len(set(lines)) == len(lines)
 
+
+
+def test_the_local_ray_cluster_talks_over_loopback_only(quiet: tuple[Path, list[str], list[str]]) -> None:
+    addresses = logged_addresses()  # of the session the run just used
+    assert addresses and all(ipaddress.ip_address(ip).is_loopback for ip in addresses), addresses
 
 def test_every_library_line_is_in_the_run_log(quiet: tuple[Path, list[str], list[str]]) -> None:
     log = (quiet[0] / "logs" / "console.log").read_text()

@@ -1,8 +1,9 @@
 """`flower-simulation --ray-address`: the run joins a Ray cluster that the test starts (`ray start --head` on
-127.0.0.1) and stops; the driver starts no Ray of its own."""
+127.0.0.2: Ray replaces 127.0.0.1 by the machine's network address) and stops; the driver starts no Ray of its own."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import psutil
+from ray_sessions import logged_addresses
 
 from simulation.deploy import free_port, running, stop_trees
 
@@ -20,17 +22,18 @@ REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--num-clients", "1", "--train-clients", "1", "--rounds", "1", "--methods", "base,oppu", "--task", "LaMP-2M",
         "--data", "synthetic", "--model", "tiny-random", "--batch-tokens", "256", "--personal-epochs", "1",
         "--max-history", "8", "--task-history", "4"]
+HOST = "127.0.0.2"  # loopback
 
 
 def _ray_head(temp_dir: Path, port: int, log: Path) -> subprocess.Popen:
-    """A one-machine Ray cluster in the foreground (--block), every port of its own chosen free on 127.0.0.1."""
+    """A one-machine Ray cluster in the foreground (--block), every port of its own chosen free."""
     ports = {flag: str(free_port()) for flag in (
         "--ray-client-server-port", "--node-manager-port", "--object-manager-port", "--metrics-export-port",
         "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port")}
     low = free_port()
     with open(log, "wb") as out:
         return subprocess.Popen(
-            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", HOST,
              "--port", str(port), "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard=false",
              "--disable-usage-stats", "--temp-dir", str(temp_dir), "--min-worker-port", str(low),
              "--max-worker-port", str(low + 40), *(x for pair in ports.items() for x in pair)],
@@ -53,7 +56,7 @@ def test_simulation_joins_a_ray_cluster(tmp_path: Path) -> None:
         run_dir = tmp_path / "run"
         driver = subprocess.run(
             [sys.executable, "-m", "simulation.cli", *ARGS, "--run-dir", str(run_dir), "--ray-address",
-             f"127.0.0.1:{port}"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+             f"{HOST}:{port}"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
             text=True, timeout=240)
         assert driver.returncode == 0, driver.stderr[-4000:]
         report = json.loads((run_dir / "report.json").read_text())
@@ -63,6 +66,8 @@ def test_simulation_joins_a_ray_cluster(tmp_path: Path) -> None:
         logs = temp_dir / "session_latest" / "logs"
         assert len(list(logs.glob("python-core-driver-*.log"))) == 1
         assert list(logs.glob("python-core-worker-*.log"))
+        addresses = logged_addresses(logs)
+        assert addresses and all(ipaddress.ip_address(ip).is_loopback for ip in addresses), addresses
         tree = [psutil.Process(head.pid), *psutil.Process(head.pid).children(recursive=True)]
     finally:
         stop_trees([psutil.Process(head.pid)] if head.poll() is None else [], grace=15)
