@@ -52,6 +52,11 @@ def rounded(value: float) -> float:
     return float(min(5, max(1, round(value))))
 
 
+def recent_level(user: User) -> float:
+    """The user's mean rating over the items ref-recent-mean reads."""
+    return stats.fmean(float(item.fields["score"]) for item in user.history[-RECENT_ITEMS:])
+
+
 def asked_movie(user_id: str, query_id: str) -> str:
     """The movie a MovieLens question asks about: a validation question is "val-<movie>", a test query
     "<user>-<movie>" (client/history.py, client/data.py)."""
@@ -61,7 +66,7 @@ def asked_movie(user_id: str, query_id: str) -> str:
 def ceiling_predictions(user: User, mean: float, offsets: dict[str, float]) -> dict[str, list[float]]:
     """The population (mean + the movie's offset) and level + item (the user's recent mean + the movie's offset)
     answers to each of `user`'s questions; a movie nobody in the population rated gets offset 0."""
-    level = stats.fmean(float(item.fields["score"]) for item in user.history[-RECENT_ITEMS:])
+    level = recent_level(user)
     asked = [offsets.get(asked_movie(user.user_id, q.id), 0.0) for q in user.queries]
     return {"population": [rounded(mean + o) for o in asked], "level+item": [rounded(level + o) for o in asked]}
 

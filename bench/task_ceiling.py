@@ -6,10 +6,14 @@
 A run's task adapter sees a few hundred ratings (20 training users x 16 items); this trains the same LoRA, with the
 run's own example construction (client.task_adapter.task_examples), forward, loss and optimiser
 (client.training.train_adapter), outside Flower on the histories of every user outside the default run's test set
-(`--users` samples fewer, `--items-per-user` keeps each one's latest items). Every `--eval-every` optimiser steps it
+(`--users` samples fewer, `--items-per-user` keeps each one's latest items; `--asked-movies N --per-movie R` trains
+instead on R outside ratings of each of the N movies the validation questions ask most about, and scores only the
+questions about them: the density of ratings per movie a full run would give, at a fraction of its tokens). Every `--eval-every` optimiser steps it
 scores `base` (k=0 prompts, median rule, as a run's `base` row; the LoRA unmerged, which is the same function as the
 merged task-adapted base) on the validation questions of the test users, and prints MAE, the spread of the expected
-rating across questions and its Pearson correlation with the gold, beside the no-LLM rows on the same questions:
+rating across questions and its Pearson correlation with the gold, and *level + LLM offset*: the user's recent
+mean plus how far the model's expected rating for the question sits from its average over all questions (what a
+personal adapter that adds the user's level to this base could reach), beside the no-LLM rows on the same questions:
 ref-recent-mean, and population / level+item from bench.item_knowledge. If even this curve stays above
 *population*, no amount of federated task adaptation of this model makes the base know the movies.
 The JSON (--out) is rewritten after every evaluation, so a killed run keeps its curve.
@@ -20,13 +24,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import random
 import statistics as stats
 import sys
 import time
+from collections import Counter
 from typing import Any
 
 from bench.common import common_flags, finish, load_model, machine
-from bench.item_knowledge import ceiling_rows
+from bench.item_knowledge import asked_movie, ceiling_rows, recent_level, rounded
 from client.adapters import attach_fresh, derived_seed
 from client.data import User, load_movielens
 from client.evaluate import predict, query_prompts
@@ -38,7 +44,6 @@ from client.training import Example, train_adapter
 from common.config import RunConfig, UserCounts
 from common.store import atomic_write_json
 from common.tasks import TaskSpec, get_task
-
 
 
 @dataclasses.dataclass
@@ -54,26 +59,67 @@ class Progress:
 
 
 def base_scores(model: Any, tokenizer: Any, task: TaskSpec, views: list[User], cfg: RunConfig) -> dict[str, Any]:
-    """MAE of `base` on the views' questions, and the spread and gold correlation of its expected rating."""
+    """MAE of `base` on the views' questions, the spread and gold correlation of its expected rating, and the MAE
+    of level + LLM offset (the user's recent mean + the expected rating's deviation from its mean, rounded)."""
     prompts = [p for view in views for p in query_prompts(view, task, tokenizer, cfg.prompt_settings(0), None)]
     golds = [float(q.gold) for view in views for q in view.queries]
+    levels = [recent_level(view) for view in views for _ in view.queries]
     predictions, probabilities = predict(model, tokenizer, task, prompts, rule="median")
     assert probabilities is not None  # a rating task is scored over its labels
     expected = [sum(p * float(label) for p, label in zip(row, task.labels)) for row in probabilities]
     spread = stats.pstdev(expected)
     flat = spread < 1e-12 or stats.pstdev(golds) == 0  # a correlation of a constant is undefined
     return {"mae": stats.fmean(abs(float(a) - g) for a, g in zip(predictions, golds)), "sd": spread,
-            "corr": None if flat else stats.correlation(expected, golds)}
+            "corr": None if flat else stats.correlation(expected, golds),
+            "mae_level_offset": stats.fmean(abs(a - g) for a, g in zip(level_plus_offset(levels, expected), golds))}
 
 
-def reference_rows(task: TaskSpec, views: list[User], outside: list[User], training: list[User],
+def level_plus_offset(levels: list[float], expected: list[float]) -> list[float]:
+    """Each question's answer from the user's level and the model's item signal: the level plus how far the
+    model's expected rating for it sits from its mean over all questions, rounded to a rating."""
+    center = stats.fmean(expected)
+    return [rounded(level + e - center) for level, e in zip(levels, expected)]
+
+
+def most_asked(views: list[User], count: int) -> list[str]:
+    """The `count` movies the views' questions ask about most often (ties: by movie id)."""
+    asked = Counter(asked_movie(view.user_id, q.id) for view in views for q in view.queries)
+    return sorted(asked, key=lambda movie: (-asked[movie], movie))[:count]
+
+
+def about_movies(views: list[User], movies: set[str]) -> list[User]:
+    """The views with only their questions about `movies` (views left without a question are dropped)."""
+    kept = [dataclasses.replace(view, queries=[q for q in view.queries if asked_movie(view.user_id, q.id) in movies])
+            for view in views]
+    return [view for view in kept if view.queries]
+
+
+def movie_ratings(users: list[User], movies: list[str], per_movie: int, seed: int) -> list[User]:
+    """Up to `per_movie` ratings of each movie by `users` (a seeded sample), each as the rater's history up to and
+    including that rating, so task_examples with task_history=1 builds exactly the run's example for it."""
+    raters: dict[str, list[tuple[User, int]]] = {movie: [] for movie in movies}
+    for user in users:
+        for i, item in enumerate(user.history):
+            if item.id in raters:
+                raters[item.id].append((user, i))
+    picked = []
+    for movie in movies:
+        rng = random.Random(derived_seed(seed, "ceiling-movie", movie))
+        for user, i in rng.sample(raters[movie], min(per_movie, len(raters[movie]))):
+            picked.append(dataclasses.replace(user, history=user.history[: i + 1], queries=[]))
+    random.Random(derived_seed(seed, "ceiling-order")).shuffle(picked)
+    return picked
+
+
+def reference_rows(task: TaskSpec, views: list[User], outside: list[User], training: list[User] | None,
                    items: int) -> dict[str, Any]:
     """The no-LLM rows on the same questions: the user's recent mean, and the item-knowledge ceilings learned from
-    every outside user's full history and from exactly the training data."""
+    every outside user's full history and from exactly the training data (none for a movie slice, whose raters'
+    levels it does not hold)."""
     recent = stats.fmean(abs(float(answer) - float(query.gold)) for view in views
                          for answer, query in zip(reference_predictions(task, view)[RECENT_MEAN], view.queries))
     return {RECENT_MEAN: recent, "all outside": ceiling_rows(views, outside, 0),
-            "training data": ceiling_rows(views, training, items)}
+            "training data": ceiling_rows(views, training, items) if training is not None else None}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -83,6 +129,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-clients", type=int, default=100, help="test users: the longest histories")
     parser.add_argument("--items-per-user", type=int, default=0, help="latest history items per training user (0: all)")
     parser.add_argument("--users", type=int, default=0, help="training users, sampled from the rest (0: all of them)")
+    parser.add_argument("--asked-movies", type=int, default=0,
+                        help="train on --per-movie ratings of each of the N most asked movies, score their questions")
+    parser.add_argument("--per-movie", type=int, default=25, help="outside ratings per movie with --asked-movies")
     parser.add_argument("--lora-r", type=int, default=8, help="rank of the task LoRA")
     parser.add_argument("--lora-targets", default="q_proj,v_proj", help="modules that get the LoRA")
     parser.add_argument("--lr", type=float, default=2e-3, help="learning rate (a run's --task-lr)")
@@ -94,10 +143,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", help="auto (as a run picks it), float32 or bfloat16")
     common_flags(parser)
     args = parser.parse_args(argv)
-    for flag in ("num_clients", "lora_r", "batch_tokens", "eval_every"):
+    if args.asked_movies and args.items_per_user:
+        parser.error("--asked-movies picks the training ratings itself: leave --items-per-user at 0")
+    for flag in ("num_clients", "lora_r", "batch_tokens", "eval_every", "per_movie"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    for flag in ("items_per_user", "users", "eval_users", "max_steps"):
+    for flag in ("items_per_user", "users", "eval_users", "max_steps", "asked_movies"):
         if getattr(args, flag) < 0:
             parser.error(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
     return args
@@ -115,17 +166,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     outside = [user for user in users if user.user_id not in test_ids]
     # every outside user, or (--users N) a seeded sample of them as a run draws its training users
     training = split_users(users, UserCounts(len(tests), args.users), RunConfig())[1] if args.users else outside
+    raters: list[User] | None = None
+    if args.asked_movies:  # R ratings of each most asked movie, each one example; only those movies' questions
+        movies = most_asked(views, args.asked_movies)
+        views = about_movies(views, set(movies))
+        raters = movie_ratings(training, movies, args.per_movie, cfg.seed)
     base, tokenizer = load_model(args, args.dtype)
     start = time.perf_counter()
-    examples: list[Example] = [e for user in training for e in task_examples(user, task, tokenizer, cfg, 1)]
+    if raters is None:
+        examples: list[Example] = [e for user in training for e in task_examples(user, task, tokenizer, cfg, 1)]
+    else:
+        one = dataclasses.replace(cfg, task_history=1)
+        examples = [e for user in raters for e in task_examples(user, task, tokenizer, one, 1)]
     build_seconds = time.perf_counter() - start
     results: dict[str, Any] = {
         "command": argv if argv is not None else sys.argv[1:], "settings": {**vars(args), "out": str(args.out)},
         "test_users": len(views), "questions": sum(len(v.queries) for v in views),
-        "training": {"users": len(training), "examples": len(examples),
+        "training": {"users": len({u.user_id for u in raters}) if raters is not None else len(training),
+                     "examples": len(examples),
                      "tokens_per_epoch": sum(len(e.prompt) + len(e.answer) for e in examples),
                      "build_seconds": build_seconds},
-        "references": reference_rows(task, views, outside, training, args.items_per_user), "curve": [],
+        "references": reference_rows(task, views, outside, None if raters is not None else training,
+                                     args.items_per_user), "curve": [],
     }
     print(f"{len(examples)} examples from {len(training)} training users ({results['training']['tokens_per_epoch']} "
           f"tokens an epoch) built in {build_seconds:.1f} s; {results['questions']} validation questions of "
@@ -148,7 +210,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["curve"].append(point)
         print(f"step {point['step']}: {point['examples']} examples, {point['tokens']} tokens, {point['seconds']:.1f} s "
               f"({point['tokens'] / max(point['seconds'], 1e-9):.0f} tokens/s), loss {fmt(point['loss'])}, "
-              f"MAE {point['mae']:.3f}, sd {point['sd']:.3f}, corr {fmt(point['corr'])}", flush=True)
+              f"MAE {point['mae']:.3f}, sd {point['sd']:.3f}, corr {fmt(point['corr'])}, "
+              f"level + LLM offset {point['mae_level_offset']:.3f}", flush=True)
         if args.out:
             atomic_write_json(args.out, {"machine": about, **results})
 
@@ -184,12 +247,14 @@ def fmt(value: float | None) -> str:
 def table(results: dict[str, Any]) -> list[str]:
     """The curve as markdown, then the no-LLM rows on the same questions."""
     refs = results["references"]
-    lines = ["| step | examples | tokens | seconds | train loss | MAE | sd | corr |", "|---" * 8 + "|"]
+    lines = ["| step | examples | tokens | seconds | train loss | MAE | sd | corr | level + LLM offset |",
+             "|---" * 9 + "|"]
     lines += [f"| {p['step']} | {p['examples']} | {p['tokens']} | {p['seconds']:.1f} | {fmt(p['loss'])} | "
-              f"{p['mae']:.3f} | {p['sd']:.3f} | {fmt(p['corr'])} |" for p in results["curve"]]
+              f"{p['mae']:.3f} | {p['sd']:.3f} | {fmt(p['corr'])} | {p['mae_level_offset']:.3f} |"
+              for p in results["curve"]]
     lines += ["", "| no-LLM row (same questions) | MAE |", "|---|---|", f"| {RECENT_MEAN} | {refs[RECENT_MEAN]:.3f} |"]
     lines += [f"| {row} ({source}) | {refs[source][row]:.3f} |" for source in ("all outside", "training data")
-              for row in ("population", "level+item")]
+              if refs[source] is not None for row in ("population", "level+item")]
     lines.append(f"tokens/s of training: {results['tokens_per_second']:.0f}")
     return lines
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import pytest
 
-from bench.item_knowledge import ceiling_rows
-from bench.task_ceiling import main
+from bench.item_knowledge import asked_movie, ceiling_rows
+from bench.task_ceiling import about_movies, level_plus_offset, main, most_asked, movie_ratings
 from client.data import load_movielens
 from client.history import validation_view
 from client.partition import split_users
@@ -49,3 +50,39 @@ def test_curve_and_reference_rows(tiny, tmp_path):
 def test_bad_counts_are_refused():
     with pytest.raises(SystemExit):
         main(["--eval-every", "0"])
+
+
+def test_the_movie_slice_trains_on_each_asked_movies_ratings_and_scores_only_their_questions(tiny, tmp_path):
+    task = get_task("MovieLens")
+    users = load_movielens()
+    tests, _ = split_users(users, UserCounts(10, 0), RunConfig())
+    views = [validation_view(u, task, 5) for u in tests]
+    outside = [u for u in users if u not in tests]
+    movies = most_asked(views, 4)
+    counts = Counter(asked_movie(v.user_id, q.id) for v in views for q in v.queries)
+    assert [counts[m] for m in movies] == sorted(counts.values(), reverse=True)[:4]
+
+    raters = movie_ratings(outside, movies, 6, seed=0)
+    assert raters == movie_ratings(outside, movies, 6, seed=0)  # seeded
+    rated = Counter(u.history[-1].id for u in raters)
+    available = {m: sum(any(h.id == m for h in u.history) for u in outside) for m in movies}
+    assert rated == {m: min(6, available[m]) for m in movies}
+    assert all(not u.queries for u in raters)
+    kept = about_movies(views, set(movies))
+    assert sum(len(v.queries) for v in kept) == sum(counts[m] for m in movies)
+
+    results = main(["--model", "tiny-random", "--device", "cpu", "--num-clients", "10", "--asked-movies", "4",
+                    "--per-movie", "6", "--eval-every", "100", "--max-steps", "3", "--out", str(tmp_path / "m.json")])
+    assert results["training"]["examples"] == len(raters)  # one example per sampled rating
+    assert results["questions"] == sum(counts[m] for m in movies)
+    assert results["references"]["training data"] is None
+    assert results["references"]["all outside"] == ceiling_rows(kept, outside, 0)
+    assert all(0 <= p["mae_level_offset"] <= 4 for p in results["curve"])
+
+
+
+def test_level_plus_llm_offset_adds_the_models_deviation_to_the_users_level():
+    # expected ratings 3.0 and 4.0 (mean 3.5): -0.5 and +0.5 around each user's level, rounded into 1..5
+    assert level_plus_offset([3.4, 4.2], [3.0, 4.0]) == [3.0, 5.0]
+    assert level_plus_offset([1.2, 4.9], [2.0, 4.0]) == [1.0, 5.0]  # clipped to the scale
+    assert level_plus_offset([3.6, 3.6, 3.6], [4.1, 4.1, 4.1]) == [4.0, 4.0, 4.0]  # no item signal: the level
