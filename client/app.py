@@ -185,7 +185,7 @@ def personalize(msg: Message, context: Context) -> Message:
     from client.history import select_history, validation_view
     from client.personalize import personalize_user
     from client.task_adapter import task_adapted_base
-    from common.store import UserStore, atomic_write_json, read_json
+    from common.store import UserStore, atomic_write_json, read_saved_state
     from common.tasks import get_task
 
     cfg, model_dir, model_sha, device, pristine, tokenizer = _setup(msg.content[p.CONFIG], context)
@@ -196,7 +196,7 @@ def personalize(msg: Message, context: Context) -> Message:
     result_key = hashlib.sha256(
         json.dumps([cfg.to_record(), model_sha, task_sha], sort_keys=True).encode()
     ).hexdigest()
-    stored = read_json(store.result)
+    stored = read_saved_state(store.result)
     if stored and stored.get("key") == result_key:  # finished before an interruption: same inputs, same result
         results, timings = stored["statistics"], {}
     else:

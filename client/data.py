@@ -7,7 +7,6 @@ Bad input raises `DataError` naming the file, the record, the field, the value a
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 
 from client.assets import installed_asset
 from common.config import DataLimits
+from common.store import JsonFileError, load_json_file
 from common.tasks import LAMP_FILE_TASK_NAMES, MOVIE_TAGS, TaskSpec, get_task
 
 MAX_USER_ID_BYTES = 200  # clients/<id>/adapters/user-<id>-k1-pag: a file name ends at 255 bytes
@@ -62,25 +62,11 @@ class User:
         return {"task": self.task, "user_id": self.user_id, "profile": profile, "query": queries}
 
 
-def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number (non-finite values are refused)")
-
-
 def _read_json(path: Path) -> Any:
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f, parse_constant=_refuse_constant)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory; expected a JSON file") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-                        "expected UTF-8 JSON") from None
-    except ValueError as e:  # json.JSONDecodeError included
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+        return load_json_file(path, finite=True)
+    except JsonFileError as e:
+        raise DataError(str(e)) from None
 
 
 def _field(record: Any, name: str, where: str, kinds: tuple[type, ...] = (str,)) -> Any:

@@ -11,7 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from client.data import User
 from client.evaluate import generate
-from common.store import atomic_write_json, read_json
+from common.store import atomic_write_json, read_saved_state
 from common.tasks import TaskSpec
 
 PROFILE_INSTRUCTION = (
@@ -53,7 +53,7 @@ def user_profile(
     history = json.dumps(user.to_json()["profile"], sort_keys=True).encode()
     key = {"model": model_hash, "task": task.name, "seed": seed, "sample_size": sample_size,
            "max_new_tokens": max_new_tokens, "history_sha256": hashlib.sha256(history).hexdigest()}
-    cached = read_json(cache_file)
+    cached = read_saved_state(cache_file)
     if cached and cached.get("key") == key:
         return cached["profile"]
     request = profile_request(task, user, tokenizer, seed, sample_size)

@@ -11,13 +11,17 @@ Layout under the run directory, on the machine that holds the user:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -45,12 +49,53 @@ def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=1, sort_keys=True) + "\n")
 
 
-def read_json(path: Path) -> Any | None:
-    """The JSON in `path`, or None if there is no such file."""
+class JsonFileError(ValueError):
+    """A JSON file that cannot be read or decoded; the message is one line that names the file and what is wrong."""
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number (non-finite values are refused)")
+
+
+def load_json_file(path: Path, finite: bool = False) -> Any:
+    """The JSON in `path`; any file it cannot be (missing, a directory, unreadable, not UTF-8, not JSON, nested
+    deeper than Python can hold, or with NaN/Infinity where `finite`) is a JsonFileError naming it."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        with open(path, encoding="utf-8") as f:
+            return json.load(f, parse_constant=_refuse_constant if finite else None)
     except FileNotFoundError:
+        raise JsonFileError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise JsonFileError(f"{path}: is a directory; expected a JSON file") from None
+    except OSError as e:
+        raise JsonFileError(f"{path}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise JsonFileError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                            "expected UTF-8 JSON") from None
+    except RecursionError:
+        raise JsonFileError(f"{path}: JSON nested too deeply to read (Python's limit is about "
+                            f"{sys.getrecursionlimit()} levels)") from None
+    except ValueError as e:  # json.JSONDecodeError included
+        raise JsonFileError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_json(path: Path) -> Any | None:
+    """The JSON in `path`, or None if there is no such file; a damaged one is a JsonFileError naming it."""
+    return load_json_file(path) if path.exists() else None
+
+
+def read_saved_state(path: Path) -> dict | None:
+    """A cache this program wrote (a stored result, profile, task adapter record) for reuse: None if missing or
+    damaged (then logged with the file named), so the caller recomputes it instead of failing the run."""
+    try:
+        state = read_json(path)
+    except JsonFileError as e:
+        log.warning("%s; recomputing it", e)
         return None
+    if state is not None and not isinstance(state, dict):
+        log.warning("%s: expected a JSON object, got %s; recomputing it", path, type(state).__name__)
+        return None
+    return state
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from client.references import best_constant, reference_names
 from common import protocol as p
 from common.config import RunConfig, flwr_run_settings
 from common.metrics import decision_rule
-from common.store import atomic_write_json, read_json
+from common.store import atomic_write_json, read_saved_state
 from common.tasks import get_task
 from server.audited_grid import AuditedGrid
 from server.distribution import announce, send_model
@@ -78,7 +78,7 @@ def adapt_task(
 
     target = opts.run_dir / "server" / "task_adapter"
     key = hashlib.sha256(f"{model_sha}|{sorted(cfg.task_adaptation_settings().items())}".encode()).hexdigest()
-    saved = read_json(target.parent / "task_adapter.json")
+    saved = read_saved_state(target.parent / "task_adapter.json")
     if saved and saved["key"] == key:  # an interrupted run's, or one copied in by --task-adapter-from
         from safetensors.torch import load_file
 

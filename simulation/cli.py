@@ -9,8 +9,9 @@ exits 0 after failed rounds).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import json
+import fcntl
 import logging
 import math
 import os
@@ -18,10 +19,11 @@ import shutil
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from flwr.clientapp import ClientApp
 
@@ -29,6 +31,7 @@ from client.data import DataError, User
 from client.model_build import UnknownModelError, linear_module_names, resolve_model
 from client.quantize import quantization_problem
 from common.config import RunConfig, UserCounts
+from common.store import JsonFileError, load_json_file
 from simulation.console import run_log, setup_console
 from simulation.errors import SetupError
 
@@ -36,6 +39,7 @@ log = logging.getLogger("oppu")
 ClientAppFactory = Callable[[Path], ClientApp]  # run directory -> the ClientApp its simulated nodes run
 
 RUNS_DIR = Path("runs")
+RUN_LOCK = "run.lock"  # in the run directory, held by the process that runs it
 # Flower passes client_resources on as Ray actor options: a worker process that dies (killed, out of memory) is
 # restarted, and the message it was running is run once more on its replacement (a message that kills every
 # worker it runs on then fails alone). Retries cover system failures only: an exception in our code is not retried.
@@ -156,7 +160,10 @@ def check_run_flags(args: argparse.Namespace, cfg: RunConfig, run_dir: Path | No
                          "(--train-clients times --fraction-train)")
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise SetupError(f"--timeout {args.timeout}: expected a finite number of seconds > 0")
-    _check_run_dir(run_dir or getattr(args, "run_dir", None) or RUNS_DIR)
+    _check_directory_flag("--run-dir", run_dir or getattr(args, "run_dir", None) or RUNS_DIR,
+                          "a directory (new, or an earlier run with --resume)")
+    if getattr(args, "cache_dir", None):
+        _check_directory_flag("--cache-dir", args.cache_dir, "a directory for the model cache")
     quantization = quantization_problem(cfg.quantize, cfg.device)
     if quantization:
         raise SetupError(quantization)
@@ -213,15 +220,15 @@ def partition_users(cfg: RunConfig, counts: UserCounts) -> tuple[list[User], lis
         raise SetupError(str(e)) from e
 
 
-def _check_run_dir(run_dir: Path) -> None:
-    """The run directory must be a directory this user may write, or one that can be made."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise SetupError(f"--run-dir {run_dir}: is a file; expected a directory (new, or an earlier run with --resume)")
-    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+def _check_directory_flag(flag: str, path: Path, expected: str) -> None:
+    """A directory flag's value must be a directory this user may write, or one that can be made."""
+    if path.exists() and not path.is_dir():
+        raise SetupError(f"{flag} {path}: is a file; expected {expected}")
+    existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
-        raise SetupError(f"--run-dir {run_dir}: {existing} is a file; expected a directory above the run")
+        raise SetupError(f"{flag} {path}: {existing} is a file; expected a directory above it")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise SetupError(f"--run-dir {run_dir}: {existing} is not writable; expected a directory this user may write")
+        raise SetupError(f"{flag} {path}: {existing} is not writable; expected a directory this user may write")
 
 
 def setup_failure(prog: str, error: SetupError, verbose: bool) -> int:
@@ -261,20 +268,61 @@ def _latest_run() -> Path | None:
 
 
 def prepare_run_dir(cfg: RunConfig, counts: UserCounts, options: SimulationOptions) -> Path:
-    """The run directory: new, or (with --resume) an earlier one whose settings match."""
+    """The run directory: new, or (with --resume) an earlier one whose settings match; a SetupError otherwise."""
     settings = run_settings(cfg, counts)
     if options.resume:
         run_dir = options.run_dir or _latest_run()
         if run_dir is None or not (run_dir / "run.json").exists():
-            raise SystemExit(f"flower-simulation: --resume: no earlier run found in {options.run_dir or RUNS_DIR}")
-        earlier = json.loads((run_dir / "run.json").read_text())
-        if earlier != settings:
-            raise SystemExit(f"flower-simulation: --resume: {run_dir} was run with other settings ({run_dir / 'run.json'})")
+            raise SetupError(f"--resume: no earlier run found in {options.run_dir or RUNS_DIR}")
+        if read_run_state(run_dir / "run.json") != settings:
+            raise SetupError(f"--resume: {run_dir} was run with other settings ({run_dir / 'run.json'})")
         return run_dir
     run_dir = options.run_dir or RUNS_DIR / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.task}"
     if (run_dir / "run.json").exists():
-        raise SystemExit(f"flower-simulation: {run_dir} already holds a run; pass --resume or another --run-dir")
+        raise SetupError(f"--run-dir {run_dir}: already holds a run; pass --resume or another --run-dir")
     return run_dir
+
+
+def read_run_state(path: Path) -> Any:
+    """A file of the run directory that --resume needs as it is (run.json, nodes.json); damaged: a SetupError."""
+    try:
+        return load_json_file(path)
+    except JsonFileError as e:
+        raise SetupError(f"{e}; the run there cannot be resumed: start it again in another directory") from e
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir: Path) -> Iterator[None]:
+    """Hold `run_dir` for this process while it runs: a second run on it is refused with the holder's pid. The
+    lock (flock on run.lock) ends with the process, so a killed run leaves none that blocks its --resume. A run
+    directory made here and left with nothing but the lock (the run was refused before it wrote anything) goes."""
+    made = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(run_dir / RUN_LOCK, "a+") as lock:
+            _lock_for_this_process(lock, run_dir)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    finally:
+        if made and [p.name for p in run_dir.iterdir()] == [RUN_LOCK]:
+            shutil.rmtree(run_dir)
+
+
+def _lock_for_this_process(lock: Any, run_dir: Path) -> None:
+    """Take the run directory's lock and write this process's pid into it; a SetupError naming the holder's pid."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        raise SetupError(f"--run-dir {run_dir}: in use by another run (pid {holder}); wait for it to end, "
+                         "or pick another --run-dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
 
 
 def copy_task_adapter(source: Path, run_dir: Path, cfg: RunConfig, counts: UserCounts, canaries: bool) -> None:
@@ -283,7 +331,11 @@ def copy_task_adapter(source: Path, run_dir: Path, cfg: RunConfig, counts: UserC
     from common.store import atomic_directory, atomic_write_json, read_json
 
     flag = f"--task-adapter-from {source}"
-    earlier, saved = read_json(source / "run.json"), read_json(source / "server" / "task_adapter.json")
+    try:
+        earlier, saved = read_json(source / "run.json"), read_json(source / "server" / "task_adapter.json")
+        planted = read_json(source / "audit" / "canaries.json")
+    except JsonFileError as e:
+        raise SetupError(f"{flag}: {e}") from e
     if earlier is None or saved is None:
         raise SetupError(f"{flag}: expected a run directory whose task adaptation finished "
                          "(run.json and server/task_adapter.json)")
@@ -292,7 +344,7 @@ def copy_task_adapter(source: Path, run_dir: Path, cfg: RunConfig, counts: UserC
     differ = [f"{key} {theirs.get(key)!r} there, {value!r} here" for key, value in ours.items() if theirs.get(key) != value]
     differ += [f"{key} {earlier[key]} there, {ours_count} here" for key, ours_count in
                (("num_clients", counts.test), ("train_clients", counts.train)) if earlier[key] != ours_count]
-    if canaries or read_json(source / "audit" / "canaries.json"):
+    if canaries or planted:
         differ.append("canaries (planted strings are drawn per run)")
     if differ:
         raise SetupError(f"{flag}: its task adapter was made under other task-adaptation settings: "
@@ -311,14 +363,12 @@ def run_settings(cfg: RunConfig, counts: UserCounts) -> dict:
 def simulate(
     cfg: RunConfig, counts: UserCounts, options: SimulationOptions, client_app: ClientAppFactory | None = None
 ) -> tuple[Path, dict]:
-    """Prepare node stores, run the Flower simulation; (run dir, outcome with the report if it finished).
+    """Prepare node stores, run the Flower simulation; (run dir, outcome with the report if it finished). The run
+    directory is held (hold_run_dir) while it runs.
 
     `client_app(run_dir)` builds the ClientApp instead of ours (the privacy and fault tests run leaky or faulty ones).
     """
     import torch
-
-    from common.store import atomic_write_json
-    from simulation.node_stores import plant_canaries, write_partitions
 
     resources = client_resources(
         options.cpus_per_client, options.gpus_per_client, cfg.device, torch.cuda.device_count(),
@@ -327,6 +377,16 @@ def simulate(
     if options.task_adapter_from and options.resume:
         raise SetupError("--task-adapter-from: a resumed run keeps its own task adapter; give one of the two")
     run_dir = prepare_run_dir(cfg, counts, options).resolve()
+    with hold_run_dir(run_dir):
+        return run_dir, _run_in(run_dir, cfg, counts, options, resources, client_app)
+
+
+def _run_in(run_dir: Path, cfg: RunConfig, counts: UserCounts, options: SimulationOptions, resources: dict,
+            client_app: ClientAppFactory | None) -> dict:
+    """simulate's work in the run directory it holds: node stores, then Flower's engine; the outcome."""
+    from common.store import atomic_write_json
+    from simulation.node_stores import plant_canaries, write_partitions
+
     if options.task_adapter_from:
         copy_task_adapter(options.task_adapter_from, run_dir, cfg, counts, options.canaries)
     if options.ray_address:
@@ -334,7 +394,7 @@ def simulate(
 
         join_ray_cluster(options.ray_address, run_dir, options.cache_dir)
     if options.resume and (run_dir / "nodes.json").exists():  # the stores of the interrupted run stay as they are
-        nodes = json.loads((run_dir / "nodes.json").read_text())
+        nodes = read_run_state(run_dir / "nodes.json")
     else:
         test, train = partition_users(cfg, counts)
         nodes = write_partitions(run_dir, test, train, plant_canaries(test + train) if options.canaries else {})
@@ -366,7 +426,7 @@ def simulate(
                               **({} if options.ray_address else {"_node_ip_address": LOCAL_RAY_ADDRESS})},
             },
         )
-    return run_dir, opts.outcome
+    return opts.outcome
 
 
 def run_config_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> RunConfig:

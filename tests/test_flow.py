@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,9 @@ from safetensors.numpy import load_file
 from common.config import RunConfig
 from common.metrics import finalize, statistics
 from common.tasks import get_task
-from simulation.cli import SimulationOptions, build_parser, main, simulate, user_counts
+from simulation.cli import RUN_LOCK, SimulationOptions, build_parser, main, simulate, user_counts
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY_ARGS = [
     "--task", "LaMP-2M", "--data", "synthetic", "--model", "tiny-random", "--personal-lr", "1e-2",
@@ -93,23 +98,31 @@ def test_personal_adapters_exist_only_in_client_stores(federated_run: tuple[Path
             assert not (run_dir / "clients" / n["user"] / "adapters").exists()
 
 
-def test_failing_client_exits_nonzero_and_resume_skips_finished_users(tmp_path: Path) -> None:
+def test_failing_client_exits_nonzero_and_resume_skips_finished_users(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_dir = tmp_path / "run"
     argv = ["--num-clients", "3", "--rounds", "0", "--methods", "base,oppu", "--run-dir", str(run_dir), *TINY_ARGS]
     assert main(argv) == 0
     nodes = json.loads((run_dir / "nodes.json").read_text())
-    finished, broken = nodes[0]["user"], nodes[1]["user"]
+    finished, broken, damaged = (node["user"] for node in nodes)
     adapter = run_dir / "clients" / finished / "adapters" / f"user-{finished}-k0" / "adapter_model.safetensors"
-    mtime = adapter.stat().st_mtime_ns
+    redone = run_dir / "clients" / damaged / "adapters" / f"user-{damaged}-k0" / "adapter_model.safetensors"
+    mtime, damaged_mtime = adapter.stat().st_mtime_ns, redone.stat().st_mtime_ns
+    statistics = json.loads((run_dir / "clients" / damaged / "result.json").read_text())["statistics"]
     # the second user's device loses its result and its data is damaged: its client raises on resume
     (run_dir / "clients" / broken / "result.json").unlink()
     (run_dir / "clients" / broken / "data.json").write_text("{not json")
+    # the third user's stored result is cut short: it is recomputed, not trusted and not a failure
+    (run_dir / "clients" / damaged / "result.json").write_text('{"key": "')
     assert main([*argv, "--resume"]) == 1
     report = json.loads((run_dir / "report.json").read_text())
     assert report["users"]["failed"] == 1 and report["users"]["evaluated"] == 2
     assert adapter.stat().st_mtime_ns == mtime, "resume retrained a user whose result was stored"
-    with pytest.raises(SystemExit, match="already holds a run"):  # no silent overwrite without --resume
-        main(argv)
+    assert redone.stat().st_mtime_ns != damaged_mtime, "a damaged result was not recomputed"
+    assert json.loads((run_dir / "clients" / damaged / "result.json").read_text())["statistics"] == statistics
+    assert main(argv) == 2  # no silent overwrite without --resume
+    assert "already holds a run; pass --resume or another --run-dir" in capsys.readouterr().err
 
 
 def test_cli_rejects_bad_values(capsys: pytest.CaptureFixture[str]) -> None:
@@ -232,3 +245,24 @@ def test_task_adapter_from_reuses_an_earlier_runs_adapter_and_refuses_other_sett
         assert main([*base, "--run-dir", str(refused), *changed]) == 2
         assert key in capsys.readouterr().err
         assert not (refused / "server" / "task_adapter").exists() and not (refused / "run.json").exists()
+
+
+def test_a_run_directory_is_held_by_one_run_at_a_time(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "simulation.cli", "--num-clients", "2", "--rounds", "0", "--methods", "base,oppu",
+            "--run-dir", str(run_dir), *TINY_ARGS]
+    first = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lock = run_dir / RUN_LOCK
+    deadline = time.monotonic() + 120
+    while not (lock.exists() and lock.read_text().strip()):
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.stderr else ""
+        time.sleep(0.1)
+    second = subprocess.run([*argv, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert first.poll() is None, "the first run ended before the second was refused: the test proves nothing"
+    assert second.returncode == 2
+    assert second.stderr == (f"flower-simulation: --run-dir {run_dir}: in use by another run (pid {first.pid}); "
+                             "wait for it to end, or pick another --run-dir\n")
+    assert first.wait(timeout=300) == 0, first.stderr.read() if first.stderr else ""
+    # the finished run's lock file is left with its pid, but nobody holds it: a resume goes ahead
+    assert lock.read_text() == f"{first.pid}\n"
+    assert main([*argv[3:], "--resume"]) == 0

@@ -206,11 +206,14 @@ def test_unreadable_files_are_refused_naming_the_file(tmp_path, capsys):
     latin1.write_bytes(json.dumps(oppu_users()).replace("movie 1.0", "caf\u00e9").encode("latin-1"))
     nan = tmp_path / "nan.json"
     nan.write_text(json.dumps(oppu_users("LaMP-3")).replace('"gold": "4"', '"gold": NaN', 1))
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)  # valid JSON, deeper than Python's parser can hold
     for data, message in [
         (latin1, f"--data: {latin1}: not UTF-8 text (byte 0xe9 at offset"),
         (tmp_path, f"--data: {tmp_path}: is a directory; expected a JSON file"),
         (tmp_path / "missing.json", f"--data: {tmp_path / 'missing.json'}: file not found"),
         (nan, f"--data: {nan}: not valid JSON (NaN is not a JSON number"),
+        (deep, f"--data: {deep}: JSON nested too deeply to read"),
     ]:
         task = "LaMP-3" if data == nan else "LaMP-2M"
         refused(["--task", task, "--data", str(data), "--model", "tiny-random"], capsys, tmp_path / "run", message)
@@ -266,6 +269,18 @@ def test_bad_run_dirs_are_refused(tmp_path, capsys):
     if os.access(read_only.parent, os.W_OK):
         pytest.skip("no read-only directory on this machine")
     refused(argv, capsys, read_only, f"--run-dir {read_only}: {read_only.parent} is not writable")
+
+
+def test_a_cache_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    a_file = write_json(tmp_path / "a-file", {})
+    refused(["--task", "LaMP-2M", "--data", "synthetic", "--model", "tiny-random", "--cache-dir", str(a_file)],
+            capsys, tmp_path / "run", f"flower-simulation: --cache-dir {a_file}: is a file; expected a directory")
+
+
+def test_a_refused_resume_exits_2_with_one_line(tmp_path, capsys):
+    argv = ["--task", "LaMP-2M", "--data", "synthetic", "--model", "tiny-random", "--resume"]
+    err = refused(argv, capsys, tmp_path / "run", f"flower-simulation: --resume: no earlier run found in {tmp_path / 'run'}")
+    assert err.count("\n") == 1
 
 
 def test_verbose_adds_the_traceback(tmp_path, capsys):

@@ -15,13 +15,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from common.store import read_json
+from common.store import read_saved_state
 from simulation.cli import (
     RUNS_DIR,
     SetupError,
     SimulationOptions,
     add_run_flags,
     check_run_flags,
+    read_run_state,
     run_config_of,
     run_failures,
     run_settings,
@@ -63,11 +64,11 @@ def run_arm(args: argparse.Namespace, arm: Arm, run_dir: Path) -> dict[str, Any]
     """The arm's report: reused when complete, else the run is made (or resumed); None if it did not finish."""
     counts = user_counts(args)
     options = dataclasses.replace(SimulationOptions.from_args(args), run_dir=run_dir, resume=False)
-    earlier = read_json(run_dir / "run.json")
+    earlier = read_run_state(run_dir / "run.json") if (run_dir / "run.json").exists() else None
     if earlier is not None:
         if earlier != run_settings(arm.config, counts):
-            raise SystemExit(f"oppu-study: {run_dir} was run with other settings; pass another --study-dir")
-        report = read_json(run_dir / "report.json")
+            raise SetupError(f"--study-dir: {run_dir} was run with other settings; pass another --study-dir")
+        report = read_saved_state(run_dir / "report.json")
         if _complete(report, args):
             print(f"  reusing the finished run in {run_dir}", flush=True)
             return report
