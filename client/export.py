@@ -20,7 +20,15 @@ from typing import Any
 from client.adapters import TRAINING_RECORD
 from client.model_build import UnknownModelError, resolve_model
 from common.model_files import file_sha256, model_hash
-from common.store import UserStore, atomic_directory, atomic_write_json, read_json
+from common.store import (
+    JsonFileError,
+    UserStore,
+    atomic_directory,
+    atomic_write_json,
+    atomic_write_text,
+    load_json_file,
+    read_json,
+)
 
 MANIFEST = "oppu-manifest.json"
 
@@ -36,20 +44,32 @@ def export_adapter(run_dir: Path, user_id: str, out_dir: Path, variant: str = "k
     if record is None:
         raise FileNotFoundError(f"{source}: no trained adapter (expected {TRAINING_RECORD} beside peft's files)")
     files = sorted(p.name for p in source.iterdir() if p.is_file() and p.name != TRAINING_RECORD)
-    manifest = {
-        **record,
-        "user": user_id,
-        "adapter": source.name,
-        "peft_config": json.loads((source / "adapter_config.json").read_text()),
-        "files": {name: file_sha256(source / name) for name in files},
-    }
+    config = record.get("config", {})
+    model = _shared_name(str(config.get("model", "")))
+    peft_config = {**load_json_file(source / "adapter_config.json"), "base_model_name_or_path": model}
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists; export into a new directory")
     with atomic_directory(out_dir) as staging:
         for name in files:
             shutil.copy2(source / name, staging / name)
+        # peft wrote the base's local directory there; a shared adapter names the model instead
+        atomic_write_text(staging / "adapter_config.json", json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+        manifest = {
+            **record,
+            "config": {**config, **{key: _shared_name(str(config[key])) for key in ("model", "data") if key in config}},
+            "user": user_id,
+            "adapter": source.name,
+            "peft_config": peft_config,
+            "files": {name: file_sha256(staging / name) for name in files},
+        }
         atomic_write_json(staging / MANIFEST, manifest)
     return manifest
+
+
+def _shared_name(value: str) -> str:
+    """A --model or --data value as an export shares it: the names of its files, never where they lay on the
+    owner's machine ("/home/me/data/users.json" -> "users.json"; names such as "smollm2" stay)."""
+    return ":".join(Path(part).name for part in value.split(":"))
 
 
 def _read_manifest(export_dir: Path) -> dict[str, Any]:
@@ -58,8 +78,8 @@ def _read_manifest(export_dir: Path) -> dict[str, Any]:
     path = export_dir / MANIFEST
     try:
         manifest = read_json(path)
-    except (OSError, ValueError) as e:  # a directory, not UTF-8, not JSON
-        raise AdapterImportError(f"{path}: not a readable JSON manifest ({e}); the export is damaged") from None
+    except JsonFileError as e:  # a directory, not UTF-8, not JSON
+        raise AdapterImportError(f"{e}; the export is damaged") from None
     if manifest is None:
         raise AdapterImportError(f"{export_dir}: no {MANIFEST}; not an exported OPPU adapter")
     files = manifest.get("files") if isinstance(manifest, dict) else None

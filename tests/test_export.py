@@ -7,11 +7,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from peft import PeftModel
+import torch
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors.torch import load_file
 
 from client.data import synthetic_users
 from client.evaluate import predict, query_prompts
 from client.export import AdapterImportError, export_adapter, import_adapter, main
+from client.model_build import resolve_model
 from client.model_cache import load_fresh
 from client.personalize import personalize_user
 from common.config import RunConfig
@@ -19,6 +22,7 @@ from common.model_files import MANIFEST as MODEL_MANIFEST
 from common.model_files import model_hash
 from common.store import UserStore
 from common.tasks import get_task
+from simulation.cli import main as simulation_main
 
 CFG = RunConfig(task="LaMP-2M", model="tiny-random", methods="base,oppu", personal_lr=1e-2, personal_epochs=2,
                 batch_tokens=256)
@@ -78,3 +82,53 @@ def test_cli_reports_errors(trained, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["export", str(run_dir), user.user_id, str(tmp_path / "a")]) == 0
     assert main(["export", str(run_dir), "nobody", str(tmp_path / "b")]) == 1
     assert "no trained adapter" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def task_adapted_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real tiny run with task adaptation, fp32, whose test user's adapter is exported below."""
+    run_dir = tmp_path_factory.mktemp("task-run") / "run"
+    data = tmp_path_factory.mktemp("owner-home") / "users.json"
+    data.write_text(json.dumps([u.to_json() for u in synthetic_users(3, history_len=10)]))
+    assert simulation_main(["--task", "LaMP-2M", "--data", str(data), "--model", "tiny-random", "--num-clients", "1",
+                            "--train-clients", "2", "--rounds", "1", "--methods", "base,oppu", "--dtype", "float32",
+                            "--personal-epochs", "2", "--batch-tokens", "256", "--run-dir", str(run_dir)]) == 0
+    return run_dir
+
+
+def test_an_export_loads_as_users_load_it_on_the_task_adapted_base(tiny, tiny_model_dir, task_adapted_run, tmp_path):
+    run_dir = task_adapted_run
+    user_id = json.loads((run_dir / "nodes.json").read_text())[0]["user"]
+    out = tmp_path / "mine"
+    manifest = export_adapter(run_dir, user_id, out)
+    # as README says: plain peft, the run's task adapter merged into the base, then the exported adapter
+    base = PeftModel.from_pretrained(load_fresh(tiny_model_dir, "cpu", "float32"), run_dir / "server" / "task_adapter")
+    loaded = PeftModel.from_pretrained(base.merge_and_unload(), out)
+    loaded.eval()
+    stored = load_file(out / "adapter_model.safetensors")
+    in_model = get_peft_model_state_dict(loaded)
+    assert set(in_model) == set(stored)
+    assert all(torch.equal(in_model[name], stored[name]) for name in stored)  # the tensors it loaded, not others
+
+    user = UserStore(run_dir, user_id)
+    data = json.loads(user.data.read_text())
+    person = next(u for u in synthetic_users(3, history_len=10) if u.user_id == data["user_id"])
+    _, tokenizer = tiny
+    task = get_task("LaMP-2M")
+    cfg = RunConfig.from_record(manifest["config"])
+    prompts = query_prompts(person, task, tokenizer, cfg.prompt_settings(0), None)
+    run_says = json.loads(user.predictions.read_text())
+    assert predict(loaded, tokenizer, task, prompts)[0] == [s["prediction"] for s in run_says["oppu"]]
+    assert predict(base.merge_and_unload(), tokenizer, task, prompts)[0] == [s["prediction"] for s in run_says["base"]]
+
+
+def test_an_export_names_files_and_models_never_local_paths(task_adapted_run, tmp_path):
+    user_id = json.loads((task_adapted_run / "nodes.json").read_text())[0]["user"]
+    out = tmp_path / "mine"
+    manifest = export_adapter(task_adapted_run, user_id, out)
+    assert manifest["config"]["data"] == "users.json" and manifest["config"]["model"] == "tiny-random"
+    assert manifest["peft_config"]["base_model_name_or_path"] == "tiny-random"
+    shared = "".join(p.read_text() for p in out.glob("*.json"))
+    assert str(Path.home()) not in shared and "/tmp/" not in shared and "owner-home" not in shared
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-random"
+    assert import_adapter(out, tmp_path / "elsewhere", resolve_model("tiny-random"))["user"] == user_id  # hashes hold

@@ -349,7 +349,8 @@ def test_adapter_import_refuses_a_corrupt_manifest_and_an_unknown_model(tmp_path
     export.mkdir()
     valid = {"files": {}, "base_model_sha256": "0" * 64}
     for manifest, message in [
-        ("{not json", "not a readable JSON manifest"),
+        ("{not json", "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1)); "
+                      "the export is damaged"),
         (json.dumps([1, 2]), "expected an object with 'files' (file name -> sha256) and 'base_model_sha256'"),
         (json.dumps({"files": {}}), "expected an object with 'files'"),
         (json.dumps({**valid, "files": {"../../escape": "0" * 64}}), "the manifest is damaged"),
