@@ -23,8 +23,8 @@ from transformers import (
 )
 
 from client.assets import installed_asset
-from client.model_cache import default_cache_dir, model_slug
-from common.model_files import MANIFEST, write_manifest
+from client.model_cache import cache_problem, default_cache_dir, model_slug
+from common.model_files import write_manifest
 from common.store import atomic_directory
 
 log = logging.getLogger(__name__)
@@ -103,9 +103,12 @@ def resolve_model(name: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> P
     """The local directory of a base model, building/converting it into the cache on first use."""
     cache_dir = cache_dir or default_cache_dir()
     target = cache_dir / "models" / model_slug(name)
-    if (target / MANIFEST).exists():
+    problem = cache_problem(target)
+    if problem is None:
         return target
-    with atomic_directory(target) as staging:
+    if target.exists():  # truncated, altered, or left half-made by an older version: made again, in one rename
+        log.warning("model cache %s: %s; building it again", target, problem)
+    with atomic_directory(target, replace=True) as staging:
         if name == DEFAULT_MODEL:
             _build_smollm2(staging, cache_dir)
         elif name == TINY_MODEL:

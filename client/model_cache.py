@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 from functools import cache
 from pathlib import Path
@@ -17,7 +17,10 @@ from transformers import (
 
 from client.device import attention_for, resolve_dtype
 from client.quantize import quantization_config
-from common.model_files import MANIFEST
+from common.model_files import MANIFEST, verify_model_dir
+from common.store import read_saved_state
+
+log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -62,9 +65,36 @@ def _load_base(model_dir: Path, device: str, dtype: str, quantize: str) -> tuple
 
 
 def find_model_by_hash(sha256: str, cache_dir: Path | None = None) -> Path | None:
-    """A model directory in the cache whose manifest records this content hash."""
+    """An intact model directory in the cache whose manifest records this content hash (a damaged one is passed
+    over, so the node gets the model sent again)."""
     models = (cache_dir or default_cache_dir()) / "models"
     for manifest in sorted(models.glob(f"*/{MANIFEST}")) if models.is_dir() else []:
-        if json.loads(manifest.read_text()).get("sha256") == sha256:
-            return manifest.parent
+        if (read_saved_state(manifest) or {}).get("sha256") == sha256:
+            problem = cache_problem(manifest.parent)
+            if problem is None:
+                return manifest.parent
+            log.warning("model cache %s: %s; not used", manifest.parent, problem)
+    return None
+
+
+_intact: dict[Path, tuple] = {}  # model directories verified in this process, with the file stats they had then
+
+
+def cache_problem(model_dir: Path) -> str | None:
+    """What is wrong with a model directory of the cache (None: intact): missing, no readable manifest (half made),
+    or files that do not hash to the manifest's sha256 (truncated, altered). The full hash (about a second for
+    SmolLM2) runs once per process while the files' sizes and times stay as they were."""
+    if not model_dir.is_dir():
+        return "missing"
+    manifest = read_saved_state(model_dir / MANIFEST)
+    if not manifest or not isinstance(manifest.get("sha256"), str):
+        return f"no readable {MANIFEST} (a directory left half made)"
+    stats = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(model_dir.iterdir()))
+    if _intact.get(model_dir) == stats:
+        return None
+    try:
+        verify_model_dir(model_dir)
+    except ValueError:
+        return "its files do not match the sha256 in its manifest (truncated or altered)"
+    _intact[model_dir] = stats
     return None
