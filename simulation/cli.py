@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from flwr.clientapp import ClientApp
 
@@ -40,6 +40,7 @@ ClientAppFactory = Callable[[Path], ClientApp]  # run directory -> the ClientApp
 
 RUNS_DIR = Path("runs")
 RUN_LOCK = "run.lock"  # in the run directory, held by the process that runs it
+INTERRUPTED = 130  # exit status of a run stopped by Ctrl-C (128 + SIGINT)
 # Flower passes client_resources on as Ray actor options: a worker process that dies (killed, out of memory) is
 # restarted, and the message it was running is run once more on its replacement (a message that kills every
 # worker it runs on then fails alone). Retries cover system failures only: an exception in our code is not retried.
@@ -229,6 +230,23 @@ def _check_directory_flag(flag: str, path: Path, expected: str) -> None:
         raise SetupError(f"{flag} {path}: {existing} is a file; expected a directory above it")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise SetupError(f"{flag} {path}: {existing} is not writable; expected a directory this user may write")
+
+
+def stop_now(prog: str, run_dir: Path | None) -> NoReturn:
+    """Ctrl-C: Flower's engine has already stopped its workers, but its ServerApp thread would wait out the reply
+    timeout for answers that will not come, and Python waits for that thread before it exits. So Ray is shut down
+    and the process ends at once with 130 (128 + SIGINT, as shells report it); every finished user's result is
+    already on disk (atomic writes), and --resume continues from there."""
+    import ray
+
+    where = f" --run-dir {run_dir}" if run_dir else ""
+    print(f"{prog}: interrupted; finished users are kept: run again with --resume{where} to continue",
+          file=sys.stderr, flush=True)
+    if ray.is_initialized():
+        ray.shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(INTERRUPTED)
 
 
 def setup_failure(prog: str, error: SetupError, verbose: bool) -> int:
@@ -449,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dir, outcome = simulate(cfg, user_counts(args), SimulationOptions.from_args(args))
     except SetupError as e:
         return setup_failure(parser.prog, e, args.verbose)
+    except KeyboardInterrupt:
+        stop_now(parser.prog, args.run_dir)
     report = outcome.get("report")
     if report is None:
         print(f"flower-simulation: the server app did not finish; see the log above ({run_dir})", file=sys.stderr)

@@ -53,3 +53,29 @@ def failing_update_app(partition: int) -> Callable[[Path], ClientApp]:
         return adapt(msg, context)
 
     return _app(adapt_handler=failing_adapt)
+
+
+def dying_before_storing_app(partition: int, marker: Path) -> Callable[[Path], ClientApp]:
+    """The worker process that receives node `partition`'s personalize message kills itself (SIGKILL) once, before
+    it stores anything; `marker` (written first) holds its pid."""
+
+    def die_then_personalize(msg: Message, context: Context) -> Message:
+        if _partition(context) == partition and not marker.exists():
+            marker.write_text(json.dumps({"pid": os.getpid()}))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return personalize(msg, context)
+
+    return _app(personalize_handler=die_then_personalize)
+
+
+def deadly_message_app(partition: int, marker_dir: Path) -> Callable[[Path], ClientApp]:
+    """Node `partition`'s personalize message kills every worker process that runs it (SIGKILL); each victim leaves
+    its pid as a file in `marker_dir`."""
+
+    def always_die(msg: Message, context: Context) -> Message:
+        if _partition(context) == partition:
+            (marker_dir / str(os.getpid())).touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return personalize(msg, context)
+
+    return _app(personalize_handler=always_die)

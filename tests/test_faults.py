@@ -88,3 +88,36 @@ def test_a_failed_training_update_is_reported_and_fails_the_run(
     counts, _, resumed = _simulate([*argv, "--resume"], None)
     assert resumed["report"]["task_adaptation"]["failed_updates"] == {"1": 1}
     assert exit_status("flower-simulation", resumed["report"], counts, False) == 1
+
+
+def test_a_worker_killed_before_it_stores_a_result_is_replaced_and_its_user_evaluated_once(tmp_path: Path) -> None:
+    marker = tmp_path / "killed.json"
+    counts, run_dir, outcome = _simulate(
+        ["--num-clients", "3", "--rounds", "0", "--cpus-per-client", "2", "--run-dir", str(tmp_path / "run")],
+        faulty_client.dying_before_storing_app(1, marker),
+    )
+    assert outcome["report"]["users"] == {"test": 3, "evaluated": 3, "failed": 0, "train": 0}
+    lines = [json.loads(line) for line in (run_dir / "audit" / "client.jsonl").read_text().splitlines()]
+    received = Counter(e["message_id"] for e in lines if (e["direction"], e["message_type"]) == ("in", p.PERSONALIZE))
+    assert sorted(received.values()) == [1, 1, 2]
+    (twice,) = [m for m, n in received.items() if n == 2]
+    seen = [(e["direction"], e["pid"]) for e in lines if e["message_id"] == twice]
+    killed = json.loads(marker.read_text())["pid"]
+    assert seen[0] == ("in", killed) and seen[1:] == [("in", seen[1][1]), ("out", seen[1][1])] and seen[1][1] != killed
+    replies = [e for e in lines if (e["direction"], e["message_type"]) == ("out", p.PERSONALIZE)]
+    assert len(replies) == 3  # one per user: the killed attempt sent nothing
+    assert audit_main([str(run_dir)]) == 0
+
+
+def test_a_message_that_kills_every_worker_fails_its_user_alone(tmp_path: Path) -> None:
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    counts, run_dir, outcome = _simulate(
+        ["--num-clients", "3", "--rounds", "0", "--run-dir", str(tmp_path / "run")],
+        faulty_client.deadly_message_app(0, victims),
+    )
+    report = outcome["report"]
+    assert report["users"] == {"test": 3, "evaluated": 2, "failed": 1, "train": 0}
+    assert len(list(victims.iterdir())) == 2  # the first worker and its one retry (max_task_retries=1)
+    assert len(report["errors"]) == 1
+    assert exit_status("flower-simulation", report, counts, False) == 1

@@ -28,6 +28,7 @@ from simulation.cli import (
     run_settings,
     setup_failure,
     simulate,
+    stop_now,
     user_counts,
 )
 from simulation.console import setup_console
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             report = run_arm(args, arm, run_dir)
         except SetupError as e:
             return setup_failure("oppu-study", e, args.verbose)
+        except KeyboardInterrupt:
+            stop_now("oppu-study", study_dir)
         if _complete(report, args):
             runs[arm.name] = run_dir
         else:
