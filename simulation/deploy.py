@@ -672,6 +672,7 @@ def _report(prog: str, run_dir: Path, status: int, counts: UserCounts, allow_fai
 
 def main(argv: list[str] | None = None) -> int:
     from simulation.cli import (
+        INTERRUPTED,
         SetupError,
         check_run_flags,
         run_config_of,
@@ -707,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         return setup_failure(prog, e, getattr(args, "verbose", False))
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; every started process was stopped", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except (FileExistsError, ValueError, RuntimeError, TimeoutError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 1

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from client.model_cache import find_model_by_hash
 from common.model_files import verify_model_dir
+from simulation.cli import INTERRUPTED
 from simulation.deploy import main as deploy_main
 from simulation.deploy import running
 from simulation.privacy_audit import main as audit_main
@@ -52,28 +55,39 @@ def test_superlink_and_supernodes_run_the_app_and_pass_the_audit(tmp_path: Path)
     assert not _our_processes(second)
 
 
-def test_sigkill_of_oppu_deploy_leaves_no_process_behind(tmp_path: Path) -> None:
-    """Killed while the app runs (a ServerApp and a ClientApp are up), by SIGKILL, so none of its own clean-up runs:
-    every process it started, and every process those started, is gone within seconds."""
-    run_dir = tmp_path / "killed"
+STOP_WITHIN = 15.0  # seconds from the signal until every process of the deployment is gone, busy machine or not
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["SIGKILL", "Ctrl-C", "SIGTERM"])
+def test_a_stopped_oppu_deploy_leaves_no_process_behind_within_seconds(tmp_path: Path, how: signal.Signals) -> None:
+    """Stopped while the app runs (a ServerApp and a ClientApp are up), with both cores busy with other work: by
+    SIGKILL none of its own clean-up runs, by Ctrl-C or SIGTERM it stops what it started; either way every process
+    it started, and every process those started, is gone within STOP_WITHIN."""
+    run_dir = tmp_path / "stopped"
     with open(tmp_path / "oppu-deploy.log", "wb") as log:
         deploy = subprocess.Popen([sys.executable, "-m", "simulation.deploy", *ARGS, "--run-dir", str(run_dir)],
                                   cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=log)
+    hogs: list[subprocess.Popen] = []
     try:
         deadline = time.monotonic() + 300
         while not {"flwr-serverapp", "flwr-clientapp"} <= {Path(p).name for c in _cmdlines(deploy.pid) for p in c[:2]}:
             assert deploy.poll() is None, (tmp_path / "oppu-deploy.log").read_text()
             assert time.monotonic() < deadline, "the app did not start within 300 s"
             time.sleep(0.2)
-        tree = psutil.Process(deploy.pid).children(recursive=True)
+        tree = [psutil.Process(deploy.pid), *psutil.Process(deploy.pid).children(recursive=True)]
+        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+        stopped_at = time.monotonic()
+        deploy.send_signal(how)
+        while (alive := running(tree)) and time.monotonic() - stopped_at < STOP_WITHIN:
+            time.sleep(0.2)
     finally:
-        deploy.kill()
-        deploy.wait()
-    deadline = time.monotonic() + 15
-    while (alive := running(tree)) and time.monotonic() < deadline:
-        time.sleep(0.2)
+        for process in [*hogs, *([deploy] if deploy.poll() is None else [])]:
+            process.kill()
+            process.wait()
     assert not alive, [" ".join(p.cmdline()) for p in alive]
     assert not _our_processes(run_dir)
+    if how != signal.SIGKILL:
+        assert deploy.returncode == INTERRUPTED, (tmp_path / "oppu-deploy.log").read_text()
 
 
 def _cmdlines(pid: int) -> list[list[str]]:
