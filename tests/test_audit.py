@@ -202,7 +202,14 @@ def test_honest_resumed_run_passes_the_audit(resumed_run: Path, tmp_path: Path) 
     assert audit_main([str(run_dir)]) == 0
     summary = _summary(run_dir)
     assert len(summary["attempts"]) == 2
-    assert summary["sent_not_received_in_interrupted_attempts"] >= 1  # the reply the kill cut off
+    # the reply the kill cut off, and any request not yet received then: counted from the cut logs themselves
+    cut = _first(run_dir / "audit" / "client.jsonl", "out", p.PERSONALIZE)["time"]
+    logs = {side: [e for e in _entries(run_dir / "audit" / f"{side}.jsonl") if e["time"] <= cut]
+            for side in ("server", "client")}
+    other = {"server": "client", "client": "server"}  # a reply carries its request's message id
+    sent = {(side, e["message_id"]) for side in logs for e in logs[side] if e["direction"] == "out"}
+    received = {(other[side], e["message_id"]) for side in logs for e in logs[side] if e["direction"] == "in"}
+    assert summary["sent_not_received_in_interrupted_attempts"] == len(sent - received) >= 1
 
 
 def _drop_killed_request(audit: Path) -> None:

@@ -47,9 +47,13 @@ def test_curve_and_reference_rows(tiny, tmp_path):
     assert not any("lora" in name for name, _ in tiny[0].named_modules())  # the shared base is left clean
 
 
-def test_bad_counts_are_refused():
-    with pytest.raises(SystemExit):
-        main(["--eval-every", "0"])
+def test_bad_counts_are_refused(capsys):
+    for argv, message in [(["--eval-every", "0"], "--eval-every must be at least 1, got 0"),
+                          (["--asked-movies", "-1"], "--asked-movies must be 0 or more, got -1"),
+                          (["--asked-movies", "5", "--items-per-user", "8"], "--asked-movies picks the training")]:
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_the_movie_slice_trains_on_each_asked_movies_ratings_and_scores_only_their_questions(tiny, tmp_path):

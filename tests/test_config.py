@@ -73,8 +73,9 @@ def test_gpus_per_client_flag_takes_auto_or_a_share(capsys: pytest.CaptureFixtur
     assert build_parser().parse_args([]).gpus_per_client == "auto"
     assert build_parser().parse_args(["--gpus-per-client", "0.25"]).gpus_per_client == 0.25
     for bad in ("-1", "half", "nan", "inf"):
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as stopped:
             build_parser().parse_args(["--gpus-per-client", bad])
+        assert stopped.value.code == 2
         assert f"expected 'auto' or a number >= 0, got '{bad}'" in capsys.readouterr().err
 
 

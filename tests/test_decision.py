@@ -35,8 +35,10 @@ def test_median_minimises_expected_absolute_error_and_mean_squared_error():
         best = min(expected_abs_error(float(label), probabilities) for label in RATINGS)
         assert expected_abs_error(median, probabilities) == pytest.approx(best)
         mean = float(decide(RATINGS, probabilities, "mean"))
+        expected = sum(p * float(label) for label, p in zip(RATINGS, probabilities))
+        assert mean == pytest.approx(expected, abs=5e-4)  # the expectation, to the 3 decimals the rule writes
         squared = lambda a: sum(p * (a - float(label)) ** 2 for label, p in zip(RATINGS, probabilities))  # noqa: E731
-        assert squared(mean) <= min(squared(float(label)) for label in RATINGS) + 1e-6
+        assert squared(mean) <= min(squared(mean - 0.01), squared(mean + 0.01))  # no nearby answer does better
 
 
 def test_auto_rule_fits_the_primary_metric_and_numeric_rules_need_ratings():

@@ -126,12 +126,11 @@ def test_failing_client_exits_nonzero_and_resume_skips_finished_users(
 
 
 def test_cli_rejects_bad_values(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
-        main(["--methods", "oppu+magic"])
-    assert "unknown part 'magic'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--task", "LaMP-9"])
-    assert "unknown task 'LaMP-9'" in capsys.readouterr().err
+    for argv, message in [(["--methods", "oppu+magic"], "unknown part 'magic'"),
+                          (["--task", "LaMP-9"], "unknown task 'LaMP-9'")]:
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_differential_privacy_reports_epsilon(tmp_path: Path) -> None:
