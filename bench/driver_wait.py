@@ -6,7 +6,9 @@
 It runs `flower-simulation` (run directory runs/bench-wait-<time> unless given), reads its console, and takes the
 driver process's CPU seconds from the last task-adaptation round's line to the first line of the final table: the
 personalization phase, in which the driver only waits (the workers do the work, in other processes). Flower's
-engine polls its link state for every node while it waits, so the share grows with the number of nodes.
+engine polls its link state for every node while it waits, so the share grows with the number of nodes. Over the
+personalization phase (until its progress bar's last draw) it also reports the CPU share of Ray's own services
+(GCS, raylet, dashboard head and agent, log monitor, ...): every process below the driver but the ClientApp workers.
 """
 
 from __future__ import annotations
@@ -41,20 +43,48 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     driver = psutil.Process(process.pid)
     start = end = None
     assert process.stdout is not None
+    services: list[dict[int, tuple[str, float]]] = []  # Ray's services' CPU seconds at start and when the bar ends
+    services_end = 0.0
     for line in process.stdout:
         mark = (time.monotonic(), sum(driver.cpu_times()[:2]))
         if "task adaptation round" in line:
             start = mark  # the last round's line: personalization starts right after it
+            services = [ray_services_cpu(driver)]
+        elif "%|" in line and start and len(services) == 1:  # the progress bar's last draw: Ray still runs
+            services.append(ray_services_cpu(driver))
+            services_end = time.monotonic()
         elif line.startswith("|") and start and not end:
             end = mark
         sys.stdout.write(line)
     if process.wait() != 0 or not (start and end):
         raise SystemExit(f"bench.driver_wait: {' '.join(command)} exited {process.returncode}; see {run_dir}")
     waited, cpu = end[0] - start[0], end[1] - start[1]
-    results = {"command": command, "wait_seconds": waited, "driver_cpu_seconds": cpu, "driver_share": cpu / waited}
+    first, last = services if len(services) == 2 else ({}, {})
+    ray_cpu = sum(seconds - first[pid][1] for pid, (_, seconds) in last.items() if pid in first)
+    ray_window = max(services_end - start[0], 1e-9)
+    results = {"command": command, "wait_seconds": waited, "driver_cpu_seconds": cpu, "driver_share": cpu / waited,
+               "ray_services": sorted({name for name, _ in last.values()}), "ray_services_cpu_seconds": ray_cpu,
+               "ray_window_seconds": ray_window, "ray_services_share": ray_cpu / ray_window}
     return finish(args, results, [f"driver while waiting for personalization: {cpu:.1f} CPU s in {waited:.0f} s, "
-                                  f"{cpu / waited:.1%} of a core"])
+                                  f"{cpu / waited:.1%} of a core",
+                                  f"Ray's services during personalization ({len(last)} processes): {ray_cpu:.1f} CPU s "
+                                  f"in {ray_window:.0f} s, {ray_cpu / ray_window:.1%} of a core"])
 
+
+def ray_services_cpu(driver: psutil.Process) -> dict[int, tuple[str, float]]:
+    """{pid: (name, CPU seconds)} of the processes below the driver that are Ray's own, not a ClientApp worker; a
+    Python service is named by its script (dashboard.py, log_monitor.py, ...)."""
+    found = {}
+    for child in driver.children(recursive=True):
+        try:
+            name, command = child.name(), child.cmdline()
+            if "ClientAppActor" in name:
+                continue
+            script = next((Path(part).name for part in command if part.endswith(".py")), name)
+            found[child.pid] = (script, sum(child.cpu_times()[:2]))
+        except psutil.NoSuchProcess:
+            pass
+    return found
 
 if __name__ == "__main__":
     main()
