@@ -163,8 +163,10 @@ def check_run_flags(args: argparse.Namespace, cfg: RunConfig, run_dir: Path | No
         raise SetupError(f"--timeout {args.timeout}: expected a finite number of seconds > 0")
     _check_directory_flag("--run-dir", run_dir or getattr(args, "run_dir", None) or RUNS_DIR,
                           "a directory (new, or an earlier run with --resume)")
-    if getattr(args, "cache_dir", None):
-        _check_directory_flag("--cache-dir", args.cache_dir, "a directory for the model cache")
+    for flag, expected in (("cache_dir", "a directory for the model cache"),
+                           ("node_caches", "a directory for the nodes' model caches")):
+        if getattr(args, flag, None):
+            _check_directory_flag(f"--{flag.replace('_', '-')}", getattr(args, flag), expected)
     quantization = quantization_problem(cfg.quantize, cfg.device)
     if quantization:
         raise SetupError(quantization)

@@ -275,6 +275,11 @@ def test_a_cache_dir_that_is_a_file_is_refused(tmp_path, capsys):
     a_file = write_json(tmp_path / "a-file", {})
     refused(["--task", "LaMP-2M", "--data", "synthetic", "--model", "tiny-random", "--cache-dir", str(a_file)],
             capsys, tmp_path / "run", f"flower-simulation: --cache-dir {a_file}: is a file; expected a directory")
+    assert deploy_main(["--task", "LaMP-2M", "--data", "synthetic", "--model", "tiny-random", "--node-caches",
+                        str(a_file), "--run-dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (f"oppu-deploy: --node-caches {a_file}: is a file; expected a directory for "
+                                       "the nodes' model caches\n")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_refused_resume_exits_2_with_one_line(tmp_path, capsys):
