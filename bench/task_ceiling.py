@@ -41,7 +41,9 @@ from client.partition import split_users
 from client.references import RECENT_MEAN, reference_predictions
 from client.task_adapter import TASK_ADAPTER, remove_adapters, task_examples, task_lora
 from client.training import Example, train_adapter
+from common.bootstrap import paired_difference
 from common.config import RunConfig, UserCounts
+from common.metrics import statistics
 from common.store import atomic_write_json
 from common.tasks import TaskSpec, get_task
 
@@ -69,9 +71,25 @@ def base_scores(model: Any, tokenizer: Any, task: TaskSpec, views: list[User], c
     expected = [sum(p * float(label) for p, label in zip(row, task.labels)) for row in probabilities]
     spread = stats.pstdev(expected)
     flat = spread < 1e-12 or stats.pstdev(golds) == 0  # a correlation of a constant is undefined
+    combined = level_plus_offset(levels, expected)
     return {"mae": stats.fmean(abs(float(a) - g) for a, g in zip(predictions, golds)), "sd": spread,
             "corr": None if flat else stats.correlation(expected, golds),
-            "mae_level_offset": stats.fmean(abs(a - g) for a, g in zip(level_plus_offset(levels, expected), golds))}
+            "mae_level_offset": stats.fmean(abs(a - g) for a, g in zip(combined, golds)),
+            "level_offset_vs_recent_mean": vs_recent_mean(task, views, [f"{a:.0f}" for a in combined])}
+
+
+def vs_recent_mean(task: TaskSpec, views: list[User], answers: list[str]) -> list[float]:
+    """[difference, low, high]: the answers' MAE minus ref-recent-mean's on the same questions, with the paired
+    per-user bootstrap 95% CI every report uses (common/bootstrap.py)."""
+    per_user, start = [], 0
+    for view in views:
+        golds = [str(q.gold) for q in view.queries]
+        mine = answers[start: start + len(golds)]
+        start += len(golds)
+        per_user.append({"answers": statistics(task, mine, golds),
+                         RECENT_MEAN: statistics(task, reference_predictions(task, view)[RECENT_MEAN], golds)})
+    found = paired_difference(task, per_user, "answers", RECENT_MEAN)
+    return [found.difference, found.low, found.high]
 
 
 def level_plus_offset(levels: list[float], expected: list[float]) -> list[float]:
@@ -211,7 +229,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"step {point['step']}: {point['examples']} examples, {point['tokens']} tokens, {point['seconds']:.1f} s "
               f"({point['tokens'] / max(point['seconds'], 1e-9):.0f} tokens/s), loss {fmt(point['loss'])}, "
               f"MAE {point['mae']:.3f}, sd {point['sd']:.3f}, corr {fmt(point['corr'])}, "
-              f"level + LLM offset {point['mae_level_offset']:.3f}", flush=True)
+              f"level + LLM offset {point['mae_level_offset']:.3f} "
+              f"(vs {RECENT_MEAN} {ci(point['level_offset_vs_recent_mean'])})", flush=True)
         if args.out:
             atomic_write_json(args.out, {"machine": about, **results})
 
@@ -244,14 +263,19 @@ def fmt(value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
+def ci(found: list[float]) -> str:
+    """A difference with its 95% CI: +0.012 [-0.030, +0.055]."""
+    return f"{found[0]:+.3f} [{found[1]:+.3f}, {found[2]:+.3f}]"
+
+
 def table(results: dict[str, Any]) -> list[str]:
     """The curve as markdown, then the no-LLM rows on the same questions."""
     refs = results["references"]
-    lines = ["| step | examples | tokens | seconds | train loss | MAE | sd | corr | level + LLM offset |",
-             "|---" * 9 + "|"]
+    lines = ["| step | examples | tokens | seconds | train loss | MAE | sd | corr | level + LLM offset | "
+             f"its difference to {RECENT_MEAN} |", "|---" * 10 + "|"]
     lines += [f"| {p['step']} | {p['examples']} | {p['tokens']} | {p['seconds']:.1f} | {fmt(p['loss'])} | "
-              f"{p['mae']:.3f} | {p['sd']:.3f} | {fmt(p['corr'])} | {p['mae_level_offset']:.3f} |"
-              for p in results["curve"]]
+              f"{p['mae']:.3f} | {p['sd']:.3f} | {fmt(p['corr'])} | {p['mae_level_offset']:.3f} | "
+              f"{ci(p['level_offset_vs_recent_mean'])} |" for p in results["curve"]]
     lines += ["", "| no-LLM row (same questions) | MAE |", "|---|---|", f"| {RECENT_MEAN} | {refs[RECENT_MEAN]:.3f} |"]
     lines += [f"| {row} ({source}) | {refs[source][row]:.3f} |" for source in ("all outside", "training data")
               if refs[source] is not None for row in ("population", "level+item")]
