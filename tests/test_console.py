@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from ray_sessions import logged_addresses
+from run_traces import logged_addresses
 
 ARGS = ["--num-clients", "4", "--train-clients", "2", "--rounds", "1", "--task", "LaMP-2M", "--data", "synthetic",
         "--model", "tiny-random", "--methods", "base,oppu", "--batch-tokens", "256", "--personal-epochs", "1",

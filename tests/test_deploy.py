@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import psutil
+from run_traces import processes_naming
 import pytest
 
 from client.model_cache import find_model_by_hash
@@ -26,14 +27,6 @@ ARGS = ["--num-clients", "1", "--train-clients", "1", "--rounds", "1", "--method
         "--max-history", "8", "--task-history", "4"]
 
 
-def _our_processes(run_dir: Path) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        if any(str(run_dir) in part for part in process.info["cmdline"] or []):
-            found.append(process)
-    return found
-
-
 def test_superlink_and_supernodes_run_the_app_and_pass_the_audit(tmp_path: Path) -> None:
     caches = tmp_path / "node-caches"
     first = tmp_path / "first"
@@ -47,12 +40,12 @@ def test_superlink_and_supernodes_run_the_app_and_pass_the_audit(tmp_path: Path)
     assert audit_main([str(first)]) == 0
     summary = json.loads((first / "audit" / "summary.json").read_text())
     assert summary["phases"]["transfer"]["bytes_down"] > 1_000_000
-    assert not _our_processes(first), "processes of the deployment are still running"
+    assert not processes_naming(first), "processes of the deployment are still running"
 
     second = tmp_path / "second"  # same node caches: the model is verified there and not sent again
     assert deploy_main([*ARGS, "--run-dir", str(second), "--node-caches", str(caches)]) == 0
     assert json.loads((second / "report.json").read_text())["model"]["sent_to_nodes"] == 0
-    assert not _our_processes(second)
+    assert not processes_naming(second)
 
 
 STOP_WITHIN = 15.0  # seconds from the signal until every process of the deployment is gone, busy machine or not
@@ -85,7 +78,7 @@ def test_a_stopped_oppu_deploy_leaves_no_process_behind_within_seconds(tmp_path:
             process.kill()
             process.wait()
     assert not alive, [" ".join(p.cmdline()) for p in alive]
-    assert not _our_processes(run_dir)
+    assert not processes_naming(run_dir)
     if how != signal.SIGKILL:
         assert deploy.returncode == INTERRUPTED, (tmp_path / "oppu-deploy.log").read_text()
 

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
+from run_traces import processes_naming
 import pytest
 
 from simulation.deploy import free_port, main as deploy_main, make_tls, running
@@ -57,14 +57,6 @@ def _deploy(args: list[str], log: Path, hosts: Path | None = None) -> subprocess
     with open(log, "wb") as out:
         return subprocess.Popen([*prefix, sys.executable, "-m", "simulation.deploy", *args], cwd=REPO,
                                 env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=out, stderr=subprocess.STDOUT)
-
-
-def _ours(root: Path) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        if any(str(root) in part for part in process.info["cmdline"] or []):
-            found.append(process)
-    return found
 
 
 def _wait_for(path: Path, process: subprocess.Popen, log: Path, timeout: float) -> None:
@@ -194,6 +186,6 @@ def test_superlink_on_another_address_supernodes_from_their_own_directories(tmp_
     assert json.loads((run_dir / "audit" / "summary.json").read_text())["checks"]["logs-agree"]["passed"]
 
     deadline = time.monotonic() + 15
-    while (alive := running(_ours(tmp_path))) and time.monotonic() < deadline:
+    while (alive := running(processes_naming(tmp_path))) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive, [" ".join(p.cmdline()) for p in alive]

@@ -14,11 +14,12 @@ import pytest
 from safetensors.numpy import load_file
 
 from common import protocol as p
-from common.config import RunConfig, UserCounts
+from common.config import UserCounts
 from simulation.cli import (
     ClientAppFactory,
     SimulationOptions,
     build_parser,
+    run_config_of,
     exit_status,
     simulate,
     user_counts,
@@ -32,8 +33,9 @@ TINY_ARGS = ["--task", "LaMP-2M", "--data", "synthetic", "--model", "tiny-random
 
 
 def _simulate(argv: list[str], client_app: ClientAppFactory | None) -> tuple[UserCounts, Path, dict]:
-    args = build_parser().parse_args([*argv, *TINY_ARGS])
-    cfg = RunConfig(**{k: v for k, v in vars(args).items() if k in RunConfig.__dataclass_fields__})
+    parser = build_parser()
+    args = parser.parse_args([*argv, *TINY_ARGS])
+    cfg = run_config_of(args, parser)
     counts = user_counts(args)
     return counts, *simulate(cfg, counts, SimulationOptions.from_args(args), client_app)
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import psutil
-from ray_sessions import logged_addresses
+from run_traces import logged_addresses
 
 from simulation.deploy import free_port, running, stop_trees
 

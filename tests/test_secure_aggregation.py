@@ -21,6 +21,7 @@ from simulation.cli import (
     SetupError,
     SimulationOptions,
     build_parser,
+    run_config_of,
     check_run_flags,
     simulate,
     user_counts,
@@ -35,8 +36,9 @@ TINY_ARGS = ["--task", "LaMP-2M", "--data", "synthetic", "--model", "tiny-random
 
 
 def _simulate(argv: list[str], client_app: ClientAppFactory) -> tuple[Path, dict]:
-    args = build_parser().parse_args([*argv, *TINY_ARGS])
-    cfg = RunConfig(**{k: v for k, v in vars(args).items() if k in RunConfig.__dataclass_fields__})
+    parser = build_parser()
+    args = parser.parse_args([*argv, *TINY_ARGS])
+    cfg = run_config_of(args, parser)
     return simulate(cfg, user_counts(args), SimulationOptions.from_args(args), client_app)
 
 

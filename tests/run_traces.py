@@ -1,9 +1,12 @@
-"""What a Ray session's own logs say about the addresses its processes used (tests keep Ray on loopback)."""
+"""What a run leaves behind that tests check: the processes still running for it, and the addresses its Ray
+session's processes used (tests keep Ray on loopback)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+
+import psutil
 
 DEFAULT_SESSION_LOGS = Path("/tmp/ray/session_latest/logs")  # Ray's default temp dir: the latest session's logs
 
@@ -12,3 +15,9 @@ def logged_addresses(logs: Path = DEFAULT_SESSION_LOGS) -> set[str]:
     """Every IPv4 address that appears as HOST:PORT in the session's .out/.log/.err files."""
     return {ip for path in logs.glob("*.*") if path.suffix in (".out", ".log", ".err")
             for ip in re.findall(r"(\d+\.\d+\.\d+\.\d+):\d+", path.read_text(errors="replace"))}
+
+
+def processes_naming(path: Path) -> list[psutil.Process]:
+    """The running processes whose command line names `path` (a run directory, a stand-in machine's directory)."""
+    return [process for process in psutil.process_iter(["cmdline"])
+            if any(str(path) in part for part in process.info["cmdline"] or [])]
