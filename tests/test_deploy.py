@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import psutil
-from run_traces import processes_naming
 import pytest
+from run_traces import processes_naming
 
 from client.model_cache import find_model_by_hash
 from common.model_files import verify_model_dir

@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from run_traces import processes_naming
 import pytest
+from run_traces import processes_naming
 
 from simulation.deploy import free_port, main as deploy_main, make_tls, running
 from simulation.privacy_audit import main as audit_main
