@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from client.model_build import resolve_model
 from client.model_cache import load_base
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_reaches_child_processes():
+    """Tests stop runs with SIGINT as a terminal's Ctrl-C would. A suite started as a background job of a
+    non-interactive shell (`make test &`, some CI runners) inherits SIGINT ignored, and an ignored signal stays
+    ignored across fork and exec, so every process a test starts would ignore Ctrl-C (Python then installs no
+    KeyboardInterrupt). The suite restores the default handler for itself and so for its children."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")

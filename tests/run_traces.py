@@ -21,3 +21,14 @@ def processes_naming(path: Path) -> list[psutil.Process]:
     """The running processes whose command line names `path` (a run directory, a stand-in machine's directory)."""
     return [process for process in psutil.process_iter(["cmdline"])
             if any(str(path) in part for part in process.info["cmdline"] or [])]
+
+
+def command_lines(processes: list[psutil.Process]) -> list[str]:
+    """What each process runs, for a failure message (a process that ends meanwhile is named by its pid)."""
+    lines = []
+    for process in processes:
+        try:
+            lines.append(" ".join(process.cmdline()))
+        except psutil.NoSuchProcess:
+            lines.append(f"pid {process.pid} (ended meanwhile)")
+    return lines

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from run_traces import processes_naming
+from run_traces import command_lines, processes_naming
 
 from client.model_cache import find_model_by_hash
 from common.model_files import verify_model_dir
@@ -77,7 +77,7 @@ def test_a_stopped_oppu_deploy_leaves_no_process_behind_within_seconds(tmp_path:
         for process in [*hogs, *([deploy] if deploy.poll() is None else [])]:
             process.kill()
             process.wait()
-    assert not alive, [" ".join(p.cmdline()) for p in alive]
+    assert not alive, command_lines(alive)
     assert not processes_naming(run_dir)
     if how != signal.SIGKILL:
         assert deploy.returncode == INTERRUPTED, (tmp_path / "oppu-deploy.log").read_text()

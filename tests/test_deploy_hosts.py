@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from run_traces import processes_naming
+from run_traces import command_lines, processes_naming
 
 from simulation.deploy import free_port, main as deploy_main, make_tls, running
 from simulation.privacy_audit import main as audit_main
@@ -188,4 +188,4 @@ def test_superlink_on_another_address_supernodes_from_their_own_directories(tmp_
     deadline = time.monotonic() + 15
     while (alive := running(processes_naming(tmp_path))) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not alive, [" ".join(p.cmdline()) for p in alive]
+    assert not alive, command_lines(alive)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+from run_traces import command_lines
 
 from common import protocol as p
 from simulation.deploy import running
@@ -58,7 +59,7 @@ def _interrupt(run: subprocess.Popen, how: signal.Signals) -> None:
     deadline = time.monotonic() + STOP_WITHIN
     while (alive := running(tree)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not alive, [" ".join(process.cmdline()) for process in alive]
+    assert not alive, command_lines(alive)
 
 
 def _outcome(run_dir: Path) -> dict:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import psutil
-from run_traces import logged_addresses
+from run_traces import command_lines, logged_addresses
 
 from simulation.deploy import free_port, running, stop_trees
 
@@ -76,6 +76,6 @@ def test_simulation_joins_a_ray_cluster(tmp_path: Path) -> None:
     deadline = time.monotonic() + 15
     while (alive := running(tree)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not alive, [" ".join(p.cmdline()) for p in alive]
+    assert not alive, command_lines(alive)
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(temp_dir) in " ".join(p.info["cmdline"] or [])]
 
