@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "task adaptation round" in line:
             start = mark  # the last round's line: personalization starts right after it
             services = [ray_services_cpu(driver)]
-        elif "%|" in line and start and len(services) == 1:  # the progress bar's last draw: Ray still runs
-            services.append(ray_services_cpu(driver))
+        elif "%|" in line and start and not end:  # each draw of the progress bar (a \r ends a line here):
+            services[1:] = [ray_services_cpu(driver)]  # the last one, when Ray still runs, is kept
             services_end = time.monotonic()
         elif line.startswith("|") and start and not end:
             end = mark

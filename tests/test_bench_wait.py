@@ -20,6 +20,6 @@ def test_driver_wait_measures_the_personalization_phase(tmp_path: Path) -> None:
     # Ray's own services were found and measured beside it (the workers are not among them)
     assert {"gcs_server", "raylet"} <= set(results["ray_services"])
     assert not any("ClientAppActor" in name for name in results["ray_services"])
-    assert 0 < results["ray_window_seconds"] <= results["wait_seconds"]
+    assert 0.8 * report["timings"]["personalize-seconds"] <= results["ray_window_seconds"] <= results["wait_seconds"]
     assert 0 <= results["ray_services_cpu_seconds"] <= 2 * results["ray_window_seconds"]
     assert results["ray_services_share"] == results["ray_services_cpu_seconds"] / results["ray_window_seconds"]
