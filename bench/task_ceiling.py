@@ -27,24 +27,27 @@ import math
 import random
 import statistics as stats
 import sys
+import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from bench.common import common_flags, finish, load_model, machine
 from bench.item_knowledge import asked_movie, ceiling_rows, recent_level, rounded
-from client.adapters import attach_fresh, derived_seed
+from client.adapters import adapter_state, attach_fresh, derived_seed
 from client.data import User, load_movielens
 from client.evaluate import predict, query_prompts
 from client.history import validation_view
+from client.personalize import personalize_user
 from client.partition import split_users
 from client.references import RECENT_MEAN, reference_predictions
-from client.task_adapter import TASK_ADAPTER, remove_adapters, task_examples, task_lora
+from client.task_adapter import TASK_ADAPTER, merge_task_state, remove_adapters, task_examples, task_lora
 from client.training import Example, train_adapter
 from common.bootstrap import paired_difference
 from common.config import RunConfig, UserCounts
-from common.metrics import statistics
-from common.store import atomic_write_json
+from common.metrics import Statistics, combine, finalize, statistics
+from common.store import UserStore, atomic_write_json
 from common.tasks import TaskSpec, get_task
 
 
@@ -97,6 +100,32 @@ def level_plus_offset(levels: list[float], expected: list[float]) -> list[float]
     model's expected rating for it sits from its mean over all questions, rounded to a rating."""
     center = stats.fmean(expected)
     return [rounded(level + e - center) for level, e in zip(levels, expected)]
+
+
+def personal_rows(base: Any, tokenizer: Any, task: TaskSpec, views: list[User], cfg: RunConfig,
+                  task_state: dict[str, Any]) -> dict[str, Any]:
+    """`base` and `oppu` as a run scores them on these questions: the task LoRA merged into a copy of the base, and
+    on it each user's personal adapter trained by the run's own code (client.personalize.personalize_user, the
+    run's personal defaults) on the history before the questions; MAE of each row and the paired difference of
+    `base` and `oppu` to ref-recent-mean. The adapters go to a temporary store that is deleted afterwards."""
+    personal = RunConfig(methods="base,oppu", lora_r=cfg.lora_r, lora_targets=cfg.lora_targets, dtype=cfg.dtype)
+    merged = merge_task_state(base, cfg, task_state)
+    per_user: list[dict[str, Statistics]] = []
+    seconds: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="task-ceiling-") as scratch:
+        for i, view in enumerate(views, 1):
+            found, timings = personalize_user(personal, view, UserStore(Path(scratch), view.user_id), merged, base,
+                                              tokenizer, model_hash="")
+            per_user.append(found)
+            seconds.append(sum(timings.values()))
+            print(f"personalized {i}/{len(views)} users ({stats.fmean(seconds):.1f} s each)", end="\r", flush=True)
+    print(flush=True)
+    rows: dict[str, Any] = {name: {"mae": finalize(task, combine(u[name] for u in per_user))["mae"]}
+                            for name in per_user[0]}
+    for name in ("base", "oppu"):
+        found = paired_difference(task, per_user, name, RECENT_MEAN)
+        rows[name]["vs_recent_mean"] = [found.difference, found.low, found.high]
+    return {"rows": rows, "seconds_per_user": stats.fmean(seconds)}
 
 
 def most_asked(views: list[User], count: int) -> list[str]:
@@ -159,6 +188,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-users", type=int, default=0, help="test users evaluated (0: all)")
     parser.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps (0: no cap)")
     parser.add_argument("--dtype", default="auto", help="auto (as a run picks it), float32 or bfloat16")
+    parser.add_argument("--personalize", action="store_true",
+                        help="then give each evaluated user a personal adapter on the trained base, as a run does, "
+                             "and score oppu beside base and ref-recent-mean on the same questions")
     common_flags(parser)
     args = parser.parse_args(argv)
     if args.asked_movies and args.items_per_user:
@@ -250,11 +282,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       desc="central task adapter", after_step=after_step)
         if seen.losses:  # steps since the last evaluation
             evaluate()
+        trained = adapter_state(model, TASK_ADAPTER)
     finally:
         model.eval()  # the shared base goes back as load_base made it
         remove_adapters(model)
     last = results["curve"][-1]
     results["tokens_per_second"] = last["tokens"] / max(last["seconds"], 1e-9)
+    if args.personalize:
+        results["personal"] = personal_rows(base, tokenizer, task, views, cfg, trained)
+        if args.out:
+            atomic_write_json(args.out, {"machine": about, **results})
     return finish(args, results, table(results))
 
 
@@ -280,6 +317,13 @@ def table(results: dict[str, Any]) -> list[str]:
     lines += [f"| {row} ({source}) | {refs[source][row]:.3f} |" for source in ("all outside", "training data")
               if refs[source] is not None for row in ("population", "level+item")]
     lines.append(f"tokens/s of training: {results['tokens_per_second']:.0f}")
+    if "personal" in results:
+        rows = results["personal"]["rows"]
+        lines += ["", f"| as a run scores them (last point's base + personal adapters) | MAE | vs {RECENT_MEAN} |",
+                  "|---|---|---|"]
+        lines += [f"| {name} | {row['mae']:.3f} | {ci(row['vs_recent_mean']) if 'vs_recent_mean' in row else ''} |"
+                  for name, row in rows.items()]
+        lines.append(f"seconds per user: {results['personal']['seconds_per_user']:.1f}")
     return lines
 
 

@@ -105,12 +105,17 @@ def task_adapted_base(
     key = (model_dir, device, cfg.dtype, cfg.quantize, state_hash)
     if key not in _merged_cache:
         _merged_cache.clear()  # one merged copy at a time bounds memory
-        settings = task_lora(cfg)
-        copied = (copy_targets if cfg.quantize == "none" else dequantized_copy)(pristine, settings.target_modules)
-        model = attach_fresh(copied, settings, TASK_ADAPTER, 0)
-        load_adapter_state(model, TASK_ADAPTER, task_state)
-        _merged_cache[key] = model.merge_and_unload()
+        _merged_cache[key] = merge_task_state(pristine, cfg, task_state)
     return _merged_cache[key]
+
+
+def merge_task_state(pristine: PreTrainedModel, cfg: RunConfig, task_state: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """A copy of `pristine` with the task LoRA `task_state` merged into the adapted layers; `pristine` stays as it was."""
+    settings = task_lora(cfg)
+    copied = (copy_targets if cfg.quantize == "none" else dequantized_copy)(pristine, settings.target_modules)
+    model = attach_fresh(copied, settings, TASK_ADAPTER, 0)
+    load_adapter_state(model, TASK_ADAPTER, task_state)
+    return model.merge_and_unload()
 
 
 def copy_targets(model: PreTrainedModel, targets: tuple[str, ...]) -> PreTrainedModel:

@@ -98,3 +98,19 @@ def test_level_plus_llm_offset_adds_the_models_deviation_to_the_users_level():
     assert level_plus_offset([3.4, 4.2], [3.0, 4.0]) == [3.0, 5.0]
     assert level_plus_offset([1.2, 4.9], [2.0, 4.0]) == [1.0, 5.0]  # clipped to the scale
     assert level_plus_offset([3.6, 3.6, 3.6], [4.1, 4.1, 4.1]) == [4.0, 4.0, 4.0]  # no item signal: the level
+
+
+def test_personalize_scores_oppu_as_a_run_does_on_the_trained_base(tiny, tmp_path):
+    results = main(["--model", "tiny-random", "--device", "cpu", "--num-clients", "3", "--users", "4",
+                    "--items-per-user", "4", "--eval-every", "100", "--max-steps", "3", "--dtype", "float32",
+                    "--personalize", "--out", str(tmp_path / "p.json")])
+    rows = results["personal"]["rows"]
+    assert set(rows) >= {"base", "oppu", RECENT_MEAN}
+    assert rows[RECENT_MEAN]["mae"] == pytest.approx(results["references"][RECENT_MEAN])  # same questions
+    assert rows["base"]["mae"] == pytest.approx(results["curve"][-1]["mae"])  # merged = the curve's unmerged LoRA
+    for name in ("base", "oppu"):
+        difference, low, high = rows[name]["vs_recent_mean"]
+        assert difference == pytest.approx(rows[name]["mae"] - rows[RECENT_MEAN]["mae"]) and low <= difference <= high
+    assert results["personal"]["seconds_per_user"] > 0
+    assert json.loads((tmp_path / "p.json").read_text())["personal"] == results["personal"]
+    assert not any("lora" in name for name, _ in tiny[0].named_modules())  # the shared base is left clean
