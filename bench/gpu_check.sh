@@ -167,8 +167,8 @@ for stage in "${WANTED[@]}"; do
       } ;;
     ceiling)
       skip_unless ceiling "__import__('torch').cuda.is_available()" "no CUDA GPU visible" &&
-        run_stage ceiling 300 "$WORK/ceiling.json" "$PY" -m bench.task_ceiling --device cuda --batch-tokens 4096 \
-          --eval-every 100 --out "$WORK/ceiling.json" ;;
+        run_stage ceiling 300 "$WORK/ceiling.json" "$PY" -m bench.task_ceiling --device cuda --batch-tokens 1024 \
+          --epochs 6 --eval-every 1000 --personalize --out "$WORK/ceiling.json" ;;
     run-bf16)
       skip_unless run-bf16 "__import__('torch').cuda.is_available()" "no CUDA GPU visible" &&
         run_stage run-bf16 420 "$WORK/run-bf16.json" run_default run-bf16 --device cuda ;;

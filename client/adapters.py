@@ -59,8 +59,10 @@ def attach_fresh(
 
 
 def adapter_state(model: PeftModel, name: str) -> dict[str, torch.Tensor]:
-    """The adapter's weights under peft's canonical names (what save_pretrained writes)."""
-    return {k: v.detach().to(torch.float32).cpu() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    """A snapshot of the adapter's weights under peft's canonical names (what save_pretrained writes): copies, since
+    a float32 CPU tensor converted in place would stay the live weight that further training changes."""
+    return {k: v.detach().to("cpu", torch.float32, copy=True)
+            for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
 
 
 def load_adapter_state(model: PeftModel, name: str, state: dict[str, torch.Tensor]) -> None:

@@ -172,6 +172,19 @@ def test_adapter_state_round_trip(tiny, kind):
         remove_adapters(model)
 
 
+def test_adapter_state_is_a_snapshot_that_later_training_leaves_alone(tiny):
+    base, _ = tiny  # float32 on the CPU: the conversion to float32 alone would hand out the live weights
+    model = attach_fresh(base, PeftSettings(kind="lora"), "src", seed=3)
+    try:
+        state = adapter_state(model, "src")
+        kept = {k: v.clone() for k, v in state.items()}
+        randomize(model, "src", seed=11)
+        assert all(torch.equal(state[k], kept[k]) for k in state)
+        assert any(not torch.equal(adapter_state(model, "src")[k], kept[k]) for k in state)
+    finally:
+        remove_adapters(model)
+
+
 def test_load_adapter_state_rejects_foreign_weights(tiny):
     base, _ = tiny
     model = attach_fresh(base, PeftSettings(), "first", seed=0)

@@ -1,0 +1,219 @@
+"""The FedAvg gap of the shared task adapter: the same ratings trained pooled (central) and federated (FedAvg).
+
+    python -m bench.task_fedavg --threads 2 --asked-movies 80 --raters 60 --rounds 6 --out fedavg.json
+    python -m bench.task_fedavg --asked-movies 80 --raters 60 --rounds 6 --local-epochs 2 --fraction 0.5
+
+bench.task_ceiling shows a task LoRA learns the movies from pooled 20-example steps and nothing from a run's
+2-example steps. A run's task adaptation is federated: each training user takes a few small steps on their own
+ratings, and FedAvg averages the users' LoRAs, so each round is one large averaged move. This measures how far that
+gets on the same data: the `--raters` outside users who rated most of the `--asked-movies` movies the validation
+questions ask about most, each of their ratings of those movies the example a run builds for it. *central* trains
+one LoRA on all of them pooled (`--central-batch-tokens`, one epoch between evaluations); *federated* gives each
+rater a client: every round a seeded `--fraction` of them trains the global LoRA locally with a run's own code
+(client.training.train_adapter: `--local-epochs` at `--batch-tokens`, a fresh optimiser each round, as
+task_adaptation_step does) and Flower's FedAvg aggregation (aggregate_arrayrecords, weighted by examples, as the
+server's strategy) averages them. Both start from the run's seeded initial task LoRA and are scored after every
+epoch / round on the questions about those movies as bench.task_ceiling scores them (base MAE, spread and gold
+correlation of the expected rating, level + LLM offset with its paired CI against ref-recent-mean), so the two
+curves sit side by side over the tokens they trained on. The JSON (--out) is rewritten after every point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from bench.common import common_flags, finish, load_model, machine
+from bench.task_ceiling import about_movies, base_scores, ci, fmt, most_asked, reference_rows
+from client.adapters import adapter_state, attach_fresh, derived_seed, load_adapter_state
+from client.data import User, load_movielens
+from client.history import validation_view
+from client.partition import split_users
+from client.references import RECENT_MEAN
+from client.task_adapter import TASK_ADAPTER, remove_adapters, task_examples, task_lora
+from client.training import Example, train_adapter
+from common import protocol as p
+from common.config import RunConfig, UserCounts
+from common.store import atomic_write_json
+from common.tasks import get_task
+
+
+def heaviest_raters(users: list[User], movies: set[str], count: int) -> list[User]:
+    """The `count` users with the most ratings of `movies` (ties: by user id)."""
+    rated = {user.user_id: sum(item.id in movies for item in user.history) for user in users}
+    return sorted(users, key=lambda user: (-rated[user.user_id], user.user_id))[:count]
+
+
+def rater_examples(user: User, movies: set[str], tokenizer: Any, cfg: RunConfig) -> list[Example]:
+    """One example per rating of `movies` by `user`: the example a run builds for that item (its history up to the
+    rating, task_history=1; the retrieval depth drawn per rating)."""
+    one = dataclasses.replace(cfg, task_history=1)
+    task = get_task("MovieLens")
+    return [e for i, item in enumerate(user.history) if item.id in movies
+            for e in task_examples(dataclasses.replace(user, history=user.history[: i + 1], queries=[]), task,
+                                   tokenizer, one, i)]
+
+
+def fedavg(states: list[dict[str, Any]], weights: list[int]) -> dict[str, Any]:
+    """Flower's FedAvg aggregation of the clients' LoRA states, weighted by their examples (as the server's)."""
+    replies = [RecordDict({p.ARRAYS: ArrayRecord(state), p.METRICS: MetricRecord({p.NUM_EXAMPLES: weight})})
+               for state, weight in zip(states, weights)]
+    return aggregate_arrayrecords(replies, p.NUM_EXAMPLES).to_torch_state_dict()
+
+
+def tokens(examples: list[Example]) -> int:
+    return sum(len(e.prompt) + len(e.answer) for e in examples)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench.task_fedavg", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-clients", type=int, default=100, help="test users: the longest histories")
+    parser.add_argument("--asked-movies", type=int, default=80, help="the N movies the validation questions ask most")
+    parser.add_argument("--raters", type=int, default=60, help="outside users who rated most of them: the clients")
+    parser.add_argument("--rounds", type=int, default=6, help="FedAvg rounds, and central epochs")
+    parser.add_argument("--fraction", type=float, default=1.0, help="share of the raters sampled per round")
+    parser.add_argument("--local-epochs", type=float, default=1.0, help="a client's epochs per round (--local-epochs)")
+    parser.add_argument("--batch-tokens", type=int, default=128, help="a client's tokens per step (a run's default)")
+    parser.add_argument("--central-batch-tokens", type=int, default=1024, help="tokens per step of the pooled LoRA")
+    parser.add_argument("--lr", type=float, default=2e-3, help="learning rate, both (a run's --task-lr)")
+    parser.add_argument("--lora-r", type=int, default=8, help="rank of the task LoRA")
+    parser.add_argument("--lora-targets", default="q_proj,v_proj", help="modules that get the LoRA")
+    parser.add_argument("--modes", default="central,federated", help="which curves: central, federated or both")
+    parser.add_argument("--dtype", default="auto", help="auto (as a run picks it), float32 or bfloat16")
+    common_flags(parser)
+    args = parser.parse_args(argv)
+    for flag in ("num_clients", "asked_movies", "raters", "rounds", "batch_tokens", "central_batch_tokens", "lora_r"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if not 0 < args.fraction <= 1:
+        parser.error(f"--fraction must be in (0, 1], got {args.fraction}")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"central", "federated"}:
+        parser.error(f"--modes {args.modes!r}: expected central, federated or both, comma-separated")
+    args.modes = modes
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse(argv)
+    cfg = RunConfig(lora_r=args.lora_r, lora_targets=args.lora_targets, task_lr=args.lr, dtype=args.dtype)
+    task = get_task("MovieLens")
+    users = load_movielens()
+    tests, _ = split_users(users, UserCounts(test=args.num_clients, train=0), RunConfig())
+    views = [validation_view(user, task, RunConfig().validation_items) for user in tests]
+    test_ids = {user.user_id for user in tests}
+    outside = [user for user in users if user.user_id not in test_ids]
+    movies = set(most_asked(views, args.asked_movies))
+    views = about_movies(views, movies)
+    raters = heaviest_raters(outside, movies, args.raters)
+    base, tokenizer = load_model(args, args.dtype)
+    clients = {user.user_id: rater_examples(user, movies, tokenizer, cfg) for user in raters}
+    pooled = [e for examples in clients.values() for e in examples]
+    per_movie = Counter(item.id for user in raters for item in user.history if item.id in movies)
+    results: dict[str, Any] = {
+        "command": argv if argv is not None else sys.argv[1:], "settings": {**vars(args), "out": str(args.out)},
+        "test_users": len(views), "questions": sum(len(v.queries) for v in views),
+        "training": {"clients": len(clients), "examples": len(pooled), "tokens_per_epoch": tokens(pooled),
+                     "ratings_per_movie": {"min": min(per_movie.values(), default=0),
+                                           "median": sorted(per_movie.values())[len(per_movie) // 2] if per_movie else 0,
+                                           "movies": len(per_movie)}},
+        "references": reference_rows(task, views, outside, None, 0), "curves": {mode: [] for mode in args.modes},
+    }
+    print(f"{len(pooled)} examples ({results['training']['tokens_per_epoch']} tokens) from {len(clients)} raters of "
+          f"{len(per_movie)} of the {len(movies)} movies; {results['questions']} validation questions of "
+          f"{len(views)} test users", flush=True)
+    about = machine()
+    model = attach_fresh(base, task_lora(cfg), TASK_ADAPTER, derived_seed(cfg.seed, "task"))
+    initial = adapter_state(model, TASK_ADAPTER)  # the run's seeded initial task LoRA
+
+    def point(mode: str, step: int, seen: int, seconds: float, loss: float | None) -> None:
+        """Score the LoRA as it is now, print and keep the point, rewrite the JSON."""
+        model.eval()
+        found = {"round" if mode == "federated" else "epoch": step, "tokens": seen, "seconds": seconds,
+                 "loss": loss, **base_scores(model, tokenizer, task, views, cfg)}
+        results["curves"][mode].append(found)
+        print(f"{mode} {step}: {seen} tokens, {seconds:.0f} s, loss {fmt(loss)}, MAE {found['mae']:.3f}, "
+              f"sd {found['sd']:.3f}, corr {fmt(found['corr'])}, level + LLM offset {found['mae_level_offset']:.3f} "
+              f"(vs {RECENT_MEAN} {ci(found['level_offset_vs_recent_mean'])})", flush=True)
+        if args.out:
+            atomic_write_json(args.out, {"machine": about, **results})
+
+    try:
+        if "central" in args.modes:
+            load_adapter_state(model, TASK_ADAPTER, initial)
+            point("central", 0, 0, 0.0, None)
+            settings = dataclasses.replace(cfg.task_training(), epochs=float(args.rounds),
+                                           max_batch_tokens=args.central_batch_tokens)
+            count = {"examples": 0, "tokens": 0, "epoch": 0, "began": time.perf_counter(), "scoring": 0.0}
+            losses: list[float] = []
+
+            def after_step(batch: list[int], loss: float) -> None:
+                """One optimiser for all epochs (as bench.task_ceiling); a point at each epoch's end."""
+                count["examples"] += len(batch)
+                count["tokens"] += tokens([pooled[i] for i in batch])
+                losses.append(loss)
+                if count["examples"] >= (count["epoch"] + 1) * len(pooled):
+                    count["epoch"] += 1
+                    scoring = time.perf_counter()
+                    point("central", count["epoch"], count["tokens"],
+                          scoring - count["began"] - count["scoring"], sum(losses) / len(losses))
+                    model.train()
+                    losses.clear()
+                    count["scoring"] += time.perf_counter() - scoring
+
+            train_adapter(model, pooled, tokenizer.pad_token_id, settings, seed=derived_seed(cfg.seed, "central"),
+                          desc="central task adapter", after_step=after_step)
+        if "federated" in args.modes:
+            state = initial
+            load_adapter_state(model, TASK_ADAPTER, state)
+            point("federated", 0, 0, 0.0, None)
+            local = dataclasses.replace(cfg.task_training(), epochs=args.local_epochs, max_batch_tokens=args.batch_tokens)
+            names = sorted(clients)
+            sample = max(1, round(len(names) * args.fraction))
+            seen, seconds = 0, 0.0
+            for server_round in range(1, args.rounds + 1):
+                chosen = sorted(random.Random(derived_seed(cfg.seed, "fedavg", server_round)).sample(names, sample))
+                states, weights, losses = [], [], []
+                for name in chosen:
+                    load_adapter_state(model, TASK_ADAPTER, state)
+                    found = train_adapter(model, clients[name], tokenizer.pad_token_id, local,
+                                          seed=derived_seed(cfg.seed, name, server_round), desc=f"client {name}")
+                    states.append(adapter_state(model, TASK_ADAPTER))
+                    weights.append(len(clients[name]))
+                    losses.append(found["loss"])
+                    seen += int(found["tokens"])
+                    seconds += found["seconds"]
+                state = fedavg(states, weights)
+                load_adapter_state(model, TASK_ADAPTER, state)
+                point("federated", server_round, seen, seconds, sum(losses) / len(losses))
+    finally:
+        model.eval()
+        remove_adapters(model)  # the shared base goes back as load_base made it
+    return finish(args, results, table(results))
+
+
+def table(results: dict[str, Any]) -> list[str]:
+    """Both curves as one markdown table, then the no-LLM rows on the same questions."""
+    refs = results["references"]
+    lines = ["| curve | epoch / round | tokens | seconds | train loss | MAE | sd | corr | level + LLM offset | "
+             f"its difference to {RECENT_MEAN} |", "|---" * 10 + "|"]
+    for mode, curve in results["curves"].items():
+        lines += [f"| {mode} | {p.get('epoch', p.get('round'))} | {p['tokens']} | {p['seconds']:.0f} | "
+                  f"{fmt(p['loss'])} | {p['mae']:.3f} | {p['sd']:.3f} | {fmt(p['corr'])} | "
+                  f"{p['mae_level_offset']:.3f} | {ci(p['level_offset_vs_recent_mean'])} |" for p in curve]
+    lines += ["", "| no-LLM row (same questions) | MAE |", "|---|---|", f"| {RECENT_MEAN} | {refs[RECENT_MEAN]:.3f} |"]
+    lines += [f"| {row} (all outside) | {refs['all outside'][row]:.3f} |" for row in ("population", "level+item")]
+    return lines
+
+
+if __name__ == "__main__":
+    main()

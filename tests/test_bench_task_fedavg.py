@@ -1,0 +1,62 @@
+"""bench.task_fedavg on the tiny model: the clients' data, Flower's weighted average, and both curves' points."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench.task_ceiling import most_asked
+from bench.task_fedavg import fedavg, heaviest_raters, main, rater_examples
+from client.data import load_movielens
+from client.history import validation_view
+from client.partition import split_users
+from common.config import RunConfig, UserCounts
+from common.tasks import get_task
+
+
+def test_the_clients_are_the_heaviest_raters_with_one_example_per_rating(tiny):
+    task = get_task("MovieLens")
+    users = load_movielens()
+    tests, _ = split_users(users, UserCounts(10, 0), RunConfig())
+    outside = [u for u in users if u not in tests]
+    movies = set(most_asked([validation_view(u, task, 5) for u in tests], 6))
+    raters = heaviest_raters(outside, movies, 5)
+    counts = [sum(item.id in movies for item in u.history) for u in raters]
+    everyone = sorted((sum(item.id in movies for item in u.history) for u in outside), reverse=True)
+    assert counts == everyone[:5]
+    examples = rater_examples(raters[0], movies, tiny[1], RunConfig())
+    assert len(examples) == counts[0]
+    answers = [tiny[1].decode(e.answer, skip_special_tokens=True).strip() for e in examples]
+    assert answers == [str(item.fields["score"]) for item in raters[0].history if item.id in movies]  # in order
+
+
+def test_fedavg_is_the_example_weighted_mean():
+    one, two = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([5.0, 6.0])}
+    averaged = fedavg([one, two], [1, 3])
+    assert torch.allclose(averaged["w"], torch.tensor([4.0, 5.0]))
+
+
+def test_both_curves_start_alike_and_count_an_epoch_per_point(tiny, tmp_path):
+    out = tmp_path / "fedavg.json"
+    results = main(["--model", "tiny-random", "--device", "cpu", "--dtype", "float32", "--num-clients", "5",
+                    "--asked-movies", "4", "--raters", "3", "--rounds", "2", "--out", str(out)])
+    central, federated = results["curves"]["central"], results["curves"]["federated"]
+    per_epoch = results["training"]["tokens_per_epoch"]
+    assert [p["epoch"] for p in central] == [0, 1, 2] and [p["round"] for p in federated] == [0, 1, 2]
+    assert [p["tokens"] for p in central] == [p["tokens"] for p in federated] == [0, per_epoch, 2 * per_epoch]
+    assert central[0]["mae"] == federated[0]["mae"] and central[0]["corr"] == federated[0]["corr"]
+    assert all(p["loss"] > 0 for p in central[1:] + federated[1:])
+    assert results["training"]["clients"] == 3
+    assert json.loads(out.read_text())["curves"] == results["curves"]
+    assert not any("lora" in name for name, _ in tiny[0].named_modules())  # the shared base is left clean
+
+
+def test_bad_flags_are_refused(capsys):
+    for argv, message in [(["--fraction", "0"], "--fraction must be in (0, 1]"),
+                          (["--modes", "both"], "expected central, federated or both"),
+                          (["--raters", "0"], "--raters must be at least 1")]:
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
