@@ -11,8 +11,9 @@ questions ask about most, each of their ratings of those movies the example a ru
 one LoRA on all of them pooled (`--central-batch-tokens`, one epoch between evaluations); *federated* gives each
 rater a client: every round a seeded `--fraction` of them trains the global LoRA locally with a run's own code
 (client.training.train_adapter: `--local-epochs` at `--batch-tokens`, a fresh optimiser each round, as
-task_adaptation_step does) and Flower's FedAvg aggregation (aggregate_arrayrecords, weighted by examples, as the
-server's strategy) averages them. Both start from the run's seeded initial task LoRA and are scored after every
+task_adaptation_step does) and Flower's aggregation averages them, weighted by examples as the server's strategy:
+FedAvg, or with `--server-lr` / `--server-momentum` Flower's FedAvgM, which scales the averaged update (many
+averaged small steps are one large, low-noise step, which a server learning rate may take further). Both start from the run's seeded initial task LoRA and are scored after every
 epoch / round on the questions about those movies as bench.task_ceiling scores them (base MAE, spread and gold
 correlation of the expected rating, level + LLM offset with its paired CI against ref-recent-mean), so the two
 curves sit side by side over the tokens they trained on. The JSON (--out) is rewritten after every point.
@@ -28,8 +29,8 @@ import time
 from collections import Counter
 from typing import Any
 
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.app import ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvgM
 
 from bench.common import common_flags, finish, load_model, machine
 from bench.task_ceiling import about_movies, base_scores, ci, fmt, most_asked, reference_rows
@@ -62,11 +63,25 @@ def rater_examples(user: User, movies: set[str], tokenizer: Any, cfg: RunConfig)
                                    tokenizer, one, i)]
 
 
-def fedavg(states: list[dict[str, Any]], weights: list[int]) -> dict[str, Any]:
-    """Flower's FedAvg aggregation of the clients' LoRA states, weighted by their examples (as the server's)."""
-    replies = [RecordDict({p.ARRAYS: ArrayRecord(state), p.METRICS: MetricRecord({p.NUM_EXAMPLES: weight})})
-               for state, weight in zip(states, weights)]
-    return aggregate_arrayrecords(replies, p.NUM_EXAMPLES).to_torch_state_dict()
+def server_strategy(initial: dict[str, Any], server_lr: float, momentum: float) -> FedAvgM:
+    """Flower's FedAvgM holding the global LoRA: plain FedAvg (the run's) at server lr 1 and momentum 0, else
+    the averaged update scaled by the server's learning rate, with momentum (Hsu et al. 2019)."""
+    strategy = FedAvgM(server_learning_rate=server_lr, server_momentum=momentum, weighted_by_key=p.NUM_EXAMPLES,
+                       arrayrecord_key=p.ARRAYS)
+    strategy.current_arrays = ArrayRecord(initial)  # what its configure_train records as the arrays it sends
+    return strategy
+
+
+def aggregate(strategy: FedAvgM, server_round: int, states: list[dict[str, Any]], weights: list[int]) -> dict[str, Any]:
+    """The strategy's aggregation of the clients' LoRA states as replies weighted by their examples (as a run's)."""
+    replies = [Message(RecordDict({p.ARRAYS: ArrayRecord(state), p.METRICS: MetricRecord({p.NUM_EXAMPLES: weight})}),
+                       metadata=Metadata(run_id=0, message_id="", src_node_id=node, dst_node_id=0,
+                                         reply_to_message_id="", group_id=str(server_round), created_at=0.0, ttl=0.0,
+                                         message_type=MessageType.TRAIN))
+               for node, (state, weight) in enumerate(zip(states, weights), 1)]
+    arrays, _ = strategy.aggregate_train(server_round, replies)
+    assert arrays is not None  # every reply carries arrays
+    return arrays.to_torch_state_dict()
 
 
 def tokens(examples: list[Example]) -> int:
@@ -83,6 +98,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fraction", type=float, default=1.0, help="share of the raters sampled per round")
     parser.add_argument("--local-epochs", type=float, default=1.0, help="a client's epochs per round (--local-epochs)")
     parser.add_argument("--batch-tokens", type=int, default=128, help="a client's tokens per step (a run's default)")
+    parser.add_argument("--server-lr", type=float, default=1.0,
+                        help="server learning rate on the averaged update (Flower's FedAvgM; 1 with momentum 0: FedAvg)")
+    parser.add_argument("--server-momentum", type=float, default=0.0, help="server momentum (FedAvgM)")
     parser.add_argument("--central-batch-tokens", type=int, default=1024, help="tokens per step of the pooled LoRA")
     parser.add_argument("--lr", type=float, default=2e-3, help="learning rate, both (a run's --task-lr)")
     parser.add_argument("--lora-r", type=int, default=8, help="rank of the task LoRA")
@@ -94,6 +112,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     for flag in ("num_clients", "asked_movies", "raters", "rounds", "batch_tokens", "central_batch_tokens", "lora_r"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.server_lr <= 0 or not 0 <= args.server_momentum < 1:
+        parser.error(f"--server-lr must be above 0 and --server-momentum in [0, 1), got {args.server_lr} and "
+                     f"{args.server_momentum}")
     if not 0 < args.fraction <= 1:
         parser.error(f"--fraction must be in (0, 1], got {args.fraction}")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -174,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           desc="central task adapter", after_step=after_step)
         if "federated" in args.modes:
             state = initial
+            strategy = server_strategy(initial, args.server_lr, args.server_momentum)
             load_adapter_state(model, TASK_ADAPTER, state)
             point("federated", 0, 0, 0.0, None)
             local = dataclasses.replace(cfg.task_training(), epochs=args.local_epochs, max_batch_tokens=args.batch_tokens)
@@ -192,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     losses.append(found["loss"])
                     seen += int(found["tokens"])
                     seconds += found["seconds"]
-                state = fedavg(states, weights)
+                state = aggregate(strategy, server_round, states, weights)
                 load_adapter_state(model, TASK_ADAPTER, state)
                 point("federated", server_round, seen, seconds, sum(losses) / len(losses))
     finally:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench.task_ceiling import most_asked
-from bench.task_fedavg import fedavg, heaviest_raters, main, rater_examples
+from bench.task_fedavg import aggregate, heaviest_raters, main, rater_examples, server_strategy
 from client.data import load_movielens
 from client.history import validation_view
 from client.partition import split_users
@@ -32,10 +32,16 @@ def test_the_clients_are_the_heaviest_raters_with_one_example_per_rating(tiny):
     assert answers == [str(item.fields["score"]) for item in raters[0].history if item.id in movies]  # in order
 
 
-def test_fedavg_is_the_example_weighted_mean():
-    one, two = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([5.0, 6.0])}
-    averaged = fedavg([one, two], [1, 3])
-    assert torch.allclose(averaged["w"], torch.tensor([4.0, 5.0]))
+def test_fedavg_is_the_example_weighted_mean_and_fedavgm_scales_the_update_with_momentum():
+    start, one, two = {"w": torch.zeros(2)}, {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([5.0, 6.0])}
+    plain = server_strategy(start, 1.0, 0.0)
+    assert torch.allclose(aggregate(plain, 1, [one, two], [1, 3])["w"], torch.tensor([4.0, 5.0]))
+    assert torch.allclose(aggregate(plain, 2, [one, two], [1, 1])["w"], torch.tensor([3.0, 4.0]))
+    momentum = server_strategy(start, 2.0, 0.5)
+    first = aggregate(momentum, 1, [one, two], [1, 1])["w"]  # update (3, 4) taken twice
+    assert torch.allclose(first, torch.tensor([6.0, 8.0]))
+    second = aggregate(momentum, 2, [{"w": first + 1}], [1])["w"]  # new update (1, 1); momentum 0.5 * (3, 4) + (1, 1)
+    assert torch.allclose(second, first + 2 * torch.tensor([2.5, 3.0]))
 
 
 def test_both_curves_start_alike_and_count_an_epoch_per_point(tiny, tmp_path):
@@ -56,7 +62,8 @@ def test_both_curves_start_alike_and_count_an_epoch_per_point(tiny, tmp_path):
 def test_bad_flags_are_refused(capsys):
     for argv, message in [(["--fraction", "0"], "--fraction must be in (0, 1]"),
                           (["--modes", "both"], "expected central, federated or both"),
-                          (["--raters", "0"], "--raters must be at least 1")]:
+                          (["--raters", "0"], "--raters must be at least 1"),
+                          (["--server-momentum", "1"], "--server-momentum in [0, 1)")]:
         with pytest.raises(SystemExit) as stopped:
             main(argv)
         assert stopped.value.code == 2 and message in capsys.readouterr().err
