@@ -154,6 +154,13 @@ class RunConfig:
     lora_targets: str = _opt("q_proj,v_proj", "comma-separated module names that get LoRA")
     rounds: int = _opt(2, "task-adaptation FedAvg rounds (0 skips task adaptation)")
     fraction_train: float = _opt(1.0, "fraction of training-user nodes sampled per round")
+    server_lr: float = _opt(
+        1.0,
+        "task adaptation: the server's learning rate on the round's averaged update (Flower's FedAvgM; 1 with "
+        "server-momentum 0 is plain FedAvg). Many users' averaged small steps are one large low-noise step, which "
+        "a rate above 1 takes further (docs/quality.md)",
+    )
+    server_momentum: float = _opt(0.0, "task adaptation: the server's momentum on the averaged updates (FedAvgM)")
     local_epochs: float = _opt(1.0, "local epochs over a training user's examples per round")
     task_lr: float = _opt(2e-3, "learning rate of the shared task LoRA")
     personal_epochs: float = _opt(2.0, "epochs over the user's history for a personal adapter")
@@ -257,6 +264,13 @@ class RunConfig:
         check_device_name(self.device)
         if not 0.0 < self.fraction_train <= 1.0:
             raise ValueError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if self.server_lr <= 0 or not 0 <= self.server_momentum < 1:
+            raise ValueError(f"server-lr must be > 0 and server-momentum in [0, 1), got {self.server_lr} and "
+                             f"{self.server_momentum}")
+        if (self.server_lr != 1 or self.server_momentum) and (self.dp_noise > 0 or self.secure_aggregation):
+            raise ValueError("server-lr and server-momentum cannot be combined with dp-noise or secure-aggregation: "
+                             "there the server's update is the noised or secure average itself (its DP accounting "
+                             "and masking assume so); client-side DP (--local-dp-epsilon) works with them")
 
     def method_names(self) -> list[str]:
         """Methods with 'rag' resolved to its depth (rag -> rag-k1)."""

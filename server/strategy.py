@@ -1,4 +1,5 @@
-"""Task adaptation: Flower's FedAvg over training-user nodes only, seeded sampling, optional client-level DP."""
+"""Task adaptation: Flower's FedAvg (FedAvgM with a server learning rate or momentum) over training-user nodes only,
+seeded sampling, optional client-level DP."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from flwr.serverapp import (
 )
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
-    FedAvg,
+    FedAvgM,
     Strategy,
 )
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
@@ -28,18 +29,20 @@ from common.config import RunConfig
 log = logging.getLogger(__name__)
 
 
-class TaskAdapterFedAvg(FedAvg):
+class TaskAdapterFedAvg(FedAvgM):
     """FedAvg of the shared task LoRA that samples only training users' nodes (test users stay unseen).
 
-    Aggregation is FedAvg's own (so Flower's DP wrappers can account for it); the metrics hook also keeps
+    Aggregation is Flower's own: FedAvg's (so Flower's DP wrappers can account for it), or with a server learning
+    rate or momentum FedAvgM's step on the averaged update (plain FedAvg at 1 and 0); the metrics hook also keeps
     each round's updates and losses for the report and the tests.
     """
 
-    def __init__(self, train_nodes: list[int], fraction_train: float, seed: int):
+    def __init__(self, train_nodes: list[int], fraction_train: float, seed: int, server_lr: float = 1.0,
+                 server_momentum: float = 0.0):
         super().__init__(
             fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1,
             weighted_by_key=p.NUM_EXAMPLES, arrayrecord_key=p.ARRAYS, configrecord_key=p.CONFIG,
-            train_metrics_aggr_fn=self._keep_round,
+            train_metrics_aggr_fn=self._keep_round, server_learning_rate=server_lr, server_momentum=server_momentum,
         )
         self.train_nodes = sorted(train_nodes)
         self.seed = seed
@@ -64,6 +67,8 @@ class TaskAdapterFedAvg(FedAvg):
         nodes."""
         nodes = self.sample(server_round)
         self.round_inputs[server_round] = arrays
+        if self.current_arrays is None:  # FedAvgM's step starts from the arrays of the first round
+            self.current_arrays = arrays
         config[p.SERVER_ROUND] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, nodes, p.ADAPT)
@@ -135,7 +140,7 @@ def rdp_accountant(cfg: RunConfig, population: int) -> RdpAccountant:
 def task_strategy(cfg: RunConfig, train_nodes: list[int]) -> tuple[TaskAdapterFedAvg, Strategy]:
     """The FedAvg strategy, and what runs it in clear: itself, or Flower's server-side DP wrapper with an
     accountant (secure aggregation runs the FedAvg's sampling itself: server/secure_aggregation.py)."""
-    fedavg = TaskAdapterFedAvg(train_nodes, cfg.fraction_train, cfg.seed)
+    fedavg = TaskAdapterFedAvg(train_nodes, cfg.fraction_train, cfg.seed, cfg.server_lr, cfg.server_momentum)
     if cfg.dp_noise <= 0 or cfg.secure_aggregation:
         return fedavg, fedavg
     wrapped = DifferentialPrivacyServerSideFixedClipping(

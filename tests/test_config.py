@@ -39,6 +39,12 @@ def test_from_record_rejects_unknown_keys_and_bad_values() -> None:
         RunConfig.from_record({"lora-rank": 4})
     with pytest.raises(ValueError, match="fraction-train must be in"):
         RunConfig(fraction_train=0.0)
+    with pytest.raises(ValueError, match="server-lr must be > 0 and server-momentum in"):
+        RunConfig(server_momentum=1.0)
+    for defense in ({"dp_noise": 1.0}, {"secure_aggregation": True}):
+        with pytest.raises(ValueError, match="cannot be combined with dp-noise or secure-aggregation"):
+            RunConfig(server_lr=2.0, **defense)
+    assert RunConfig(server_lr=2.0, local_dp_epsilon=1.0).server_lr == 2.0  # post-processing of client-side DP
     with pytest.raises(ValueError, match="peft kind 'adapterx'"):
         RunConfig(peft="adapterx")
     with pytest.raises(ValueError, match="dtype must be auto, float32 or bfloat16; got 'fp16'"):
