@@ -9,8 +9,9 @@
 #   --wheels DIR   wheels of what the host may lack (default: ../wheels beside the clone); NAME.part-* files are
 #                  joined into NAME once the join matches NAME.sha256 (a transfer that splits large wheels)
 #   --out DIR      where gpu_check.json and gpu_check.log go (default: runs/gpu-check)
-#   --stages LIST  comma-separated, in order (default: all): install, tests, sizes, merge, throughput, ceiling,
-#                  run-bf16, run-nf4; `tests-unit` and `tests-runs` split `tests` (without / with Ray and SuperNodes)
+#   --stages LIST  comma-separated, in order (default: all but fedavg): install, tests, sizes, merge, throughput,
+#                  ceiling, run-bf16, run-nf4; `tests-unit` and `tests-runs` split `tests` (without / with Ray and
+#                  SuperNodes); `fedavg` (bench.task_fedavg: 20 FedAvg rounds, then FedAvgM beside the central curve)
 #   --budget S     seconds for the whole check (default 480); a stage gets what is left, and one that cannot start
 #                  in time is skipped with that reason
 # A stage that cannot run here (no CUDA, no bitsandbytes, no MovieLens) is skipped and the JSON says why.
@@ -22,7 +23,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --wheels) WHEELS=$2; shift 2 ;; --out) OUT=$2; shift 2 ;; --stages) STAGES=$2; shift 2 ;;
     --budget) BUDGET=$2; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -169,6 +170,13 @@ for stage in "${WANTED[@]}"; do
       skip_unless ceiling "__import__('torch').cuda.is_available()" "no CUDA GPU visible" &&
         run_stage ceiling 300 "$WORK/ceiling.json" "$PY" -m bench.task_ceiling --device cuda --batch-tokens 1024 \
           --epochs 6 --eval-every 1000 --personalize --out "$WORK/ceiling.json" ;;
+    fedavg)
+      skip_unless fedavg "__import__('torch').cuda.is_available()" "no CUDA GPU visible" && {
+        run_stage fedavg 300 "$WORK/fedavg.json" "$PY" -m bench.task_fedavg --device cuda --rounds 20 \
+          --modes federated --out "$WORK/fedavg.json"
+        run_stage fedavgm 300 "$WORK/fedavgm.json" "$PY" -m bench.task_fedavg --device cuda --rounds 20 \
+          --server-lr 3 --server-momentum 0.9 --out "$WORK/fedavgm.json"
+      } ;;
     run-bf16)
       skip_unless run-bf16 "__import__('torch').cuda.is_available()" "no CUDA GPU visible" &&
         run_stage run-bf16 420 "$WORK/run-bf16.json" run_default run-bf16 --device cuda ;;
