@@ -169,38 +169,50 @@ def reference_rows(task: TaskSpec, views: list[User], outside: list[User], train
             "training data": ceiling_rows(views, training, items) if training is not None else None}
 
 
+def task_lora_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags every task-adapter bench takes: the test users, the task LoRA's shape and rate, the dtype."""
+    parser.add_argument("--num-clients", type=int, default=100, help="test users: the longest histories")
+    parser.add_argument("--lora-r", type=int, default=8, help="rank of the task LoRA")
+    parser.add_argument("--lora-targets", default="q_proj,v_proj", help="modules that get the LoRA")
+    parser.add_argument("--lr", type=float, default=2e-3, help="learning rate (a run's --task-lr)")
+    parser.add_argument("--dtype", default="auto", help="auto (as a run picks it), float32 or bfloat16")
+    common_flags(parser)
+
+
+def check_counts(parser: argparse.ArgumentParser, args: argparse.Namespace, positive: tuple[str, ...],
+                 non_negative: tuple[str, ...] = ()) -> None:
+    """Each count checked once, with the flag's name in the error (exit 2)."""
+    for flag in positive:
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    for flag in non_negative:
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """The flags; each count is checked once here."""
     parser = argparse.ArgumentParser(prog="bench.task_ceiling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-clients", type=int, default=100, help="test users: the longest histories")
     parser.add_argument("--items-per-user", type=int, default=0, help="latest history items per training user (0: all)")
     parser.add_argument("--users", type=int, default=0, help="training users, sampled from the rest (0: all of them)")
     parser.add_argument("--asked-movies", type=int, default=0,
                         help="train on --per-movie ratings of each of the N most asked movies, score their questions")
     parser.add_argument("--per-movie", type=int, default=25, help="outside ratings per movie with --asked-movies")
-    parser.add_argument("--lora-r", type=int, default=8, help="rank of the task LoRA")
-    parser.add_argument("--lora-targets", default="q_proj,v_proj", help="modules that get the LoRA")
-    parser.add_argument("--lr", type=float, default=2e-3, help="learning rate (a run's --task-lr)")
     parser.add_argument("--epochs", type=float, default=1.0, help="passes over the training examples")
     parser.add_argument("--batch-tokens", type=int, default=128, help="tokens per optimiser step (a run's default)")
     parser.add_argument("--eval-every", type=int, default=100, help="optimiser steps between evaluations")
     parser.add_argument("--eval-users", type=int, default=0, help="test users evaluated (0: all)")
     parser.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps (0: no cap)")
-    parser.add_argument("--dtype", default="auto", help="auto (as a run picks it), float32 or bfloat16")
     parser.add_argument("--personalize", action="store_true",
                         help="then give each evaluated user a personal adapter on the trained base, as a run does, "
                              "and score oppu beside base and ref-recent-mean on the same questions")
-    common_flags(parser)
+    task_lora_flags(parser)
     args = parser.parse_args(argv)
     if args.asked_movies and args.items_per_user:
         parser.error("--asked-movies picks the training ratings itself: leave --items-per-user at 0")
-    for flag in ("num_clients", "lora_r", "batch_tokens", "eval_every", "per_movie"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    for flag in ("items_per_user", "users", "eval_users", "max_steps", "asked_movies"):
-        if getattr(args, flag) < 0:
-            parser.error(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
+    check_counts(parser, args, ("num_clients", "lora_r", "batch_tokens", "eval_every", "per_movie"),
+                 ("items_per_user", "users", "eval_users", "max_steps", "asked_movies"))
     return args
 
 

@@ -32,8 +32,17 @@ from typing import Any
 from flwr.app import ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvgM
 
-from bench.common import common_flags, finish, load_model, machine
-from bench.task_ceiling import about_movies, base_scores, ci, fmt, most_asked, reference_rows
+from bench.common import finish, load_model, machine
+from bench.task_ceiling import (
+    about_movies,
+    base_scores,
+    check_counts,
+    ci,
+    fmt,
+    most_asked,
+    reference_rows,
+    task_lora_flags,
+)
 from client.adapters import adapter_state, attach_fresh, derived_seed, load_adapter_state
 from client.data import User, load_movielens
 from client.history import validation_view
@@ -91,7 +100,6 @@ def tokens(examples: list[Example]) -> int:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench.task_fedavg", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-clients", type=int, default=100, help="test users: the longest histories")
     parser.add_argument("--asked-movies", type=int, default=80, help="the N movies the validation questions ask most")
     parser.add_argument("--raters", type=int, default=60, help="outside users who rated most of them: the clients")
     parser.add_argument("--rounds", type=int, default=6, help="FedAvg rounds, and central epochs")
@@ -102,16 +110,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="server learning rate on the averaged update (Flower's FedAvgM; 1 with momentum 0: FedAvg)")
     parser.add_argument("--server-momentum", type=float, default=0.0, help="server momentum (FedAvgM)")
     parser.add_argument("--central-batch-tokens", type=int, default=1024, help="tokens per step of the pooled LoRA")
-    parser.add_argument("--lr", type=float, default=2e-3, help="learning rate, both (a run's --task-lr)")
-    parser.add_argument("--lora-r", type=int, default=8, help="rank of the task LoRA")
-    parser.add_argument("--lora-targets", default="q_proj,v_proj", help="modules that get the LoRA")
     parser.add_argument("--modes", default="central,federated", help="which curves: central, federated or both")
-    parser.add_argument("--dtype", default="auto", help="auto (as a run picks it), float32 or bfloat16")
-    common_flags(parser)
+    task_lora_flags(parser)
     args = parser.parse_args(argv)
-    for flag in ("num_clients", "asked_movies", "raters", "rounds", "batch_tokens", "central_batch_tokens", "lora_r"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    check_counts(parser, args, ("num_clients", "asked_movies", "raters", "rounds", "batch_tokens",
+                                "central_batch_tokens", "lora_r"))
     if args.server_lr <= 0 or not 0 <= args.server_momentum < 1:
         parser.error(f"--server-lr must be above 0 and --server-momentum in [0, 1), got {args.server_lr} and "
                      f"{args.server_momentum}")
