@@ -18,6 +18,7 @@ from flwr.serverapp import (
 )
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
     FedAvgM,
     Strategy,
 )
@@ -29,20 +30,18 @@ from common.config import RunConfig
 log = logging.getLogger(__name__)
 
 
-class TaskAdapterFedAvg(FedAvgM):
+class TaskAdapterFedAvg(FedAvg):
     """FedAvg of the shared task LoRA that samples only training users' nodes (test users stay unseen).
 
-    Aggregation is Flower's own: FedAvg's (so Flower's DP wrappers can account for it), or with a server learning
-    rate or momentum FedAvgM's step on the averaged update (plain FedAvg at 1 and 0); the metrics hook also keeps
+    Aggregation is FedAvg's own (so Flower's DP wrappers can account for it); the metrics hook also keeps
     each round's updates and losses for the report and the tests.
     """
 
-    def __init__(self, train_nodes: list[int], fraction_train: float, seed: int, server_lr: float = 1.0,
-                 server_momentum: float = 0.0):
+    def __init__(self, train_nodes: list[int], fraction_train: float, seed: int, **server_step: float):
         super().__init__(
             fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1,
             weighted_by_key=p.NUM_EXAMPLES, arrayrecord_key=p.ARRAYS, configrecord_key=p.CONFIG,
-            train_metrics_aggr_fn=self._keep_round, server_learning_rate=server_lr, server_momentum=server_momentum,
+            train_metrics_aggr_fn=self._keep_round, **server_step,
         )
         self.train_nodes = sorted(train_nodes)
         self.seed = seed
@@ -67,8 +66,6 @@ class TaskAdapterFedAvg(FedAvgM):
         nodes."""
         nodes = self.sample(server_round)
         self.round_inputs[server_round] = arrays
-        if self.current_arrays is None:  # FedAvgM's step starts from the arrays of the first round
-            self.current_arrays = arrays
         config[p.SERVER_ROUND] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, nodes, p.ADAPT)
@@ -126,6 +123,26 @@ class TaskAdapterFedAvg(FedAvgM):
         }
 
 
+class TaskAdapterFedAvgM(TaskAdapterFedAvg, FedAvgM):
+    """The same, with Flower's FedAvgM step on the round's average (`--server-lr`, `--server-momentum`). A class of
+    its own: Flower's server-side DP wrapper accepts only FedAvg's own aggregation, and RunConfig refuses the
+    server step with DP and with secure aggregation."""
+
+    def __init__(self, train_nodes: list[int], fraction_train: float, seed: int, server_lr: float,
+                 server_momentum: float):
+        super().__init__(train_nodes, fraction_train, seed, server_learning_rate=server_lr,
+                         server_momentum=server_momentum)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """As TaskAdapterFedAvg's; FedAvgM's step starts from the first round's arrays (what its own
+        configure_train, which ours replaces, records)."""
+        if self.current_arrays is None:
+            self.current_arrays = arrays
+        return super().configure_train(server_round, arrays, config, grid)
+
+
 def rdp_accountant(cfg: RunConfig, population: int) -> RdpAccountant:
     """Flower's RDP accountant of client-level DP over `population` training users (no sampling amplification)."""
     return RdpAccountant(
@@ -140,7 +157,8 @@ def rdp_accountant(cfg: RunConfig, population: int) -> RdpAccountant:
 def task_strategy(cfg: RunConfig, train_nodes: list[int]) -> tuple[TaskAdapterFedAvg, Strategy]:
     """The FedAvg strategy, and what runs it in clear: itself, or Flower's server-side DP wrapper with an
     accountant (secure aggregation runs the FedAvg's sampling itself: server/secure_aggregation.py)."""
-    fedavg = TaskAdapterFedAvg(train_nodes, cfg.fraction_train, cfg.seed, cfg.server_lr, cfg.server_momentum)
+    fedavg = (TaskAdapterFedAvgM(train_nodes, cfg.fraction_train, cfg.seed, cfg.server_lr, cfg.server_momentum)
+              if cfg.server_lr != 1 or cfg.server_momentum else TaskAdapterFedAvg(train_nodes, cfg.fraction_train, cfg.seed))
     if cfg.dp_noise <= 0 or cfg.secure_aggregation:
         return fedavg, fedavg
     wrapped = DifferentialPrivacyServerSideFixedClipping(
