@@ -1,7 +1,7 @@
 """The FedAvg gap of the shared task adapter: the same ratings trained pooled (central) and federated (FedAvg).
 
     python -m bench.task_fedavg --threads 2 --asked-movies 80 --raters 60 --rounds 6 --out fedavg.json
-    python -m bench.task_fedavg --asked-movies 80 --raters 60 --rounds 6 --local-epochs 2 --fraction 0.5
+    python -m bench.task_fedavg --asked-movies 80 --raters 60 --rounds 6 --local-epochs 2 --fraction-train 0.5
 
 bench.task_ceiling shows a task LoRA learns the movies from pooled 20-example steps and nothing from a run's
 2-example steps. A run's task adaptation is federated: each training user takes a few small steps on their own
@@ -9,7 +9,7 @@ ratings, and FedAvg averages the users' LoRAs, so each round is one large averag
 gets on the same data: the `--raters` outside users who rated most of the `--asked-movies` movies the validation
 questions ask about most, each of their ratings of those movies the example a run builds for it. *central* trains
 one LoRA on all of them pooled (`--central-batch-tokens`, one epoch between evaluations); *federated* gives each
-rater a client: every round a seeded `--fraction` of them trains the global LoRA locally with a run's own code
+rater a client: every round a seeded `--fraction-train` of them trains the global LoRA locally with a run's own code
 (client.training.train_adapter: `--local-epochs` at `--batch-tokens`, a fresh optimiser each round, as
 task_adaptation_step does) and Flower's aggregation averages them, weighted by examples as the server's strategy:
 FedAvg, or with `--server-lr` / `--server-momentum` Flower's FedAvgM, which scales the averaged update (many
@@ -97,13 +97,14 @@ def tokens(examples: list[Example]) -> int:
     return sum(len(e.prompt) + len(e.answer) for e in examples)
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfig]:
+    """The flags, and the run settings they share with a run (checked by RunConfig, as a run checks them)."""
     parser = argparse.ArgumentParser(prog="bench.task_fedavg", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--asked-movies", type=int, default=80, help="the N movies the validation questions ask most")
     parser.add_argument("--raters", type=int, default=60, help="outside users who rated most of them: the clients")
     parser.add_argument("--rounds", type=int, default=6, help="FedAvg rounds, and central epochs")
-    parser.add_argument("--fraction", type=float, default=1.0, help="share of the raters sampled per round")
+    parser.add_argument("--fraction-train", type=float, default=1.0, help="share of the raters sampled per round")
     parser.add_argument("--local-epochs", type=float, default=1.0, help="a client's epochs per round (--local-epochs)")
     parser.add_argument("--batch-tokens", type=int, default=128, help="a client's tokens per step (a run's default)")
     parser.add_argument("--server-lr", type=float, default=1.0,
@@ -115,21 +116,21 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     check_counts(parser, args, ("num_clients", "asked_movies", "raters", "rounds", "batch_tokens",
                                 "central_batch_tokens", "lora_r"))
-    if args.server_lr <= 0 or not 0 <= args.server_momentum < 1:
-        parser.error(f"--server-lr must be above 0 and --server-momentum in [0, 1), got {args.server_lr} and "
-                     f"{args.server_momentum}")
-    if not 0 < args.fraction <= 1:
-        parser.error(f"--fraction must be in (0, 1], got {args.fraction}")
+    try:  # the run's own checks of the settings it shares with a run
+        cfg = RunConfig(lora_r=args.lora_r, lora_targets=args.lora_targets, task_lr=args.lr, dtype=args.dtype,
+                        fraction_train=args.fraction_train, local_epochs=args.local_epochs,
+                        server_lr=args.server_lr, server_momentum=args.server_momentum)
+    except ValueError as problem:
+        parser.error(str(problem))
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - {"central", "federated"}:
         parser.error(f"--modes {args.modes!r}: expected central, federated or both, comma-separated")
     args.modes = modes
-    return args
+    return args, cfg
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse(argv)
-    cfg = RunConfig(lora_r=args.lora_r, lora_targets=args.lora_targets, task_lr=args.lr, dtype=args.dtype)
+    args, cfg = parse(argv)
     task = get_task("MovieLens")
     users = load_movielens()
     tests, _ = split_users(users, UserCounts(test=args.num_clients, train=0), RunConfig())
@@ -198,12 +199,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           desc="central task adapter", after_step=after_step)
         if "federated" in args.modes:
             state = initial
-            strategy = server_strategy(initial, args.server_lr, args.server_momentum)
+            strategy = server_strategy(initial, cfg.server_lr, cfg.server_momentum)
             load_adapter_state(model, TASK_ADAPTER, state)
             point("federated", 0, 0, 0.0, None)
-            local = dataclasses.replace(cfg.task_training(), epochs=args.local_epochs, max_batch_tokens=args.batch_tokens)
+            local = dataclasses.replace(cfg.task_training(), max_batch_tokens=args.batch_tokens)
             names = sorted(clients)
-            sample = max(1, round(len(names) * args.fraction))
+            sample = max(1, round(len(names) * cfg.fraction_train))
             seen, seconds = 0, 0.0
             for server_round in range(1, args.rounds + 1):
                 chosen = sorted(random.Random(derived_seed(cfg.seed, "fedavg", server_round)).sample(names, sample))

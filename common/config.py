@@ -267,10 +267,14 @@ class RunConfig:
         if self.server_lr <= 0 or not 0 <= self.server_momentum < 1:
             raise ValueError(f"server-lr must be > 0 and server-momentum in [0, 1), got {self.server_lr} and "
                              f"{self.server_momentum}")
-        if (self.server_lr != 1 or self.server_momentum) and (self.dp_noise > 0 or self.secure_aggregation):
+        if self.takes_server_step() and (self.dp_noise > 0 or self.secure_aggregation):
             raise ValueError("server-lr and server-momentum cannot be combined with dp-noise or secure-aggregation: "
                              "there the server's update is the noised or secure average itself (its DP accounting "
                              "and masking assume so); client-side DP (--local-dp-epsilon) works with them")
+
+    def takes_server_step(self) -> bool:
+        """Whether task adaptation steps on the round's average (FedAvgM) instead of taking it (plain FedAvg)."""
+        return self.server_lr != 1 or self.server_momentum != 0
 
     def method_names(self) -> list[str]:
         """Methods with 'rag' resolved to its depth (rag -> rag-k1)."""

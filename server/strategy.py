@@ -158,7 +158,7 @@ def task_strategy(cfg: RunConfig, train_nodes: list[int]) -> tuple[TaskAdapterFe
     """The FedAvg strategy, and what runs it in clear: itself, or Flower's server-side DP wrapper with an
     accountant (secure aggregation runs the FedAvg's sampling itself: server/secure_aggregation.py)."""
     fedavg = (TaskAdapterFedAvgM(train_nodes, cfg.fraction_train, cfg.seed, cfg.server_lr, cfg.server_momentum)
-              if cfg.server_lr != 1 or cfg.server_momentum else TaskAdapterFedAvg(train_nodes, cfg.fraction_train, cfg.seed))
+              if cfg.takes_server_step() else TaskAdapterFedAvg(train_nodes, cfg.fraction_train, cfg.seed))
     if cfg.dp_noise <= 0 or cfg.secure_aggregation:
         return fedavg, fedavg
     wrapped = DifferentialPrivacyServerSideFixedClipping(

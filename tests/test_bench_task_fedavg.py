@@ -60,10 +60,10 @@ def test_both_curves_start_alike_and_count_an_epoch_per_point(tiny, tmp_path):
 
 
 def test_bad_flags_are_refused(capsys):
-    for argv, message in [(["--fraction", "0"], "--fraction must be in (0, 1]"),
+    for argv, message in [(["--fraction-train", "0"], "fraction-train must be in (0, 1], got 0.0"),
                           (["--modes", "both"], "expected central, federated or both"),
                           (["--raters", "0"], "--raters must be at least 1"),
-                          (["--server-momentum", "1"], "--server-momentum in [0, 1)")]:
+                          (["--server-momentum", "1"], "server-lr must be > 0 and server-momentum in [0, 1), got 1.0 and 1.0")]:
         with pytest.raises(SystemExit) as stopped:
             main(argv)
         assert stopped.value.code == 2 and message in capsys.readouterr().err
