@@ -26,8 +26,6 @@ class DataError(ValueError):
     """A data file does not have the shape the task needs."""
 
 
-
-
 @dataclass(frozen=True)
 class HistoryItem:
     """One earlier item of a user: the task's fields (all text) and when it happened."""

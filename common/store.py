@@ -117,8 +117,6 @@ def atomic_directory(target: Path, replace: bool = False) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-
-
 class UserStore:
     """Paths of one user's node-local files."""
 

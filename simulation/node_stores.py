@@ -50,9 +50,3 @@ def plant_canaries(users: list[User]) -> dict[str, str]:
         user.history[-1] = dataclasses.replace(latest, fields={**latest.fields, field: f"{latest.fields[field]} {canary}"})
         canaries[user.user_id] = canary
     return canaries
-
-
-
-
-
-
