@@ -9,12 +9,16 @@ and samples every process it starts (driver, Ray's services, client workers) onc
   safetensors, mapped read-only by every worker) are counted once per process, so it overstates;
 - PSS summed over the tree: shared pages split between the processes that map them, i.e. the memory the
   run really occupies.
-Phase times come from the run's report.json, bytes per phase from its server-side audit log.
+Phase times come from the run's report.json, bytes per phase from its server-side audit log. Per test user and
+phase: the nodes' own timings (means over users). In-run MFU of each personal adapter kind: the work each node
+recorded beside its adapters (tokens, seconds) over the matmul peak this script measures afterwards at one
+thread (a client's share), next to the same training loop on the run's first test user alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import threading
@@ -25,8 +29,14 @@ from typing import Any
 
 import psutil
 
-from bench.common import finish
-from common.store import read_json
+from bench.common import finish, load_model, matmul_peak_gflops, train_fresh_lora, training_flops
+from client.adapters import TRAINING_RECORD
+from client.data import load_oppu
+from client.history import validation_view
+from client.training import history_examples
+from common.config import RunConfig
+from common.store import UserStore, read_json
+from common.tasks import get_task
 from simulation.privacy_audit import read_log, traffic
 
 GIB = 2**30
@@ -99,6 +109,61 @@ def run_measured(command: list[str]) -> tuple[int, float, TreeMemory]:
     return status, time.perf_counter() - start, memory
 
 
+def user_phase_seconds(run_dir: Path) -> dict[str, float]:
+    """Mean seconds per test user of each phase a node timed (profile, train-k0, ..., evaluate)."""
+    sums: dict[str, float] = {}
+    results = [read_json(path) or {} for path in sorted((run_dir / "clients").glob("*/result.json"))]
+    for result in results:
+        for name, seconds in result.get("timings", {}).items():
+            sums[name.removesuffix("-seconds")] = sums.get(name.removesuffix("-seconds"), 0.0) + seconds
+    return {name: total / len(results) for name, total in sums.items()}
+
+
+def recorded_training(run_dir: Path) -> dict[str, dict[str, float]]:
+    """Per personal-adapter variant, summed over the test users: the training work each node recorded."""
+    totals: dict[str, dict[str, float]] = {}
+    for path in sorted((run_dir / "clients").glob(f"*/adapters/*/{TRAINING_RECORD}")):
+        record = read_json(path) or {}
+        if "training" not in record:
+            continue
+        row = totals.setdefault(record["variant"], {"adapters": 0.0, "steps": 0.0, "tokens": 0.0,
+                                                    "answer_tokens": 0.0, "seconds": 0.0})
+        row["adapters"] += 1
+        for key, value in record["training"].items():
+            row[key] += value
+    return totals
+
+
+def in_run_mfu(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """In-run MFU per adapter variant beside the same loop run alone on the first test user, at one thread."""
+    cfg = RunConfig.from_record(config)
+    model, tokenizer = load_model(argparse.Namespace(threads=1, model=cfg.model, device="cpu"), "auto")
+    peak = matmul_peak_gflops(model.dtype)
+    work = recorded_training(run_dir)
+    task = get_task(cfg.task)
+    nodes = json.loads((run_dir / "nodes.json").read_text())
+    store = next(UserStore(run_dir, n["user"]) for n in nodes if n["role"] == "test")
+    user = load_oppu(store.data, task.name)[0]
+    if cfg.split == "validation":
+        user = validation_view(user, task, cfg.validation_items)
+    rows = {}
+    for variant, done in work.items():
+        k, with_profile = int(variant.removeprefix("k").split("-")[0]), variant.endswith("-pag")  # Method.variant
+        profile = (read_json(store.profile) or {}).get("profile") if with_profile else None
+        examples = history_examples(user, task, tokenizer, cfg.prompt_settings(k, with_profile, cfg.history_format),
+                                    profile, cfg.max_history or None)
+        train_fresh_lora(model, examples[:4], tokenizer.pad_token_id, cfg.personal_training(), cfg.seed)  # warm-up
+        alone = train_fresh_lora(model, examples, tokenizer.pad_token_id, cfg.personal_training(), cfg.seed)
+        rows[variant] = {
+            **done,
+            "in_run_gflops": training_flops(model, done["tokens"], done["answer_tokens"]) / done["seconds"] / 1e9,
+            "alone_gflops": training_flops(model, alone["tokens"], alone["answer_tokens"]) / alone["seconds"] / 1e9,
+        }
+        rows[variant]["in_run_mfu"] = rows[variant]["in_run_gflops"] / peak
+        rows[variant]["alone_mfu"] = rows[variant]["alone_gflops"] / peak
+    return {"dtype": str(model.dtype).removeprefix("torch."), "peak_gflops": peak, "variants": rows}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench.end_to_end", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,7 +188,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "phase_seconds": report["timings"], "phase_bytes": phases,
         "users": report["users"],
         "methods": report["methods"],
+        "user_phase_seconds": user_phase_seconds(run_dir),
+        "training": in_run_mfu(run_dir, report["config"]),
     }
+    mfu = results["training"]
     table = [
         f"`{' '.join(command)}`: exit {status}, wall {wall / 60:.1f} min, {report['users']['evaluated']} users evaluated",
         f"peak memory of the process tree ({memory.peak_processes} processes): "
@@ -136,6 +204,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "", "| phase | bytes down | messages down | bytes up | messages up |", "|---|---|---|---|---|",
         *(f"| {phase} | {s.get('bytes_down', 0):,} | {s.get('messages_down', 0)} | {s.get('bytes_up', 0):,} | "
           f"{s.get('messages_up', 0)} |" for phase, s in phases.items()),
+        "", "| per test user | seconds (mean) |", "|---|---|",
+        *(f"| {name} | {seconds:.1f} |" for name, seconds in results["user_phase_seconds"].items()),
+        "", f"personal training, {mfu['dtype']}, matmul peak {mfu['peak_gflops']:.0f} GFLOP/s at one thread:",
+        "| adapter | users | steps | tokens | seconds | in-run GFLOP/s | in-run MFU | alone (first user) MFU |",
+        "|---|---|---|---|---|---|---|---|",
+        *(f"| {variant} | {row['adapters']:.0f} | {row['steps']:.0f} | {row['tokens']:.0f} | {row['seconds']:.0f} | "
+          f"{row['in_run_gflops']:.0f} | {row['in_run_mfu']:.1%} | {row['alone_mfu']:.1%} |"
+          for variant, row in mfu["variants"].items()),
     ]
     return finish(args, results, table)
 

@@ -35,23 +35,6 @@ from common.tasks import get_task
 log = logging.getLogger(__name__)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def _kept(user: User, predictions: list[str], probabilities: list[list[float]] | None = None) -> list[dict[str, object]]:
     """What the device keeps of one row's predictions (with the label probabilities where there are some)."""
     return [
@@ -113,6 +96,8 @@ def personalize_user(
             atomic_write_json(store.adapter(name) / TRAINING_RECORD, {
                 "base_model_sha256": model_hash, "task_adapter_sha256": task_adapter_sha, "task": task.name,
                 "variant": variant, "seed": cfg.seed, "quantization": cfg.quantize, "config": cfg.to_record(),
+                # the work done, read by benchmarks from the store (in-run MFU); never sent (an export shows it)
+                "training": {key: result[key] for key in ("steps", "tokens", "answer_tokens", "seconds")},
             })
         results: dict[str, Statistics] = {}
         kept: dict[str, list[dict[str, object]]] = {}

@@ -29,8 +29,6 @@ class Example:
     answer: list[int]
 
 
-
-
 def _answer_ids(tokenizer: PreTrainedTokenizerBase, answer: str, limit: int) -> list[int]:
     return tokenizer(answer, add_special_tokens=False)["input_ids"][:limit] + [tokenizer.eos_token_id]
 
@@ -96,8 +94,6 @@ def length_batches(lengths: list[int], max_batch_tokens: int, rng: random.Random
     return batches
 
 
-
-
 def train_adapter(
     model: PeftModel,
     examples: list[Example],
@@ -108,7 +104,8 @@ def train_adapter(
     progress: bool = False,
     after_step: Callable[[list[int], float], None] | None = None,
 ) -> dict[str, float]:
-    """Train the active adapter on `examples`; returns mean loss, steps, tokens and seconds.
+    """Train the active adapter on `examples`; returns mean loss, steps, tokens (answer tokens: those scored) and
+    seconds.
 
     `after_step(batch indices, loss)` runs after each optimiser step, so a benchmark can evaluate mid-training
     (it must leave the model in train mode) without a second training loop.
@@ -129,7 +126,7 @@ def train_adapter(
     if settings.max_steps is not None:
         plan = plan[: settings.max_steps]
     model.train()
-    start, losses, tokens = time.perf_counter(), [], 0
+    start, losses, tokens, answer_tokens = time.perf_counter(), [], 0, 0
     try:
         for batch in tqdm(plan, desc=desc, disable=not progress, leave=False):
             logprobs, mask = answer_logprobs(
@@ -143,6 +140,7 @@ def train_adapter(
             loss.backward()
             optimizer.step()
             tokens += sum(lengths[i] for i in batch)
+            answer_tokens += sum(len(examples[i].answer) for i in batch)
             if after_step is not None:
                 after_step(batch, losses[-1])
     finally:
@@ -152,5 +150,6 @@ def train_adapter(
         "final_loss": losses[-1],
         "steps": float(len(plan)),
         "tokens": float(tokens),
+        "answer_tokens": float(answer_tokens),
         "seconds": time.perf_counter() - start,
     }

@@ -120,6 +120,36 @@ def test_personal_adapters_exist_only_in_client_stores(federated_run: tuple[Path
             assert not (run_dir / "clients" / n["user"] / "adapters").exists()
 
 
+def test_each_adapter_records_its_training_work_and_the_benchmark_reads_it(federated_run: tuple[Path, dict], tiny) -> None:
+    """The tokens a node records beside each adapter are its examples' tokens times the epochs (4 whole epochs),
+    summed per variant by bench.end_to_end, which turns them into in-run MFU."""
+    from bench.end_to_end import in_run_mfu, recorded_training, user_phase_seconds
+    from client.data import load_oppu
+    from client.training import history_examples
+    from common.store import UserStore
+
+    run_dir, _ = federated_run
+    config = json.loads((run_dir / "report.json").read_text())["config"]
+    cfg = RunConfig.from_record(config)
+    task, (_, tokenizer) = get_task(cfg.task), tiny
+    tests = [n["user"] for n in json.loads((run_dir / "nodes.json").read_text()) if n["role"] == "test"]
+    expected = {}
+    for variant, k in (("k0", 0), ("k1", 1)):
+        examples = [e for user in tests for e in history_examples(
+            load_oppu(UserStore(run_dir, user).data, task.name)[0], task, tokenizer, cfg.prompt_settings(k),
+            None, cfg.max_history or None)]
+        expected[variant] = (4 * sum(len(e.prompt) + len(e.answer) for e in examples), 4 * sum(len(e.answer) for e in examples))
+    work = recorded_training(run_dir)
+    assert {v: (row["tokens"], row["answer_tokens"]) for v, row in work.items()} == expected
+    assert all(row["adapters"] == len(tests) and row["seconds"] > 0 for row in work.values())
+    phases = user_phase_seconds(run_dir)
+    assert set(phases) == {"train-k0", "train-k1", "evaluate"}
+    assert phases["train-k0"] == pytest.approx(work["k0"]["seconds"] / len(tests))
+    mfu = in_run_mfu(run_dir, config)
+    assert set(mfu["variants"]) == {"k0", "k1"} and mfu["peak_gflops"] > 0
+    assert all(0 < row["in_run_mfu"] < 1 and 0 < row["alone_mfu"] < 1 for row in mfu["variants"].values())
+
+
 def test_failing_client_exits_nonzero_and_resume_skips_finished_users(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
