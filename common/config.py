@@ -163,7 +163,11 @@ class RunConfig:
     server_momentum: float = _opt(0.0, "task adaptation: the server's momentum on the averaged updates (FedAvgM)")
     local_epochs: float = _opt(1.0, "local epochs over a training user's examples per round")
     task_lr: float = _opt(2e-3, "learning rate of the shared task LoRA")
-    personal_epochs: float = _opt(2.0, "epochs over the user's history for a personal adapter")
+    personal_epochs: float = _opt(
+        1.0,
+        "epochs over the user's history for a personal adapter (1 matched 2 on validation for ratings and "
+        "labels at half the CPU, docs/quality.md)",
+    )
     personal_lr: float = _opt(1e-3, "learning rate of personal adapters")
     max_history: int = _opt(32, "most recent history items a personal adapter trains on (0: all, as the paper)")
     task_history: int = _opt(16, "most recent history items of a training user per task-adaptation round (0: all)")
