@@ -35,6 +35,7 @@ from client.data import load_oppu
 from client.history import validation_view
 from client.training import history_examples
 from common.config import RunConfig
+from common.methods import parse_variant
 from common.store import UserStore, read_json
 from common.tasks import get_task
 from simulation.privacy_audit import read_log, traffic
@@ -148,9 +149,10 @@ def in_run_mfu(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
         user = validation_view(user, task, cfg.validation_items)
     rows = {}
     for variant, done in work.items():
-        k, with_profile = int(variant.removeprefix("k").split("-")[0]), variant.endswith("-pag")  # Method.variant
-        profile = (read_json(store.profile) or {}).get("profile") if with_profile else None
-        examples = history_examples(user, task, tokenizer, cfg.prompt_settings(k, with_profile, cfg.history_format),
+        method = parse_variant(variant)
+        profile = (read_json(store.profile) or {}).get("profile") if method.profile else None
+        examples = history_examples(user, task, tokenizer,
+                                    cfg.prompt_settings(method.k, method.profile, cfg.history_format),
                                     profile, cfg.max_history or None)
         train_fresh_lora(model, examples[:4], tokenizer.pad_token_id, cfg.personal_training(), cfg.seed)  # warm-up
         alone = train_fresh_lora(model, examples, tokenizer.pad_token_id, cfg.personal_training(), cfg.seed)

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from client.adapters import TRAINING_RECORD
+from client.adapters import TRAINING_RECORD, personal_adapter_name
 from client.model_build import UnknownModelError, resolve_model
 from common.model_files import file_sha256, model_hash
 from common.store import (
@@ -39,7 +39,7 @@ class AdapterImportError(ValueError):
 
 def export_adapter(run_dir: Path, user_id: str, out_dir: Path, variant: str = "k0") -> dict[str, Any]:
     """Copy one personal adapter out of the user's store with a manifest; returns the manifest."""
-    source = UserStore(run_dir, user_id).adapter(f"user-{user_id}-{variant}")
+    source = UserStore(run_dir, user_id).adapter(personal_adapter_name(user_id, variant))
     record = read_json(source / TRAINING_RECORD)
     if record is None:
         raise FileNotFoundError(f"{source}: no trained adapter (expected {TRAINING_RECORD} beside peft's files)")

@@ -27,7 +27,8 @@ from client.profile import user_profile
 from client.references import reference_predictions
 from client.task_adapter import remove_adapters
 from client.training import history_examples, train_adapter
-from common.config import Method, RunConfig, parse_method
+from common.config import RunConfig
+from common.methods import Method, parse_method
 from common.metrics import Statistics, statistics
 from common.store import UserStore, atomic_write_json
 from common.tasks import get_task
@@ -68,7 +69,8 @@ def personalize_user(
     if any(m.profile for m in methods):
         start = time.perf_counter()
         profile = user_profile(
-            pristine, tokenizer, task, user, store.profile, model_hash, cfg.seed, cfg.profile_items
+            pristine, tokenizer, task, user, store.profile, model_hash, cfg.seed, cfg.profile_items,
+            cfg.profile_max_tokens,
         )
         timings["profile-seconds"] = time.perf_counter() - start
     variants: dict[str, Method] = {}

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from common.methods import method_name, parse_method
 from common.metrics import DECISION_RULES, decision_rule
 from common.tasks import HISTORY_FORMATS, TASKS, HistoryFormat, get_task
 
@@ -99,15 +100,15 @@ DEFAULT_METHODS = ("base", "rag", "pag", "oppu", "oppu+rag")
 # the least value of each integer setting, and the float settings that must be positive
 AT_LEAST = {
     "rounds": 0, "max_history": 0, "task_history": 0, "seed": 0, "k": 1, "lora_alpha": 1, "max_prompt_tokens": 1,
-    "batch_tokens": 1, "profile_items": 1, "num_queries": 1, "validation_items": 1, "selection_items": 1,
-    "max_text_chars": 1, "max_user_history": 1,
+    "batch_tokens": 1, "profile_items": 1, "profile_max_tokens": 1, "num_queries": 1, "validation_items": 1,
+    "selection_items": 1, "max_text_chars": 1, "max_user_history": 1,
 }
 POSITIVE = ("local_epochs", "task_lr", "personal_epochs", "personal_lr")
 # settings that only test users' personalization and evaluation read: a task adapter made under other values of
 # these serves as well (`--task-adapter-from`); of `methods` and `k` task adaptation reads only the retrieval depths
 PERSONALIZATION_ONLY = (
     "methods", "k", "decision", "peft", "personal_epochs", "personal_lr", "max_history", "history_selection",
-    "selection_items", "history_format", "profile_items", "split", "validation_items",
+    "selection_items", "history_format", "profile_items", "profile_max_tokens", "split", "validation_items",
 )
 
 
@@ -186,6 +187,7 @@ class RunConfig:
     max_prompt_tokens: int = _opt(384, "prompt token budget; profile and history are cut, the question never")
     batch_tokens: int = _opt(128, "tokens per training batch (length-bucketed; small: more steps, same compute)")
     profile_items: int = _opt(16, "history items sampled to write a user's profile (PAG)")
+    profile_max_tokens: int = _opt(48, "most new tokens of a user's profile (PAG; one greedy token at a time)")
     num_queries: int = _opt(5, "MovieLens: most recent ratings per user held out as queries")
     split: str = _opt(
         "test",
@@ -285,7 +287,7 @@ class RunConfig:
         names = []
         for raw in self.methods.split(","):
             parts = [p.strip() for p in raw.split("+") if p.strip()]
-            parts = [f"rag-k{self.k}" if p == "rag" else p for p in parts]
+            parts = [method_name(False, self.k) if p == "rag" else p for p in parts]
             if parts and "+".join(parts) not in names:
                 names.append("+".join(parts))
         if not names:
@@ -340,36 +342,7 @@ class RunConfig:
         return cls(**values)
 
 
-@dataclass(frozen=True)
-class Method:
-    """An evaluated method: personal adapter or not, retrieved items, profile or not."""
-
-    name: str
-    personal: bool
-    k: int
-    profile: bool
-
-    @property
-    def variant(self) -> str:
-        """Names the personal adapter this method needs (one per prompt setting, as in the paper)."""
-        return f"k{self.k}" + ("-pag" if self.profile else "")
-
-
-def parse_method(name: str) -> Method:
-    """'oppu+rag-k2' -> Method(personal=True, k=2, profile=False); errors list what is allowed."""
-    personal, k, profile = False, 0, False
-    for part in name.split("+"):
-        if part == "oppu":
-            personal = True
-        elif part == "pag":
-            profile = True
-        elif part.startswith("rag-k") and part[5:].isdigit() and int(part[5:]) > 0:
-            k = int(part[5:])
-        elif part != "base":
-            raise ValueError(
-                f"method {name!r}: unknown part {part!r}; expected base, oppu, pag, rag or rag-kN joined by '+'"
-            )
-    return Method(name, personal, k, profile)
+PHASE_TIMEOUT = 6 * 3600.0  # seconds the server waits for a phase's replies unless told otherwise (--timeout)
 
 
 @dataclass(frozen=True)

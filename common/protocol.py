@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import re
 
+from common.methods import NAME as METHOD_NAME
+
 ANNOUNCE = "query.announce"
 MODEL_CHUNK = "query.model_chunk"
 ADAPT = "train.adapt"
@@ -58,7 +60,7 @@ CHUNK_LAST = "last"
 STATISTIC_NAMES = ("n", "correct", "tp", "fp", "fn", "abs_error", "sq_error", "rouge1", "rougeL")
 
 # a personalize reply may carry "<method>/<statistic>" and "time/<phase>-seconds", nothing else
-_METHOD = r"((base|oppu|pag|rag-k\d+)(\+(base|oppu|pag|rag-k\d+))*|ref-[a-z]+(-[a-z]+)*)"
+_METHOD = rf"({METHOD_NAME}|ref-[a-z]+(-[a-z]+)*)"
 ALLOWED_PERSONALIZE_METRIC = re.compile(
     rf"^({NUM_EXAMPLES}|{_METHOD}/({'|'.join(STATISTIC_NAMES)})|time/[a-z0-9-]+-seconds)$"
 )

@@ -19,7 +19,8 @@ from client.model_cache import load_base, load_fresh
 from client.personalize import personalize_user
 from client.profile import user_profile
 from client.task_adapter import initial_task_state, task_adapted_base, task_lora
-from common.config import RunConfig, parse_method
+from common.config import RunConfig
+from common.methods import parse_method
 from common.metrics import combine, finalize, statistics
 from common.model_files import model_hash
 from common.store import UserStore, read_json
@@ -199,7 +200,7 @@ def test_profile_is_deterministic_and_cached(tiny, tiny_model_dir, tmp_path):
     user, digest = USERS[0], model_hash(tiny_model_dir)
 
     def profile(cache_file, model_digest=digest):
-        return user_profile(base, tokenizer, TASK, user, cache_file, model_digest, seed=0, max_new_tokens=16)
+        return user_profile(base, tokenizer, TASK, user, cache_file, model_digest, seed=0, sample_size=16, max_new_tokens=16)
 
     first_file, second_file = tmp_path / "a" / "profile.json", tmp_path / "b" / "profile.json"
     first, second = profile(first_file), profile(second_file)
@@ -232,7 +233,7 @@ def test_personalize_writes_the_profile_into_the_store(tiny, tiny_model_dir, tmp
     key = dict(stored["key"])
     assert len(key.pop("history_sha256")) == 64  # a changed history makes a new profile
     assert key == {"model": digest, "task": "LaMP-2M", "seed": cfg.seed, "sample_size": cfg.profile_items,
-                   "max_new_tokens": 48}
+                   "max_new_tokens": cfg.profile_max_tokens}
     assert isinstance(stored["profile"], str)
     assert not (store.root / "adapters").exists()  # no personal adapter for a non-personal method
 

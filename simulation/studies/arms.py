@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from common.config import RunConfig
+from common.methods import method_name, parse_variant
 from common.tasks import TaskSpec, get_task
 from simulation.studies.node_results import (
     history_lengths,
@@ -85,7 +85,7 @@ def _depths(text: str) -> list[int]:
 
 
 def _depth_methods(depths: list[int]) -> list[str]:
-    return ["base", *(f"rag-k{k}" for k in depths), "oppu", *(f"oppu+rag-k{k}" for k in depths)]
+    return ["base", *(method_name(False, k) for k in depths), "oppu", *(method_name(True, k) for k in depths)]
 
 
 def _depth_arms(cfg: RunConfig, args: argparse.Namespace) -> list[Arm]:
@@ -99,11 +99,11 @@ def _depth_analysis(task: TaskSpec, cfg: RunConfig, runs: dict[str, Path], args:
     against_base = build_table(task, "Against the non-personalized model", per_user,
                                [("base", None), *((m, "base") for m in methods[1:])])
     adapter_gain = build_table(task, "Personal adapter at each depth (RAG+OPPU vs RAG)", per_user,
-                               [("oppu", "base"), *((f"oppu+rag-k{k}", f"rag-k{k}") for k in args.depths)])
+                               [("oppu", "base"), *((method_name(True, k), method_name(False, k)) for k in args.depths)])
     metric = _metrics(against_base)
     figure = Figure("lines", [0, *args.depths], {
-        "RAG": [metric["base"], *(metric[f"rag-k{k}"] for k in args.depths)],
-        "RAG+OPPU": [metric["oppu"], *(metric[f"oppu+rag-k{k}"] for k in args.depths)],
+        "RAG": [metric["base"], *(metric[method_name(False, k)] for k in args.depths)],
+        "RAG+OPPU": [metric["oppu"], *(metric[method_name(True, k)] for k in args.depths)],
     }, "retrieved history items k (k=0: base / OPPU)")
     return StudyResult("retrieval-depth", "Retrieval depth", task.name, [against_base, adapter_gain], figure,
                        _arm_dirs(runs))
@@ -237,11 +237,10 @@ def _format_analysis(task: TaskSpec, cfg: RunConfig, runs: dict[str, Path], args
 
 def _variant_method(variant: str) -> str:
     """The method whose personal adapter is `variant` (k0 -> oppu, k2 -> oppu+rag-k2, k0-pag -> oppu+pag)."""
-    found = re.fullmatch(r"k(\d+)(-pag)?", variant)
-    if not found:
-        raise SystemExit(f"oppu-study similarity: --variant must look like k0, k1 or k0-pag, got {variant!r}")
-    k, pag = int(found[1]), bool(found[2])
-    return "+".join(["oppu", *([f"rag-k{k}"] if k else []), *(["pag"] if pag else [])])
+    try:
+        return parse_variant(variant).name
+    except ValueError as error:
+        raise SystemExit(f"oppu-study similarity: --variant: {error}") from None
 
 
 def _similarity_arms(cfg: RunConfig, args: argparse.Namespace) -> list[Arm]:
