@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from client.references import best_constant, reference_names
 from common import protocol as p
-from common.config import RunConfig, flwr_run_settings
+from common.config import PHASE_TIMEOUT, RunConfig, flwr_run_settings
 from common.metrics import decision_rule
 from common.store import atomic_write_json, read_saved_state
 from common.tasks import get_task
@@ -47,7 +47,7 @@ class ServerOptions:
     run_dir: Path
     cache_dir: Path | None = None
     expected_nodes: int = 1  # wait for this many connected nodes before announcing
-    timeout: float = 6 * 3600.0
+    timeout: float = PHASE_TIMEOUT
     progress: bool = True
     outcome: dict[str, Any] = field(default_factory=dict)  # filled in for the caller (report, strategy)
 

@@ -30,7 +30,7 @@ from flwr.clientapp import ClientApp
 from client.data import DataError, User
 from client.model_build import UnknownModelError, linear_module_names, resolve_model
 from client.quantize import quantization_problem
-from common.config import RunConfig, UserCounts
+from common.config import PHASE_TIMEOUT, RunConfig, UserCounts
 from common.store import JsonFileError, load_json_file
 from simulation.console import run_log, setup_console
 from simulation.errors import SetupError
@@ -107,8 +107,8 @@ def add_run_flags(
     `fixed` names RunConfig fields a study sets per run, so they are no flags there.
     """
     run = parser.add_argument_group("run")
-    run.add_argument("--num-clients", type=int, default=100, help="test users (one node each): the longest histories")
-    run.add_argument("--train-clients", type=int, default=20,
+    run.add_argument("--num-clients", type=int, default=UserCounts.test, help="test users (one node each): the longest histories")
+    run.add_argument("--train-clients", type=int, default=UserCounts.train,
                      help="training-user nodes for task adaptation (a seeded sample of the other users)")
     if one_run:
         run.add_argument("--run-dir", type=Path, default=None,
@@ -132,7 +132,7 @@ def add_run_flags(
                          "here; every machine must see --run-dir (and --cache-dir) at the same path, checked first")
         run.add_argument("--canaries", action="store_true",
                          help="plant a unique marker string in every user's history; `oppu-audit` checks none is sent")
-    run.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds to wait for a phase's replies")
+    run.add_argument("--timeout", type=float, default=PHASE_TIMEOUT, help="seconds to wait for a phase's replies")
     run.add_argument("--allow-failed-updates", action="store_true",
                      help="exit 0 even if some training users' task-adaptation updates failed (the report counts "
                      "them; the task adapter averages the others)")
@@ -201,7 +201,7 @@ class SimulationOptions:
     cpus_per_client: float = 1.0
     gpus_per_client: str | float = "auto"
     canaries: bool = False
-    timeout: float = 6 * 3600.0
+    timeout: float = PHASE_TIMEOUT
     verbose: bool = False  # the workers' output on the console too
     ray_address: str | None = None  # None: Ray starts on this machine
 

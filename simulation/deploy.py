@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from common.config import RunConfig, UserCounts
+from common.config import PHASE_TIMEOUT, RunConfig, UserCounts
 from common.store import (
     UserStore,
     atomic_write_bytes,
@@ -47,6 +47,7 @@ from common.store import (
     atomic_write_text,
     read_json,
 )
+from simulation.errors import SetupError
 
 CONNECTION = "oppu"
 REPO = Path(__file__).resolve().parents[1]
@@ -288,7 +289,7 @@ def _wait(process: subprocess.Popen, name: str, timeout: float) -> int:
 
 
 def deploy(run_dir: Path, cfg: RunConfig, counts: UserCounts, node_caches: Path | None = None,
-           timeout: float = 6 * 3600) -> int:
+           timeout: float = PHASE_TIMEOUT) -> int:
     """The quick path, all on 127.0.0.1: partition, start everything, run the app, stop everything; returns
     `flwr run`'s exit status."""
     from simulation.cli import partition_users
@@ -371,8 +372,6 @@ def _serve(processes: Processes, watched: dict[str, subprocess.Popen]) -> int:
 def serve_superlink(directory: Path, host: str, port: int, names: list[str]) -> int:
     """The coordinator's SuperLink: CA (made once, kept in `directory`), a certificate for `names` and the bind
     address, SuperNode authentication; prints what a joining machine needs and runs until Ctrl-C."""
-    from simulation.cli import SetupError
-
     directory = directory.resolve()
     if host not in ("0.0.0.0", "::"):
         names = [*names, host]  # Flower's SuperExec (ServerApp) connects to the bind address
@@ -445,7 +444,6 @@ def prepare_node(machine_dir: Path, data_file: Path) -> LocalNode:
     key pair made once."""
     from client.data import DataError, load_oppu
     from common.tasks import TASKS
-    from simulation.cli import SetupError
     from simulation.node_stores import CANARY
 
     record = read_json(data_file) if data_file.is_file() else None
@@ -470,8 +468,6 @@ def prepare_node(machine_dir: Path, data_file: Path) -> LocalNode:
 def serve_supernodes(superlink: str, ca: Path, machine_dir: Path, data_files: list[Path], keys_only: bool) -> int:
     """A device machine: one SuperNode per local user file, joining the remote SuperLink; runs until Ctrl-C, or
     until a SuperNode exits (refused: wrong CA, unregistered key; or the SuperLink went away)."""
-    from simulation.cli import SetupError
-
     machine_dir = machine_dir.resolve()
     nodes = [prepare_node(machine_dir, f) for f in data_files]
     users = [n.user for n in nodes]
@@ -505,8 +501,6 @@ def start_run(superlink: str, ca: Path, cfg: RunConfig, counts: UserCounts, run_
               partition: Path | None) -> int:
     """`flwr run` against a remote SuperLink; `partition` (the output of `oppu-deploy partition`) is checked against
     the user counts and lends its canary list to the server-side audit. Returns flwr run's exit status."""
-    from simulation.cli import SetupError
-
     run_dir = run_dir.resolve()
     if (run_dir / "deploy").exists():
         raise FileExistsError(f"{run_dir} already holds a run; use another --run-dir")
@@ -631,8 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "write one data file per user, with its role: <out>/clients/<user>/data.json (copy it to "
                             "the machine that holds the user), <out>/nodes.json, <out>/audit/canaries.json.")
     part.add_argument("--out", type=Path, required=True, help="a new directory for the files")
-    part.add_argument("--num-clients", type=int, default=100, help="test users: the longest histories")
-    part.add_argument("--train-clients", type=int, default=20, help="training users (a seeded sample of the others)")
+    part.add_argument("--num-clients", type=int, default=UserCounts.test, help="test users: the longest histories")
+    part.add_argument("--train-clients", type=int, default=UserCounts.train,
+                      help="training users (a seeded sample of the others)")
     part.add_argument("--canaries", action="store_true",
                       help="plant a unique marker in every user's history; `oppu-audit` checks none is sent")
     fields = {f.name: f for f in dataclasses.fields(RunConfig)}
