@@ -46,8 +46,8 @@ def user_profile(
     cache_file: Path,
     model_hash: str,
     seed: int,
-    sample_size: int = 16,
-    max_new_tokens: int = 48,
+    sample_size: int,
+    max_new_tokens: int,
 ) -> str:
     """The user's profile: from the cache when made by the same model and settings, else written now."""
     history = json.dumps(user.to_json()["profile"], sort_keys=True).encode()
