@@ -11,8 +11,8 @@ and samples every process it starts (driver, Ray's services, client workers) onc
   run really occupies.
 Phase times come from the run's report.json, bytes per phase from its server-side audit log. Per test user and
 phase: the nodes' own timings (means over users). In-run MFU of each personal adapter kind: the work each node
-recorded beside its adapters (tokens, seconds) over the matmul peak this script measures afterwards at one
-thread (a client's share), next to the same training loop on the run's first test user alone.
+recorded beside its adapters (tokens, seconds) over the matmul peak this script measures afterwards on the run's
+device (on a CPU at one thread, a client's share), next to the same training loop on the run's first test user alone.
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ def user_phase_seconds(run_dir: Path) -> dict[str, float]:
     results = [read_json(path) or {} for path in sorted((run_dir / "clients").glob("*/result.json"))]
     for result in results:
         for name, seconds in result.get("timings", {}).items():
-            sums[name.removesuffix("-seconds")] = sums.get(name.removesuffix("-seconds"), 0.0) + seconds
+            phase = name.removesuffix("-seconds")
+            sums[phase] = sums.get(phase, 0.0) + seconds
     return {name: total / len(results) for name, total in sums.items()}
 
 
@@ -136,10 +137,11 @@ def recorded_training(run_dir: Path) -> dict[str, dict[str, float]]:
 
 
 def in_run_mfu(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """In-run MFU per adapter variant beside the same loop run alone on the first test user, at one thread."""
+    """In-run MFU per adapter variant beside the same loop run alone on the first test user, on the run's device
+    (a CPU: one thread, a client's share)."""
     cfg = RunConfig.from_record(config)
-    model, tokenizer = load_model(argparse.Namespace(threads=1, model=cfg.model, device="cpu"), "auto")
-    peak = matmul_peak_gflops(model.dtype)
+    model, tokenizer = load_model(argparse.Namespace(threads=1, model=cfg.model, device=cfg.device), "auto")
+    peak = matmul_peak_gflops(model.dtype, model.device.type)
     work = recorded_training(run_dir)
     task = get_task(cfg.task)
     nodes = json.loads((run_dir / "nodes.json").read_text())
@@ -163,7 +165,8 @@ def in_run_mfu(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
         }
         rows[variant]["in_run_mfu"] = rows[variant]["in_run_gflops"] / peak
         rows[variant]["alone_mfu"] = rows[variant]["alone_gflops"] / peak
-    return {"dtype": str(model.dtype).removeprefix("torch."), "peak_gflops": peak, "variants": rows}
+    return {"device": model.device.type, "dtype": str(model.dtype).removeprefix("torch."), "peak_gflops": peak,
+            "variants": rows}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -208,7 +211,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{s.get('messages_up', 0)} |" for phase, s in phases.items()),
         "", "| per test user | seconds (mean) |", "|---|---|",
         *(f"| {name} | {seconds:.1f} |" for name, seconds in results["user_phase_seconds"].items()),
-        "", f"personal training, {mfu['dtype']}, matmul peak {mfu['peak_gflops']:.0f} GFLOP/s at one thread:",
+        "", f"personal training, {mfu['dtype']} on {mfu['device']}, matmul peak {mfu['peak_gflops']:.0f} GFLOP/s"
+        f"{' at one thread' if mfu['device'] == 'cpu' else ''}:",
         "| adapter | users | steps | tokens | seconds | in-run GFLOP/s | in-run MFU | alone (first user) MFU |",
         "|---|---|---|---|---|---|---|---|",
         *(f"| {variant} | {row['adapters']:.0f} | {row['steps']:.0f} | {row['tokens']:.0f} | {row['seconds']:.0f} | "
