@@ -128,11 +128,10 @@ def recorded_training(run_dir: Path) -> dict[str, dict[str, float]]:
         record = read_json(path) or {}
         if "training" not in record:
             continue
-        row = totals.setdefault(record["variant"], {"adapters": 0.0, "steps": 0.0, "tokens": 0.0,
-                                                    "answer_tokens": 0.0, "seconds": 0.0})
+        row = totals.setdefault(record["variant"], {"adapters": 0.0})
         row["adapters"] += 1
-        for key, value in record["training"].items():
-            row[key] += value
+        for key, value in record["training"].items():  # the figures client/personalize.py records
+            row[key] = row.get(key, 0.0) + value
     return totals
 
 
@@ -149,13 +148,13 @@ def in_run_mfu(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     user = load_oppu(store.data, task.name)[0]
     if cfg.split == "validation":
         user = validation_view(user, task, cfg.validation_items)
+    profile = (read_json(store.profile) or {}).get("profile")  # only the -pag variants' prompts use it
     rows = {}
     for variant, done in work.items():
         method = parse_variant(variant)
-        profile = (read_json(store.profile) or {}).get("profile") if method.profile else None
         examples = history_examples(user, task, tokenizer,
                                     cfg.prompt_settings(method.k, method.profile, cfg.history_format),
-                                    profile, cfg.max_history or None)
+                                    profile if method.profile else None, cfg.max_history or None)
         train_fresh_lora(model, examples[:4], tokenizer.pad_token_id, cfg.personal_training(), cfg.seed)  # warm-up
         alone = train_fresh_lora(model, examples, tokenizer.pad_token_id, cfg.personal_training(), cfg.seed)
         rows[variant] = {
