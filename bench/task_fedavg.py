@@ -93,6 +93,13 @@ def aggregate(strategy: FedAvgM, server_round: int, states: list[dict[str, Any]]
     return arrays.to_torch_state_dict()
 
 
+def freeze_lora_a(model: Any) -> None:
+    """Leave only the LoRA B matrices trainable (train_adapter optimises what requires grad)."""
+    for name, param in model.named_parameters():
+        if "lora_A" in name:
+            param.requires_grad_(False)
+
+
 def tokens(examples: list[Example]) -> int:
     return sum(len(e.prompt) + len(e.answer) for e in examples)
 
@@ -112,6 +119,10 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfig]:
     parser.add_argument("--server-momentum", type=float, default=0.0, help="server momentum (FedAvgM)")
     parser.add_argument("--central-batch-tokens", type=int, default=1024, help="tokens per step of the pooled LoRA")
     parser.add_argument("--modes", default="central,federated", help="which curves: central, federated or both")
+    parser.add_argument("--freeze-lora-a", action="store_true",
+                        help="train only LoRA's B matrices, A kept at the seeded initial values (FFA-LoRA, Sun et al. "
+                        "2024): every client shares A, so FedAvg of the Bs is exactly the average of the clients' "
+                        "weight updates B·A, which averaging both factors is not")
     task_lora_flags(parser)
     args = parser.parse_args(argv)
     check_counts(parser, args, ("num_clients", "asked_movies", "raters", "rounds", "batch_tokens",
@@ -159,6 +170,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     about = machine()
     model = attach_fresh(base, task_lora(cfg), TASK_ADAPTER, derived_seed(cfg.seed, "task"))
     initial = adapter_state(model, TASK_ADAPTER)  # the run's seeded initial task LoRA
+    if args.freeze_lora_a:
+        freeze_lora_a(model)
 
     def point(mode: str, step: int, seen: int, seconds: float, loss: float | None) -> None:
         """Score the LoRA as it is now, print and keep the point, rewrite the JSON."""

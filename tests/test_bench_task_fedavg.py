@@ -8,11 +8,14 @@ import pytest
 import torch
 
 from bench.task_ceiling import most_asked
-from bench.task_fedavg import aggregate, heaviest_raters, main, rater_examples, server_strategy
+from bench.task_fedavg import aggregate, freeze_lora_a, heaviest_raters, main, rater_examples, server_strategy
+from client.adapters import adapter_state, attach_fresh
 from client.data import load_movielens
 from client.history import validation_view
 from client.partition import split_users
-from common.config import RunConfig, UserCounts
+from client.task_adapter import remove_adapters, task_lora
+from client.training import train_adapter
+from common.config import RunConfig, TrainingSettings, UserCounts
 from common.tasks import get_task
 
 
@@ -57,6 +60,28 @@ def test_both_curves_start_alike_and_count_an_epoch_per_point(tiny, tmp_path):
     assert results["training"]["clients"] == 3
     assert json.loads(out.read_text())["curves"] == results["curves"]
     assert not any("lora" in name for name, _ in tiny[0].named_modules())  # the shared base is left clean
+
+
+def test_with_lora_a_frozen_only_b_trains_and_a_stays_as_initialised(tiny, tmp_path):
+    """--freeze-lora-a: every client shares A, so averaging the Bs averages the weight updates exactly."""
+    results = main(["--model", "tiny-random", "--device", "cpu", "--dtype", "float32", "--num-clients", "5",
+                    "--asked-movies", "4", "--raters", "3", "--rounds", "1", "--modes", "federated",
+                    "--freeze-lora-a", "--out", str(tmp_path / "ffa.json")])
+    assert [p["round"] for p in results["curves"]["federated"]] == [0, 1]
+    model = attach_fresh(tiny[0], task_lora(RunConfig()), "probe", 0)
+    try:
+        before = adapter_state(model, "probe")
+        freeze_lora_a(model)
+        trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+        assert trainable and all("lora_B" in name for name in trainable)
+        user = load_movielens()[0]
+        examples = rater_examples(user, {item.id for item in user.history[:4]}, tiny[1], RunConfig())
+        train_adapter(model, examples, tiny[1].pad_token_id, TrainingSettings(lr=1e-2, max_batch_tokens=512), seed=0)
+        after = adapter_state(model, "probe")
+    finally:
+        remove_adapters(model)
+    assert all(torch.equal(before[k], after[k]) for k in before if "lora_A" in k)
+    assert any(not torch.equal(before[k], after[k]) for k in before if "lora_B" in k)
 
 
 def test_bad_flags_are_refused(capsys):
