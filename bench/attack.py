@@ -3,8 +3,9 @@
     python -m bench.attack --num-clients 10 --train-clients 10 -- --model tiny-random --rounds 1
     python -m bench.attack --configs none,secure-aggregation -- --task LaMP-2M --data synthetic --model tiny-random
 
-Flags after `--` go to every flower-simulation run (each also gets --canaries and its configuration's flags).
-For each configuration it runs a real federated run, then attacks what the server holds of every round: per
+Flags after `--` go to every flower-simulation run (each also gets --canaries, --record-server-view and its
+configuration's flags). For each configuration it runs a real federated run, then attacks what the server holds of
+every round, as the run recorded it (server/view.py): per
 training node, the task LoRA it can attribute to that node (the node's own update in clear; under secure
 aggregation only the round's average, the same for every node of the round):
 - membership inference: the score of (update U, user v) is the loss drop that U alone gives on v's history items
@@ -41,6 +42,7 @@ from flwr.clientapp import ClientApp
 
 from bench.common import finish
 from common.store import atomic_write_json
+from server.view import read_server_view
 
 CONFIGS: dict[str, list[str]] = {
     "none": [],
@@ -129,11 +131,11 @@ class Scorer:
         self.users = users
         self._state: int | None = None
 
-    def _load(self, arrays) -> None:
+    def _load(self, arrays: dict[str, np.ndarray]) -> None:
         from client.adapters import load_adapter_state
 
         if self._state != id(arrays):
-            load_adapter_state(self.model, "attack", arrays.to_torch_state_dict())
+            load_adapter_state(self.model, "attack", {name: torch.from_numpy(v) for name, v in arrays.items()})
             self._state = id(arrays)
 
     @torch.no_grad()
@@ -143,14 +145,14 @@ class Scorer:
         logprobs, mask = answer_logprobs(self.model, prompts, answers, self.tokenizer.pad_token_id)
         return (-(logprobs * mask).sum(1) / mask.sum(1)).tolist()
 
-    def loss(self, arrays, user: str) -> float:
+    def loss(self, arrays: dict[str, np.ndarray], user: str) -> float:
         """Mean answer-token loss of the user's history examples under `arrays`."""
         self._load(arrays)
         examples = self.examples[user]
         return float(np.mean([x for i in range(0, len(examples), 8) for x in self._nll(
             [e.prompt for e in examples[i:i + 8]], [e.answer for e in examples[i:i + 8]])]))
 
-    def exposure(self, arrays, user: str, canary: str, seed: int) -> float:
+    def exposure(self, arrays: dict[str, np.ndarray], user: str, canary: str, seed: int) -> float:
         """Exposure of the user's canary under `arrays` among CANDIDATES random strings of its shape."""
         self._load(arrays)
         text = self.users[user].history[-1].fields[self.field]
@@ -165,7 +167,7 @@ class Scorer:
         return math.log2(len(strings)) - math.log2(rank)
 
 
-def attack(run_dir: Path, cfg, outcome: dict[str, Any]) -> dict[str, Any]:
+def attack(run_dir: Path, cfg) -> dict[str, Any]:
     """Membership AUC, TPR at 1% FPR and mean canary exposure against what the server of `run_dir` holds."""
     from client.data import load_oppu
 
@@ -181,15 +183,14 @@ def attack(run_dir: Path, cfg, outcome: dict[str, Any]) -> dict[str, Any]:
     canaries = json.loads((run_dir / "audit" / "canaries.json").read_text())
     outsiders = [u for u, role in roles.items() if role == "test"]
     scorer = Scorer(cfg, users)
-    strategy = outcome["strategy"]
+    view = read_server_view(run_dir)  # the run's --record-server-view
     drops: list[tuple[float, list[float]]] = []  # per update: (its member's loss drop, the outsiders' drops)
     exposures = []
-    for server_round, held in strategy.attributed.items():
-        print(f"bench.attack: scoring round {server_round}: {len(held)} update(s) x {len(outsiders) + 1} user(s) "
-              "and a canary ranking each", flush=True)
-        start = strategy.round_inputs[server_round]
-        before = {u: scorer.loss(start, u) for u in users}
-        for node, arrays in held.items():
+    for server_round, held in view.items():
+        print(f"bench.attack: scoring round {server_round}: {len(held.updates)} update(s) x {len(outsiders) + 1} "
+              "user(s) and a canary ranking each", flush=True)
+        before = {u: scorer.loss(held.sent, u) for u in users}
+        for node, (_, arrays) in held.updates.items():
             user = node_user[node]
             outsider_drops = [before[v] - scorer.loss(arrays, v) for v in outsiders]
             drops.append((before[user] - scorer.loss(arrays, user), outsider_drops))
@@ -233,22 +234,19 @@ def price(run_dir: Path, report: dict[str, Any], seconds: float) -> dict[str, An
 def run_config(name: str, flags: list[str], base_dir: Path) -> dict[str, Any]:
     """One flower-simulation run of a configuration, attacked and priced."""
     from common.config import RunConfig
-    from simulation.cli import (
-        SimulationOptions,
-        build_parser,
-        check_run_flags,
-        simulate,
-        user_counts,
-    )
+    from simulation.engine import SimulationOptions, simulate
+    from simulation.flags import build_parser, check_run_flags, user_counts
 
     parser = build_parser()
-    args = parser.parse_args([*flags, "--canaries", "--run-dir", str(base_dir / name)])
+    args = parser.parse_args([*flags, "--canaries", "--record-server-view", "--run-dir", str(base_dir / name)])
     cfg = RunConfig(**{k: v for k, v in vars(args).items() if k in RunConfig.__dataclass_fields__})
     check_run_flags(args, cfg)
     start = time.perf_counter()
-    run_dir, outcome = simulate(cfg, user_counts(args), SimulationOptions.from_args(args), noting_app)
+    run_dir, report = simulate(cfg, user_counts(args), SimulationOptions.from_args(args), noting_app)
     seconds = time.perf_counter() - start
-    return {"flags": flags, **attack(run_dir, cfg, outcome), **price(run_dir, outcome["report"], seconds)}
+    if report is None:
+        raise RuntimeError(f"bench.attack: the run of {name} did not finish ({run_dir})")
+    return {"flags": flags, **attack(run_dir, cfg), **price(run_dir, report, seconds)}
 
 
 def table(results: dict[str, dict[str, Any]]) -> list[str]:

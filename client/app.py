@@ -5,6 +5,9 @@ A node finds its user through its node config only (`user-dir`, and `audit-dir` 
 a SuperNode is started with them, and for a simulated node `node_config_mod` (client/partition.py) fills them in
 from its `partition-id` before any handler runs. The node's model cache is `model-cache` in the node config, else
 $OPPU_CACHE_DIR, else ~/.cache/oppu-fl.
+
+Each handler imports what only it needs inside itself: a SuperNode starts a fresh ClientApp process per message, and
+an announce or model-chunk message should not pay for loading torch, transformers and peft.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from typing import Any
 
 from client.adapters import TRAINING_RECORD, personal_adapter_name
 from client.model_build import UnknownModelError, resolve_model
+from common.exit_status import BAD_INPUT, DONE
 from common.model_files import file_sha256, model_hash
 from common.store import (
     JsonFileError,
@@ -150,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"imported {manifest['adapter']} into {args.target_dir}: hashes and base model verified")
     except (AdapterImportError, UnknownModelError, FileNotFoundError, FileExistsError) as e:
         print(f"oppu-adapter: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return BAD_INPUT  # every error here is about the run, user, export or target the command was given
+    return DONE
 
 
 if __name__ == "__main__":

@@ -190,7 +190,7 @@ class RunConfig:
     profile_max_tokens: int = _opt(
         32,
         "most new tokens of a user's profile (PAG; one greedy token at a time). 8 items and 32 tokens matched 16 "
-        "and 48 on validation at 60 % of the time (docs/quality.md)",
+        "and 48 on validation in 60 percent of the time (docs/quality.md)",
     )
     num_queries: int = _opt(5, "MovieLens: most recent ratings per user held out as queries")
     split: str = _opt(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from server.report import (
     write_report,
 )
 from server.strategy import task_strategy
+from server.view import ServerView
 
 log = logging.getLogger("oppu")
 
@@ -49,7 +50,7 @@ class ServerOptions:
     expected_nodes: int = 1  # wait for this many connected nodes before announcing
     timeout: float = PHASE_TIMEOUT
     progress: bool = True
-    outcome: dict[str, Any] = field(default_factory=dict)  # filled in for the caller (report, strategy)
+    record_view: bool = False  # keep what the server holds of each round (server/view.py: for attacks and tests)
 
 
 def arrays_sha256(arrays: ArrayRecord) -> str:
@@ -85,14 +86,11 @@ def adapt_task(
         log.info("reusing the task adapter in %s (made with the same task-adaptation settings)", target)
         return ArrayRecord(load_file(target / "adapter_model.safetensors")), saved
     initial = ArrayRecord(initial_task_state(load_fresh(model_dir, "cpu", "float32"), cfg))  # not kept: the server holds no model
-    fedavg, strategy = task_strategy(cfg, train_nodes)
-    opts.outcome["strategy"] = fedavg
-    opts.outcome["dp_strategy"] = strategy if strategy is not fedavg else None
-    opts.outcome["initial_task_adapter"] = initial
+    fedavg, strategy = task_strategy(cfg, train_nodes, ServerView(opts.run_dir) if opts.record_view else None)
     if cfg.secure_aggregation:
         from server.secure_aggregation import SecureAdaptation
 
-        strategy = opts.outcome["secure"] = SecureAdaptation(fedavg, cfg)
+        strategy = SecureAdaptation(fedavg, cfg)
     result = strategy.start(
         grid=grid, initial_arrays=initial, num_rounds=cfg.rounds, timeout=opts.timeout,
         train_config=_message_config(cfg, model_sha),
@@ -224,7 +222,6 @@ def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
         "timings": timings,
     }
     write_report(opts.run_dir, task, report)
-    opts.outcome["report"] = report
     return report
 
 

@@ -105,7 +105,8 @@ class SecureAdaptation:
             nodes = self.fedavg.sample(server_round)
             config = {**train_config, p.SERVER_ROUND: server_round, p.TASK_ADAPTER_NAMES: names,
                       p.ROUND_CLIENTS: len(nodes)}
-            self.fedavg.round_inputs[server_round] = arrays
+            if self.fedavg.view:
+                self.fedavg.view.sent(server_round, arrays)
             average, averaged = secure_round(grid, server_round, arrays, nodes, config, timeout)
             received = len(averaged)
             if average is None:
@@ -121,7 +122,9 @@ class SecureAdaptation:
                 name: Array((arrays[name].numpy() + delta).astype(arrays[name].numpy().dtype))
                 for name, delta in zip(names, update, strict=True)
             })
-            self.fedavg.attributed[server_round] = dict.fromkeys(averaged, arrays)  # all the server can tell
+            if self.fedavg.view:  # all the server can tell of each node: the new global LoRA (weight: one share)
+                for node in averaged:
+                    self.fedavg.view.attributed(server_round, node, arrays, 1)
             log.info("secure aggregation round %d: average of %d of %d updates", server_round, received, len(nodes))
         return Result(arrays=arrays)
 

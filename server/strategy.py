@@ -26,6 +26,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from common import protocol as p
 from common.config import RunConfig
+from server.view import ServerView
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,11 @@ class TaskAdapterFedAvg(FedAvg):
     """FedAvg of the shared task LoRA that samples only training users' nodes (test users stay unseen).
 
     Aggregation is FedAvg's own (so Flower's DP wrappers can account for it); the metrics hook also keeps
-    each round's updates and losses for the report and the tests.
+    each round's losses for the report, and `view` (--record-server-view) what the server held of each round.
     """
 
-    def __init__(self, train_nodes: list[int], fraction_train: float, seed: int, **server_step: float):
+    def __init__(self, train_nodes: list[int], fraction_train: float, seed: int, view: ServerView | None = None,
+                 **server_step: float):
         super().__init__(
             fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1,
             weighted_by_key=p.NUM_EXAMPLES, arrayrecord_key=p.ARRAYS, configrecord_key=p.CONFIG,
@@ -45,13 +47,9 @@ class TaskAdapterFedAvg(FedAvg):
         )
         self.train_nodes = sorted(train_nodes)
         self.seed = seed
+        self.view = view
         self.sampled: dict[int, int] = {}
-        self.round_updates: dict[int, list[tuple[int, ArrayRecord]]] = {}  # round -> (weight, arrays)
         self.received: dict[int, int] = {}  # round -> updates in its average
-        # what the server holds of each round, for bench/attack.py: the global task LoRA it sent, and per node the
-        # task LoRA it can attribute to that node (its own update in clear; under SecAgg+ the round's average)
-        self.round_inputs: dict[int, ArrayRecord] = {}
-        self.attributed: dict[int, dict[int, ArrayRecord]] = {}
         self.train_loss: dict[int, float] = {}
         self.answer_frequencies: list[float] = []  # training users' answer-label shares (the best constant's input)
 
@@ -65,7 +63,8 @@ class TaskAdapterFedAvg(FedAvg):
         """Messages (the adapt phase's `train.adapt`, not FedAvg's plain `train`) to a seeded sample of the training
         nodes."""
         nodes = self.sample(server_round)
-        self.round_inputs[server_round] = arrays
+        if self.view:
+            self.view.sent(server_round, arrays)
         config[p.SERVER_ROUND] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, nodes, p.ADAPT)
@@ -76,8 +75,10 @@ class TaskAdapterFedAvg(FedAvg):
         """FedAvg's reply check (the one hook its aggregate_train has, which Flower's DP wrapper requires unchanged),
         after noting which node sent which update (under server-side DP: as the wrapper clipped it)."""
         valid, errors = super()._check_and_log_replies(replies, is_train=is_train, validate=validate)
-        if is_train:
-            self.attributed[max(self.sampled)] = {r.metadata.src_node_id: r.content[self.arrayrecord_key] for r in valid}
+        if is_train and self.view:
+            for reply in valid:
+                self.view.attributed(max(self.sampled), reply.metadata.src_node_id, reply.content[self.arrayrecord_key],
+                                     int(reply.content[p.METRICS][p.NUM_EXAMPLES]))
         return valid, errors
 
     def sample(self, server_round: int) -> list[int]:
@@ -97,9 +98,6 @@ class TaskAdapterFedAvg(FedAvg):
 
     def _keep_round(self, contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
         server_round = max(self.sampled)  # FedAvg aggregates the round it configured last
-        self.round_updates[server_round] = [
-            (int(c[p.METRICS][p.NUM_EXAMPLES]), c[p.ARRAYS]) for c in contents
-        ]
         self.received[server_round] = len(contents)
         metrics = aggregate_metricrecords(contents, weighted_by_key)
         if p.TRAIN_LOSS in metrics:  # (client-side DP keeps the loss on the device)
@@ -128,9 +126,9 @@ class TaskAdapterFedAvgM(TaskAdapterFedAvg, FedAvgM):
     its own: Flower's server-side DP wrapper accepts only FedAvg's own aggregation, and RunConfig refuses the
     server step with DP and with secure aggregation."""
 
-    def __init__(self, train_nodes: list[int], fraction_train: float, seed: int, server_lr: float,
-                 server_momentum: float):
-        super().__init__(train_nodes, fraction_train, seed, server_learning_rate=server_lr,
+    def __init__(self, train_nodes: list[int], fraction_train: float, seed: int, view: ServerView | None,
+                 server_lr: float, server_momentum: float):
+        super().__init__(train_nodes, fraction_train, seed, view, server_learning_rate=server_lr,
                          server_momentum=server_momentum)
 
     def configure_train(
@@ -154,11 +152,13 @@ def rdp_accountant(cfg: RunConfig, population: int) -> RdpAccountant:
     )
 
 
-def task_strategy(cfg: RunConfig, train_nodes: list[int]) -> tuple[TaskAdapterFedAvg, Strategy]:
+def task_strategy(
+    cfg: RunConfig, train_nodes: list[int], view: ServerView | None = None
+) -> tuple[TaskAdapterFedAvg, Strategy]:
     """The FedAvg strategy, and what runs it in clear: itself, or Flower's server-side DP wrapper with an
     accountant (secure aggregation runs the FedAvg's sampling itself: server/secure_aggregation.py)."""
-    fedavg = (TaskAdapterFedAvgM(train_nodes, cfg.fraction_train, cfg.seed, cfg.server_lr, cfg.server_momentum)
-              if cfg.takes_server_step() else TaskAdapterFedAvg(train_nodes, cfg.fraction_train, cfg.seed))
+    fedavg = (TaskAdapterFedAvgM(train_nodes, cfg.fraction_train, cfg.seed, view, cfg.server_lr, cfg.server_momentum)
+              if cfg.takes_server_step() else TaskAdapterFedAvg(train_nodes, cfg.fraction_train, cfg.seed, view))
     if cfg.dp_noise <= 0 or cfg.secure_aggregation:
         return fedavg, fedavg
     wrapped = DifferentialPrivacyServerSideFixedClipping(

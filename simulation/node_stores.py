@@ -13,9 +13,22 @@ import re
 import secrets
 from pathlib import Path
 
-from client.data import User
+from client.data import DataError, User
+from client.partition import load_users, split_users
+from common.config import RunConfig, UserCounts
 from common.store import UserStore, atomic_write_json
 from common.tasks import get_task
+from simulation.errors import SetupError
+
+
+def partition_users(cfg: RunConfig, counts: UserCounts) -> tuple[list[User], list[User]]:
+    """(test users, training users) of the configured data; bad data, or too few users, is a SetupError."""
+    try:
+        return split_users(load_users(cfg, counts.test + counts.train), counts, cfg)
+    except DataError as e:
+        raise SetupError(f"--data: {e}") from e
+    except ValueError as e:
+        raise SetupError(str(e)) from e
 
 
 def write_partitions(

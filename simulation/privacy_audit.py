@@ -24,6 +24,7 @@ from typing import Any
 
 from common import protocol as p
 from common.audit_log import tensor_sha256
+from common.exit_status import BAD_INPUT, DONE, FAILED
 from common.store import atomic_write_json
 from simulation.node_stores import CANARY
 
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.run_dir.is_dir():
         print(f"oppu-audit: {args.run_dir}: no such run directory", file=sys.stderr)
-        return 2
+        return BAD_INPUT
     summary = audit(args.run_dir, SIDES if args.side == "both" else (args.side,))
     atomic_write_json(args.run_dir / "audit" / "summary.json", summary)
     print(f"audit of {args.run_dir} ({' and '.join(summary['sides'])} side{'s' * (len(summary['sides']) - 1)}): "
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         for violation in check["violations"][:20]:
             print(f"      {violation}")
     print("audit passed" if summary["passed"] else "audit FAILED")
-    return 0 if summary["passed"] else 1
+    return DONE if summary["passed"] else FAILED
 
 
 if __name__ == "__main__":

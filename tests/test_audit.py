@@ -16,7 +16,8 @@ import pytest
 
 from common import protocol as p
 from common.config import RunConfig
-from simulation.cli import SimulationOptions, build_parser, simulate, user_counts
+from simulation.engine import SimulationOptions, simulate
+from simulation.flags import build_parser, user_counts
 from simulation.privacy_audit import main as audit_main
 
 ARGS = [

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from common.config import RUN_KEYS, RunConfig, UserCounts, flwr_run_settings
-from simulation.cli import SetupError, build_parser, client_resources
+from simulation.engine import client_resources
+from simulation.errors import SetupError
+from simulation.flags import build_parser
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -93,7 +95,7 @@ def test_quantize_nf4_without_cuda_exits_2_with_one_line(capsys: pytest.CaptureF
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--quantize nf4 loads the base with bitsandbytes on a CUDA GPU" in err
     assert "no CUDA GPU is visible here" in err
-    from simulation.deploy import main as deploy_main
+    from simulation.deploy.cli import main as deploy_main
     from simulation.studies.cli import main as study_main
 
     tiny = ["--quantize", "nf4", "--model", "tiny-random", "--num-clients", "1"]

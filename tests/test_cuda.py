@@ -128,7 +128,8 @@ def test_task_lora_merges_into_a_dequantized_copy_not_into_4_bit_weights(tiny_mo
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
 def test_simulation_on_cuda_with_gpu_shares_passes_the_audit(tmp_path: Path, quantize):
     _quantized(quantize)
-    from simulation.cli import SimulationOptions, build_parser, check_run_flags, client_resources, run_config_of, simulate, user_counts
+    from simulation.engine import SimulationOptions, client_resources, simulate
+    from simulation.flags import build_parser, check_run_flags, run_config_of, user_counts
     from simulation.privacy_audit import main as audit_main
 
     parser = build_parser()
@@ -137,15 +138,15 @@ def test_simulation_on_cuda_with_gpu_shares_passes_the_audit(tmp_path: Path, qua
     check_run_flags(args, cfg)
     share = client_resources(1.0, "auto", "cuda", torch.cuda.device_count(), 16)["num_gpus"]
     assert 0 < share <= 1
-    run_dir, outcome = simulate(cfg, user_counts(args), SimulationOptions.from_args(args))
-    assert outcome["report"]["users"] == {"test": 2, "evaluated": 2, "failed": 0, "train": 2}
+    run_dir, report = simulate(cfg, user_counts(args), SimulationOptions.from_args(args))
+    assert report["users"] == {"test": 2, "evaluated": 2, "failed": 0, "train": 2}
     assert audit_main([str(run_dir)]) == 0
     record = json.loads(next((run_dir / "clients").glob("*/adapters/*/oppu-adapter.json")).read_text())
     assert record["quantization"] == quantize and record["config"]["device"] == "cuda"
 
 
 def test_supernodes_on_cuda_pass_the_audit(tmp_path: Path):
-    from simulation.deploy import main as deploy_main
+    from simulation.deploy.cli import main as deploy_main
     from simulation.privacy_audit import main as audit_main
 
     run_dir = tmp_path / "deployed"

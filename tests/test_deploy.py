@@ -16,9 +16,9 @@ from run_traces import command_lines, processes_naming
 
 from client.model_cache import find_model_by_hash
 from common.model_files import verify_model_dir
-from simulation.cli import INTERRUPTED
-from simulation.deploy import main as deploy_main
-from simulation.deploy import running
+from simulation.deploy.cli import main as deploy_main
+from simulation.deploy.processes import running
+from simulation.outcome import INTERRUPTED
 from simulation.privacy_audit import main as audit_main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 from run_traces import command_lines, processes_naming
 
-from simulation.deploy import free_port, main as deploy_main, make_tls, running
+from simulation.deploy.cli import main as deploy_main
+from simulation.deploy.keys import make_tls
+from simulation.deploy.processes import free_port, running
 from simulation.privacy_audit import main as audit_main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,6 +18,7 @@ from client.model_build import resolve_model
 from client.model_cache import load_fresh
 from client.personalize import personalize_user
 from common.config import RunConfig
+from common.exit_status import BAD_INPUT
 from common.model_files import MANIFEST as MODEL_MANIFEST
 from common.model_files import model_hash
 from common.store import UserStore
@@ -80,7 +81,7 @@ def test_import_verifies_hashes_and_base(tiny_model_dir, trained, tmp_path: Path
 def test_cli_reports_errors(trained, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir, user = trained
     assert main(["export", str(run_dir), user.user_id, str(tmp_path / "a")]) == 0
-    assert main(["export", str(run_dir), "nobody", str(tmp_path / "b")]) == 1
+    assert main(["export", str(run_dir), "nobody", str(tmp_path / "b")]) == BAD_INPUT
     assert "no trained adapter" in capsys.readouterr().err
 
 

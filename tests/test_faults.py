@@ -15,15 +15,10 @@ from safetensors.numpy import load_file
 
 from common import protocol as p
 from common.config import UserCounts
-from simulation.cli import (
-    ClientAppFactory,
-    SimulationOptions,
-    build_parser,
-    run_config_of,
-    exit_status,
-    simulate,
-    user_counts,
-)
+from server.view import read_server_view
+from simulation.engine import ClientAppFactory, SimulationOptions, simulate
+from simulation.flags import build_parser, run_config_of, user_counts
+from simulation.outcome import exit_status
 from simulation.privacy_audit import main as audit_main
 
 cloudpickle.register_pickle_by_value(faulty_client)  # Ray workers cannot import from tests/
@@ -32,7 +27,7 @@ TINY_ARGS = ["--task", "LaMP-2M", "--data", "synthetic", "--model", "tiny-random
              "--batch-tokens", "256", "--personal-epochs", "1", "--max-history", "8", "--task-history", "4"]
 
 
-def _simulate(argv: list[str], client_app: ClientAppFactory | None) -> tuple[UserCounts, Path, dict]:
+def _simulate(argv: list[str], client_app: ClientAppFactory | None) -> tuple[UserCounts, Path, dict | None]:
     parser = build_parser()
     args = parser.parse_args([*argv, *TINY_ARGS])
     cfg = run_config_of(args, parser)
@@ -44,12 +39,11 @@ def test_a_killed_worker_is_replaced_and_its_user_evaluated(tmp_path: Path) -> N
     """One worker for three users (2 cores, 2 per client): the worker dies in the first user's personalization,
     Ray starts a new one and runs that message there again, which reuses the result the first worker stored."""
     marker = tmp_path / "killed.json"
-    counts, run_dir, outcome = _simulate(
+    counts, run_dir, report = _simulate(
         ["--num-clients", "3", "--rounds", "0", "--cpus-per-client", "2", "--run-dir", str(tmp_path / "run")],
         faulty_client.dying_worker_app(0, marker),
     )
     killed = json.loads(marker.read_text())
-    report = outcome["report"]
     assert report["users"] == {"test": 3, "evaluated": 3, "failed": 0, "train": 0}
     assert exit_status("flower-simulation", report, counts, False) == 0
     assert Path(killed["adapter"]).stat().st_mtime_ns == killed["mtime_ns"], "the stored result was not reused"
@@ -66,18 +60,19 @@ def test_a_killed_worker_is_replaced_and_its_user_evaluated(tmp_path: Path) -> N
 def test_a_failed_training_update_is_reported_and_fails_the_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["--num-clients", "1", "--train-clients", "2", "--rounds", "1", "--run-dir", str(tmp_path / "run")]
-    counts, run_dir, outcome = _simulate(argv, faulty_client.failing_update_app(1))  # the first training user
+    argv = ["--num-clients", "1", "--train-clients", "2", "--rounds", "1", "--run-dir", str(tmp_path / "run"),
+            "--record-server-view"]
+    counts, run_dir, _ = _simulate(argv, faulty_client.failing_update_app(1))  # the first training user
     report = json.loads((run_dir / "report.json").read_text())
     adaptation = report["task_adaptation"]
     assert adaptation["sampled_updates"] == {"1": 2} and adaptation["failed_updates"] == {"1": 1}
     assert report["users"] == {"test": 1, "evaluated": 1, "failed": 0, "train": 2}
     # the task adapter is the one update that arrived (FedAvg of one)
-    (update,) = outcome["strategy"].round_updates[1]
+    (update,) = read_server_view(run_dir)[1].updates.values()
     saved = load_file(str(run_dir / "server" / "task_adapter" / "adapter_model.safetensors"))
     assert set(saved) == set(update[1])
     for name, value in saved.items():
-        np.testing.assert_allclose(value, update[1][name].numpy(), rtol=1e-6)
+        np.testing.assert_allclose(value, update[1][name], rtol=1e-6)
     assert ("**1 of 2 training-user updates failed** (round 1: 1); the task adapter lacks them."
             in (run_dir / "report.md").read_text())
     assert json.loads((run_dir / "server" / "task_adapter.json").read_text())["failed_updates"] == {"1": 1}
@@ -88,17 +83,17 @@ def test_a_failed_training_update_is_reported_and_fails_the_run(
     assert exit_status("flower-simulation", report, counts, True) == 0
     # a resumed run (our own client now) keeps this task adapter, so it reports the failed update again
     counts, _, resumed = _simulate([*argv, "--resume"], None)
-    assert resumed["report"]["task_adaptation"]["failed_updates"] == {"1": 1}
-    assert exit_status("flower-simulation", resumed["report"], counts, False) == 1
+    assert resumed["task_adaptation"]["failed_updates"] == {"1": 1}
+    assert exit_status("flower-simulation", resumed, counts, False) == 1
 
 
 def test_a_worker_killed_before_it_stores_a_result_is_replaced_and_its_user_evaluated_once(tmp_path: Path) -> None:
     marker = tmp_path / "killed.json"
-    counts, run_dir, outcome = _simulate(
+    counts, run_dir, report = _simulate(
         ["--num-clients", "3", "--rounds", "0", "--cpus-per-client", "2", "--run-dir", str(tmp_path / "run")],
         faulty_client.dying_before_storing_app(1, marker),
     )
-    assert outcome["report"]["users"] == {"test": 3, "evaluated": 3, "failed": 0, "train": 0}
+    assert report["users"] == {"test": 3, "evaluated": 3, "failed": 0, "train": 0}
     lines = [json.loads(line) for line in (run_dir / "audit" / "client.jsonl").read_text().splitlines()]
     received = Counter(e["message_id"] for e in lines if (e["direction"], e["message_type"]) == ("in", p.PERSONALIZE))
     assert sorted(received.values()) == [1, 1, 2]
@@ -114,11 +109,10 @@ def test_a_worker_killed_before_it_stores_a_result_is_replaced_and_its_user_eval
 def test_a_message_that_kills_every_worker_fails_its_user_alone(tmp_path: Path) -> None:
     victims = tmp_path / "victims"
     victims.mkdir()
-    counts, run_dir, outcome = _simulate(
+    counts, run_dir, report = _simulate(
         ["--num-clients", "3", "--rounds", "0", "--run-dir", str(tmp_path / "run")],
         faulty_client.deadly_message_app(0, victims),
     )
-    report = outcome["report"]
     assert report["users"] == {"test": 3, "evaluated": 2, "failed": 1, "train": 0}
     assert len(list(victims.iterdir())) == 2  # the first worker and its one retry (max_task_retries=1)
     assert len(report["errors"]) == 1

@@ -18,7 +18,7 @@ import psutil
 from run_traces import command_lines
 
 from common import protocol as p
-from simulation.deploy import running
+from simulation.deploy.processes import running
 from simulation.privacy_audit import main as audit_main
 
 REPO = Path(__file__).resolve().parents[1]

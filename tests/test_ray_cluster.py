@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 from run_traces import command_lines, logged_addresses
 
-from simulation.deploy import free_port, running, stop_trees
+from simulation.deploy.processes import free_port, running, stop_trees
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--num-clients", "1", "--train-clients", "1", "--rounds", "1", "--methods", "base,oppu", "--task", "LaMP-2M",

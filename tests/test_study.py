@@ -11,7 +11,7 @@ import pytest
 from common.bootstrap import paired_difference
 from common.metrics import combine, finalize
 from common.tasks import get_task
-from simulation.cli import run_config_of
+from simulation.flags import run_config_of
 from simulation.studies.arms import STUDIES
 from simulation.studies.cli import build_parser
 from simulation.studies.cli import main as study_main

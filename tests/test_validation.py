@@ -14,8 +14,9 @@ import pytest
 
 from client.export import MANIFEST
 from client.export import main as adapter_main
+from common.exit_status import BAD_INPUT
 from simulation.cli import main
-from simulation.deploy import main as deploy_main
+from simulation.deploy.cli import main as deploy_main
 from simulation.studies.cli import main as study_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -361,13 +362,13 @@ def test_adapter_import_refuses_a_corrupt_manifest_and_an_unknown_model(tmp_path
         (json.dumps({**valid, "files": {"../../escape": "0" * 64}}), "the manifest is damaged"),
     ]:
         (export / MANIFEST).write_text(manifest)
-        assert adapter_main(["import", str(export), str(tmp_path / "target"), "--model", "tiny-random"]) == 1
+        assert adapter_main(["import", str(export), str(tmp_path / "target"), "--model", "tiny-random"]) == BAD_INPUT
         err = capsys.readouterr().err
         assert err.startswith(f"oppu-adapter: {export / MANIFEST}: ") and message in err and "Traceback" not in err
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     missing = str(tmp_path / "no-such-model")
     assert adapter_main(["import", str(export), str(tmp_path / "target"), "--model", missing,
-                         "--cache-dir", str(tmp_path / "cache")]) == 1
+                         "--cache-dir", str(tmp_path / "cache")]) == BAD_INPUT
     err = capsys.readouterr().err
     assert err.startswith(f"oppu-adapter: --model {missing!r}: expected smollm2, tiny-random, a model directory or")
     assert err.count("\n") == 1 and not (tmp_path / "target").exists()

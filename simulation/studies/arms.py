@@ -19,6 +19,7 @@ import numpy as np
 from common.config import RunConfig
 from common.methods import method_name, parse_variant
 from common.tasks import TaskSpec, get_task
+from simulation.errors import SetupError
 from simulation.studies.node_results import (
     history_lengths,
     paired_by_user,
@@ -156,7 +157,7 @@ def _peft_analysis(task: TaskSpec, cfg: RunConfig, runs: dict[str, Path], args: 
 
 def _activity_arms(cfg: RunConfig, args: argparse.Namespace) -> list[Arm]:
     if args.buckets < 1:
-        raise SystemExit(f"oppu-study activity: --buckets must be >= 1, got {args.buckets}")
+        raise SetupError(f"activity: --buckets must be >= 1, got {args.buckets}")
     return [Arm("run", cfg)]
 
 
@@ -240,7 +241,7 @@ def _variant_method(variant: str) -> str:
     try:
         return parse_variant(variant).name
     except ValueError as error:
-        raise SystemExit(f"oppu-study similarity: --variant: {error}") from None
+        raise SetupError(f"similarity: --variant: {error}") from None
 
 
 def _similarity_arms(cfg: RunConfig, args: argparse.Namespace) -> list[Arm]:

@@ -15,22 +15,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from common.exit_status import DONE, FAILED
 from common.store import read_saved_state
-from simulation.cli import (
-    RUNS_DIR,
-    SetupError,
-    SimulationOptions,
-    add_run_flags,
-    check_run_flags,
-    read_run_state,
-    run_config_of,
-    run_failures,
-    run_settings,
-    setup_failure,
-    simulate,
-    stop_now,
-    user_counts,
-)
+from simulation.engine import SimulationOptions, simulate
+from simulation.errors import SetupError
+from simulation.flags import add_run_flags, check_run_flags, run_config_of, user_counts
+from simulation.outcome import run_failures, setup_failure, stop_now
+from simulation.run_dir import RUNS_DIR, read_run_state, run_settings
 from simulation.console import setup_console
 from simulation.studies.arms import STUDIES, Arm
 
@@ -76,8 +67,7 @@ def run_arm(args: argparse.Namespace, arm: Arm, run_dir: Path) -> dict[str, Any]
         options = dataclasses.replace(options, resume=True)
         print("  resuming the unfinished run", flush=True)
     check_run_flags(args, arm.config, run_dir)
-    _, outcome = simulate(arm.config, counts, options)
-    return outcome.get("report")
+    return simulate(arm.config, counts, options)[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     study = STUDIES[args.study]
     study_dir = (args.study_dir or RUNS_DIR / f"{datetime.now():%Y%m%d-%H%M%S}-study-{study.name}").resolve()
     start = time.perf_counter()
-    arms = study.arms(cfg, args)
+    try:
+        arms = study.arms(cfg, args)
+    except SetupError as e:
+        return setup_failure("oppu-study", e, args.verbose)
     runs, failed = {}, []
     for i, arm in enumerate(arms, 1):
         run_dir = study_dir / arm.name
@@ -107,11 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"oppu-study: arm(s) {', '.join(failed)} did not finish with every test user evaluated and every "
               f"training-user update averaged; see the log above and their report.md; rerun the same command to "
               f"resume them, with --allow-failed-updates to accept failed updates ({study_dir})", file=sys.stderr)
-        return 1
+        return FAILED
     markdown = study.finish(cfg, runs, args, study_dir)
     print(markdown.read_text())
     print(f"wall time {time.perf_counter() - start:.0f} s; study: {markdown}")
-    return 0
+    return DONE
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""`oppu-deploy`: the federated run on real Flower processes (SuperLink, SuperNodes, `flwr run`)."""

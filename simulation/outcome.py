@@ -1,0 +1,63 @@
+"""How a command ends (common/exit_status.py): bad input (one line saying what to fix), a run that did not
+complete (saying why), Ctrl-C, done."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import NoReturn
+
+from common.config import UserCounts
+from common.exit_status import BAD_INPUT, DONE, FAILED, INTERRUPTED
+from simulation.errors import SetupError
+
+
+def stop_now(prog: str, run_dir: Path | None) -> NoReturn:
+    """Ctrl-C: Flower's engine has already stopped its workers, but its ServerApp thread would wait out the reply
+    timeout for answers that will not come, and Python waits for that thread before it exits. So Ray is shut down
+    and the process ends at once with 130 (128 + SIGINT, as shells report it); every finished user's result is
+    already on disk (atomic writes), and --resume continues from there."""
+    import ray  # only on Ctrl-C, by which time the engine has loaded it
+
+    where = f" --run-dir {run_dir}" if run_dir else ""
+    print(f"{prog}: interrupted; finished users are kept: run again with --resume{where} to continue",
+          file=sys.stderr, flush=True)
+    if ray.is_initialized():
+        ray.shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(INTERRUPTED)
+
+
+def setup_failure(prog: str, error: SetupError, verbose: bool) -> int:
+    """Exit status 2 with one line saying what to fix; the traceback only with --verbose."""
+    if verbose:
+        traceback.print_exception(error)
+    print(f"{prog}: {error}", file=sys.stderr)
+    return BAD_INPUT
+
+
+def run_failures(report: dict, counts: UserCounts, allow_failed_updates: bool) -> list[str]:
+    """Why a finished run is not a complete one: test users not evaluated, and (without --allow-failed-updates)
+    training users' updates missing from the task adapter. Flower itself exits 0 after failed rounds."""
+    users, failures = report["users"], []
+    if users["failed"] or users["evaluated"] < counts.test:
+        failures.append(f"{users['failed']} test user(s) failed, {users['evaluated']} of {counts.test} "
+                        "evaluated:\n  " + "\n  ".join(report["errors"][:10]))
+    failed_updates = sum(report["task_adaptation"]["failed_updates"].values())
+    if failed_updates and not allow_failed_updates:
+        failures.append(f"{failed_updates} training-user update(s) failed, so the task adapter lacks them (see the "
+                        "log above); pass --allow-failed-updates to accept it, or run again in a new --run-dir "
+                        "(--resume keeps this task adapter)")
+    return failures
+
+
+def exit_status(prog: str, report: dict, counts: UserCounts, allow_failed_updates: bool) -> int:
+    """1 if the run is not complete (saying why on stderr), else 0."""
+    failures = run_failures(report, counts, allow_failed_updates)
+    for failure in failures:
+        print(f"{prog}: {failure}", file=sys.stderr)
+    return FAILED if failures else DONE
