@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -122,30 +121,23 @@ def _adapt_locally(config: ConfigRecord, state: dict[str, torch.Tensor], context
 def adapt(msg: Message, context: Context) -> Message:
     """Task adaptation in clear: local steps on the shared task LoRA; reply with it and the example count. With
     --local-dp-epsilon, Flower's LocalDpMod clips the update and adds Gaussian noise before the reply leaves."""
-    from flwr.clientapp.mod import LocalDpMod
+    from client.defenses import local_dp_mod
 
-    cfg, _ = _run_config(msg.content[p.CONFIG])
-    if cfg.local_dp_epsilon > 0:
-        # sensitivity 2 * clip: the clipped updates of any two histories of this user lie at most that far apart
-        local_dp = LocalDpMod(cfg.dp_clip, 2 * cfg.dp_clip, cfg.local_dp_epsilon, cfg.dp_delta)
-        return local_dp(msg, context, _adapt_in_clear)
-    return _adapt_in_clear(msg, context)
+    local_dp = local_dp_mod(_run_config(msg.content[p.CONFIG])[0])
+    return local_dp(msg, context, _adapt_in_clear) if local_dp else _adapt_in_clear(msg, context)
 
 
 def _adapt_in_clear(msg: Message, context: Context) -> Message:
-    """The clear reply: the new task LoRA, the example count, the loss and answer shares (unless noised)."""
+    """The clear reply: the new task LoRA and what the configured defense lets go with it (client/defenses.py)."""
     import torch  # noqa: F401  (flwr's to_torch_state_dict refuses to run before torch is imported; a SuperNode
     # starts a fresh ClientApp process per message)
+
+    from client.defenses import clear_reply_metrics
 
     cfg, new_state, num_examples, loss, shares = _adapt_locally(
         msg.content[p.CONFIG], msg.content[p.ARRAYS].to_torch_state_dict(), context
     )
-    if cfg.local_dp_epsilon > 0:  # loss and answer shares would leave without noise: the update goes alone
-        metrics: dict[str, float | list[float]] = {p.NUM_EXAMPLES: 1}
-    else:  # with DP, updates are averaged uniformly (Flower's accountant requires equal weights)
-        metrics = {p.NUM_EXAMPLES: 1 if cfg.dp_noise > 0 else num_examples, p.TRAIN_LOSS: loss}
-        if shares:  # FedAvg averages these shares weighted like the updates: the training users' answer mix
-            metrics[p.ANSWER_FREQUENCIES] = shares
+    metrics = clear_reply_metrics(cfg, num_examples, loss, shares)
     reply = RecordDict({p.ARRAYS: ArrayRecord(new_state), p.METRICS: MetricRecord(metrics)})
     return Message(reply, reply_to=msg)
 
@@ -153,19 +145,14 @@ def _adapt_in_clear(msg: Message, context: Context) -> Message:
 def adapt_secure(msg: Message, context: Context) -> Message:
     """The collect stage of secure-adapt (secaggplus_mod runs the other stages itself and masks this reply): local
     task adaptation, replied as the legacy FitRes the mod reads, holding one vector (update, loss, answer shares;
-    common/secure_update.py) of weight 1. With --dp-noise the update is clipped to --dp-clip and this client adds
-    its share of the Gaussian noise (std noise * clip / sqrt(clients of the round)), so the sum carries it whole;
-    the loss and shares, not noised, then stay on the device."""
+    common/secure_update.py) of weight 1; with --dp-noise, clipped and with this device's share of the noise
+    (client/defenses.py)."""
     import numpy as np
     import torch
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.compat.common.recorddict_compat import fitres_to_recorddict
-    from flwr.supercore.differential_privacy import (
-        add_gaussian_noise_inplace,
-        clip_inputs_inplace,
-    )
 
-    from common.secure_update import pack_update
+    from client.defenses import secure_vector
 
     config = msg.content[p.FITINS_CONFIG]
     names = [str(n) for n in config[p.TASK_ADAPTER_NAMES]]  # type: ignore[union-attr]
@@ -173,12 +160,7 @@ def adapt_secure(msg: Message, context: Context) -> Message:
     state = {name: torch.from_numpy(array.copy()) for name, array in zip(names, global_arrays, strict=True)}
     cfg, new_state, _, loss, shares = _adapt_locally(config, state, context)
     update = [new_state[name].numpy().astype(np.float64) - g for name, g in zip(names, global_arrays)]
-    if cfg.dp_noise > 0:
-        clip_inputs_inplace(update, cfg.dp_clip)
-        add_gaussian_noise_inplace(update, cfg.dp_noise * cfg.dp_clip / math.sqrt(int(config[p.ROUND_CLIENTS])))
-        vector = pack_update(update, None, [])
-    else:
-        vector = pack_update(update, loss, shares)
+    vector = secure_vector(cfg, update, loss, shares, int(config[p.ROUND_CLIENTS]))
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vector), 1, {})
     return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 

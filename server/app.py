@@ -26,6 +26,7 @@ from common.metrics import decision_rule
 from common.store import atomic_write_json, read_saved_state
 from common.tasks import get_task
 from server.audited_grid import AuditedGrid
+from server.defenses import task_adaptation_defense
 from server.distribution import announce, send_model
 from server.exchange import exchange
 from server.report import (
@@ -35,7 +36,6 @@ from server.report import (
     versions,
     write_report,
 )
-from server.strategy import task_strategy
 from server.view import ServerView
 
 log = logging.getLogger("oppu")
@@ -86,17 +86,10 @@ def adapt_task(
         log.info("reusing the task adapter in %s (made with the same task-adaptation settings)", target)
         return ArrayRecord(load_file(target / "adapter_model.safetensors")), saved
     initial = ArrayRecord(initial_task_state(load_fresh(model_dir, "cpu", "float32"), cfg))  # not kept: the server holds no model
-    fedavg, strategy = task_strategy(cfg, train_nodes, ServerView(opts.run_dir) if opts.record_view else None)
-    if cfg.secure_aggregation:
-        from server.secure_aggregation import SecureAdaptation
-
-        strategy = SecureAdaptation(fedavg, cfg)
-    result = strategy.start(
-        grid=grid, initial_arrays=initial, num_rounds=cfg.rounds, timeout=opts.timeout,
-        train_config=_message_config(cfg, model_sha),
-    )
+    defense = task_adaptation_defense(cfg, train_nodes, ServerView(opts.run_dir) if opts.record_view else None)
+    result = defense.start(grid, initial, opts.timeout, _message_config(cfg, model_sha))
     # kept with the adapter: a resumed run reports the epsilon its reused adapter was released with
-    record = {"key": key, **fedavg.rounds_record(), "differential_privacy": privacy_report(cfg, strategy, fedavg)}
+    record = {"key": key, **defense.fedavg.rounds_record(), "differential_privacy": defense.privacy_report()}
     # the adapter's record: the key that says which run made it, its rounds and the training users' answer shares
     # (so a resumed run reports the same rounds, best constant and epsilon)
     save_task_adapter(cfg, result.arrays.to_torch_state_dict(), target)
@@ -223,27 +216,6 @@ def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
     }
     write_report(opts.run_dir, task, report)
     return report
-
-
-def privacy_report(cfg: RunConfig, strategy: Any, fedavg: Any) -> dict[str, Any] | None:
-    """Epsilon/delta of task adaptation's releases (None without DP), and where the noise was added: by the server
-    (Flower's server-side DP wrapper), on the devices with one share of it each under secure aggregation
-    (distributed), or on every device for its own update (client-side, Flower's LocalDpMod)."""
-    base = {"clipping_norm": cfg.dp_clip, "delta": cfg.dp_delta}
-    if cfg.local_dp_epsilon > 0:
-        # each update is one (epsilon, delta) Gaussian release; a user's rounds compose sequentially
-        rounds = len(fedavg.sampled)
-        return {**base, "mode": "client-side", "noise_multiplier": None, "epsilon_per_update": cfg.local_dp_epsilon,
-                "epsilon": rounds * cfg.local_dp_epsilon, "delta": rounds * cfg.dp_delta, "releases": rounds,
-                "accounting": "basic composition of LocalDpMod's Gaussian mechanism over a user's updates"}
-    if cfg.dp_noise <= 0:
-        return None
-    if cfg.secure_aggregation:
-        spent, mode = strategy.privacy_spent(len(fedavg.train_nodes)), "distributed"
-    else:
-        spent, mode = strategy.privacy_spent(), "server-side"
-    return {**base, "mode": mode, "noise_multiplier": cfg.dp_noise, "epsilon": spent.epsilon, "delta": spent.delta,
-            "releases": spent.num_releases, "accounting": spent.accounting_method}
 
 
 def make_server_app(cfg: RunConfig, opts: ServerOptions) -> ServerApp:

@@ -40,7 +40,7 @@ from common.secure_update import (
     THRESHOLD,
     unpack_update,
 )
-from server.strategy import TaskAdapterFedAvg, rdp_accountant
+from server.strategy import TaskAdapterFedAvg
 
 log = logging.getLogger("oppu")
 
@@ -128,12 +128,3 @@ class SecureAdaptation:
             log.info("secure aggregation round %d: average of %d of %d updates", server_round, received, len(nodes))
         return Result(arrays=arrays)
 
-    def privacy_spent(self, population: int) -> Any:
-        """(epsilon, delta) of the distributed-DP releases, by Flower's RDP accountant (as for server-side DP)."""
-        from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
-
-        accountant = rdp_accountant(self.cfg, population)
-        for noise, clients in self.releases:
-            accountant.compose(GaussianPrivacyEvent(noise_multiplier=noise, sample_size=clients,
-                                                    population_size=population))
-        return accountant.get_privacy_spent()

@@ -1,5 +1,5 @@
 """Task adaptation: Flower's FedAvg (FedAvgM with a server learning rate or momentum) over training-user nodes only,
-seeded sampling, optional client-level DP."""
+seeded sampling; the defenses around it are server/defenses.py's."""
 
 from __future__ import annotations
 
@@ -9,19 +9,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import (
-    Grid,
-    NeighboringRelation,
-    PrivacyConfig,
-    RdpAccountant,
-    SamplingMethod,
-)
-from flwr.serverapp.strategy import (
-    DifferentialPrivacyServerSideFixedClipping,
-    FedAvg,
-    FedAvgM,
-    Strategy,
-)
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, FedAvgM
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from common import protocol as p
@@ -141,28 +130,9 @@ class TaskAdapterFedAvgM(TaskAdapterFedAvg, FedAvgM):
         return super().configure_train(server_round, arrays, config, grid)
 
 
-def rdp_accountant(cfg: RunConfig, population: int) -> RdpAccountant:
-    """Flower's RDP accountant of client-level DP over `population` training users (no sampling amplification)."""
-    return RdpAccountant(
-        PrivacyConfig(
-            target_delta=cfg.dp_delta, population_size=population,
-            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION,
-        )
-    )
-
-
-def task_strategy(
-    cfg: RunConfig, train_nodes: list[int], view: ServerView | None = None
-) -> tuple[TaskAdapterFedAvg, Strategy]:
-    """The FedAvg strategy, and what runs it in clear: itself, or Flower's server-side DP wrapper with an
-    accountant (secure aggregation runs the FedAvg's sampling itself: server/secure_aggregation.py)."""
-    fedavg = (TaskAdapterFedAvgM(train_nodes, cfg.fraction_train, cfg.seed, view, cfg.server_lr, cfg.server_momentum)
-              if cfg.takes_server_step() else TaskAdapterFedAvg(train_nodes, cfg.fraction_train, cfg.seed, view))
-    if cfg.dp_noise <= 0 or cfg.secure_aggregation:
-        return fedavg, fedavg
-    wrapped = DifferentialPrivacyServerSideFixedClipping(
-        fedavg, noise_multiplier=cfg.dp_noise, clipping_norm=cfg.dp_clip,
-        num_sampled_clients=fedavg.sample_size, accountant=rdp_accountant(cfg, len(train_nodes)),
-    )
-    return fedavg, wrapped
+def task_fedavg(cfg: RunConfig, train_nodes: list[int], view: ServerView | None = None) -> TaskAdapterFedAvg:
+    """The run's FedAvg (FedAvgM with a server step) over the training nodes; server/defenses.py puts the
+    configured defense around it."""
+    if cfg.takes_server_step():
+        return TaskAdapterFedAvgM(train_nodes, cfg.fraction_train, cfg.seed, view, cfg.server_lr, cfg.server_momentum)
+    return TaskAdapterFedAvg(train_nodes, cfg.fraction_train, cfg.seed, view)
