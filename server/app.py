@@ -17,12 +17,17 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from safetensors.torch import load_file
 from tqdm import tqdm
 
+from client.model_build import resolve_model
+from client.model_cache import load_fresh
 from client.references import best_constant, reference_names
+from client.task_adapter import initial_task_state, save_task_adapter
 from common import protocol as p
 from common.config import PHASE_TIMEOUT, RunConfig, flwr_run_settings
 from common.metrics import decision_rule
+from common.model_files import model_hash
 from common.store import atomic_write_json, read_saved_state
 from common.tasks import get_task
 from server.audited_grid import AuditedGrid
@@ -74,15 +79,10 @@ def adapt_task(
     with the same task-adaptation settings (an interrupted run's, or one --task-adapter-from copied in);
     (the task LoRA, its record: per-round loss and failed updates, the training users' answer-label shares
     averaged as FedAvg averages metrics)."""
-    from client.model_cache import load_fresh
-    from client.task_adapter import initial_task_state, save_task_adapter
-
     target = opts.run_dir / "server" / "task_adapter"
     key = hashlib.sha256(f"{model_sha}|{sorted(cfg.task_adaptation_settings().items())}".encode()).hexdigest()
     saved = read_saved_state(target.parent / "task_adapter.json")
     if saved and saved["key"] == key:  # an interrupted run's, or one copied in by --task-adapter-from
-        from safetensors.torch import load_file
-
         log.info("reusing the task adapter in %s (made with the same task-adaptation settings)", target)
         return ArrayRecord(load_file(target / "adapter_model.safetensors")), saved
     initial = ArrayRecord(initial_task_state(load_fresh(model_dir, "cpu", "float32"), cfg))  # not kept: the server holds no model
@@ -142,9 +142,6 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> None:
 
 def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
     """The whole federated OPPU run; returns (and writes) the report."""
-    from client.model_build import resolve_model
-    from common.model_files import model_hash
-
     grid = AuditedGrid(grid, opts.run_dir / "audit")
     task = get_task(cfg.task)
     timings: dict[str, float] = {}

@@ -13,6 +13,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from common.audit_log import append_jsonl, audit_entry, log_message
+from server.exchange import exchange
 
 
 class AuditedGrid(Grid):
@@ -55,6 +56,4 @@ class AuditedGrid(Grid):
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        from server.exchange import exchange
-
         return exchange(self, list(messages), timeout if timeout is not None else float("inf"))

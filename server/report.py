@@ -124,7 +124,8 @@ def _comparison_lines(task: TaskSpec, report: Mapping[str, Any]) -> str:
 
 
 def plot(task: TaskSpec, results: Mapping[str, Mapping[str, Any]], path: Path) -> None:
-    """Bar chart of the primary metric per method."""
+    """Bar chart of the primary metric per method (matplotlib is imported here, where its headless backend is
+    chosen before pyplot loads, and only by what plots)."""
     import matplotlib
 
     matplotlib.use("Agg")

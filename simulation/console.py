@@ -15,6 +15,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from flwr.common.logger import console_handler as flower_console
+from transformers.utils import logging as hf_logging
+
 OURS = ("oppu", "common", "client", "server", "simulation", "bench")  # top-level names of our loggers
 LOG_FILE = Path("logs") / "console.log"  # under the run directory
 
@@ -36,9 +39,6 @@ class _ConsoleFilter(logging.Filter):
 def setup_console(verbose: bool) -> None:
     """Once per command: our console handler on the root logger, warnings into logging, Flower's console handler
     off unless `verbose`."""
-    from flwr.common.logger import console_handler as flower_console
-    from transformers.utils import logging as hf_logging
-
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for handler in list(root.handlers):  # ours from an earlier call, or a library's basicConfig (absl's, at import)

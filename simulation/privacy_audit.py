@@ -22,6 +22,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from safetensors.numpy import load_file
+
 from common import protocol as p
 from common.audit_log import tensor_sha256
 from common.exit_status import BAD_INPUT, DONE, FAILED
@@ -113,8 +115,6 @@ def _node(entry: dict[str, Any]) -> int:
 
 def personal_tensors(run_dir: Path) -> tuple[set[str], set[str]]:
     """(adapter names, tensor content hashes) of every personal adapter in the node-local stores."""
-    from safetensors.numpy import load_file
-
     names, hashes = set(), set()
     for weights in run_dir.glob("clients/*/adapters/*/adapter_model.safetensors"):
         names.add(weights.parent.name)

@@ -19,7 +19,8 @@ from simulation.errors import SetupError
 
 
 def _sees(path: str, token: str) -> str | None:
-    """On one Ray node: None if `path`/.ray-check holds `token` and `path` is writable, else what is wrong."""
+    """On one Ray node: None if `path`/.ray-check holds `token` and `path` is writable, else what is wrong (run
+    there as a Ray task, so it imports what it needs itself)."""
     import socket
 
     marker = Path(path) / ".ray-check"

@@ -16,6 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from client.adapters import attach_fresh, trainable_parameters
+from client.model_build import resolve_model
+from client.model_cache import load_fresh
 from common.config import RunConfig
 from common.methods import method_name, parse_variant
 from common.tasks import TaskSpec, get_task
@@ -32,6 +35,7 @@ from simulation.studies.report import (
     build_table,
     write_study,
 )
+from simulation.studies.similarity import write_similarity
 
 
 @dataclass(frozen=True)
@@ -118,10 +122,6 @@ PEFT_ARMS = ("lora", "ia3", "prompt")
 
 def peft_sizes(cfg: RunConfig, cache_dir: Path | None) -> dict[str, dict[str, float]]:
     """Trainable parameters of each personal PEFT kind on the base model, computed locally (nothing is sent)."""
-    from client.adapters import attach_fresh, trainable_parameters
-    from client.model_build import resolve_model
-    from client.model_cache import load_fresh
-
     model_dir = resolve_model(cfg.model, cache_dir)
     sizes = {}
     for kind in PEFT_ARMS:
@@ -250,8 +250,6 @@ def _similarity_arms(cfg: RunConfig, args: argparse.Namespace) -> list[Arm]:
 
 
 def _similarity_finish(cfg: RunConfig, runs: dict[str, Path], args: argparse.Namespace, study_dir: Path) -> Path:
-    from simulation.studies.similarity import write_similarity
-
     out_dir = args.study_dir or args.run or study_dir
     write_similarity(args.run or runs["run"], out_dir, args.variant)
     return out_dir / "similarity.md"
