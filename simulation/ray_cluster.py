@@ -40,7 +40,7 @@ def join_ray_cluster(address: str, run_dir: Path, cache_dir: Path | None) -> Non
 
     Flower's Ray backend then uses this connection (it calls ray.init only when Ray is not initialized): joining
     here lets the check run first, and gives the workers the environment they need (Flower's own init_args cannot:
-    it sets runtime_env itself).
+    it sets runtime_env itself). Ray is imported here: only a run with --ray-address needs it this early.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

@@ -33,7 +33,8 @@ def patient_extractor(state: Any, queue: Queue, nodes_mapping: dict, f_stop: thr
 
 
 def install_patient_extractor() -> None:
-    """Make Flower's simulation engine use `patient_extractor`; refuses a Flower whose engine has no such loop."""
+    """Make Flower's simulation engine use `patient_extractor`; refuses a Flower whose engine has no such loop.
+    (The engine's module is imported here, with the engine, not by every command that imports this one.)"""
     from flwr.server.superlink.fleet.vce import vce_api
 
     if not callable(getattr(vce_api, "add_messages_to_queue", None)):

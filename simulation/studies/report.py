@@ -107,7 +107,7 @@ def _cell(value: Any) -> str:
 
 
 def _plot(task: TaskSpec, result: StudyResult, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # here, where the headless backend is chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

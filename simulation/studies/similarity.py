@@ -90,7 +90,7 @@ def _markdown(result: dict[str, Any]) -> str:
 
 
 def _heatmap_png(result: dict[str, Any]) -> bytes:
-    import matplotlib
+    import matplotlib  # here, where the headless backend is chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
