@@ -53,19 +53,18 @@ class TaskAdaptationDefense:
         if cfg.dp_noise <= 0:
             return None
         if isinstance(self.runner, SecureAdaptation):
-            spent, mode = self._distributed_privacy_spent(), "distributed"
+            spent, mode = self._distributed_privacy_spent(self.runner), "distributed"
         else:
             spent, mode = self.runner.privacy_spent(), "server-side"
         return {**base, "mode": mode, "noise_multiplier": cfg.dp_noise, "epsilon": spent.epsilon,
                 "delta": spent.delta, "releases": spent.num_releases, "accounting": spent.accounting_method}
 
-
-    def _distributed_privacy_spent(self) -> Any:
+    def _distributed_privacy_spent(self, secure: SecureAdaptation) -> Any:
         """(epsilon, delta) of the secure rounds' releases (the survivors' noise shares), by Flower's RDP accountant
         as for server-side DP."""
         population = len(self.fedavg.train_nodes)
         accountant = rdp_accountant(self.cfg, population)
-        for noise, clients in self.runner.releases:  # type: ignore[union-attr]
+        for noise, clients in secure.releases:
             accountant.compose(GaussianPrivacyEvent(noise_multiplier=noise, sample_size=clients,
                                                     population_size=population))
         return accountant.get_privacy_spent()

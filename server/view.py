@@ -53,13 +53,13 @@ class RoundView:
 
 def read_server_view(run_dir: Path) -> dict[int, RoundView]:
     """The rounds a run recorded with `--record-server-view`, by round; {} if it recorded none."""
+    directories = {int(d.name.removeprefix("round-")): d for d in (run_dir / VIEW_DIR).glob("round-*")}
     rounds = {}
-    for directory in sorted((run_dir / VIEW_DIR).glob("round-*")):
+    for server_round in sorted(directories):  # in round order (round-10 sorts before round-2 as a name)
         updates = {}
-        for path in directory.glob("node-*.safetensors"):
+        for path in directories[server_round].glob("node-*.safetensors"):
             with safe_open(str(path), "numpy") as handle:
                 weight = int(handle.metadata()[WEIGHT])
             updates[int(path.stem.removeprefix("node-"))] = (weight, load_file(str(path)))
-        rounds[int(directory.name.removeprefix("round-"))] = RoundView(load_file(str(directory / "sent.safetensors")),
-                                                                       updates)
+        rounds[server_round] = RoundView(load_file(str(directories[server_round] / "sent.safetensors")), updates)
     return rounds
