@@ -57,6 +57,14 @@ def recent_level(user: User) -> float:
     return stats.fmean(float(item.fields["score"]) for item in user.history[-RECENT_ITEMS:])
 
 
+def level_profile(user: User) -> str | None:
+    """The user's recent level as a one-line profile (what ref-recent-mean reads, to one decimal), or None for a
+    user without history: the cheapest profile a device can write, for prompts that carry the user's level."""
+    if not user.history:
+        return None
+    return f"mean of the {min(len(user.history), RECENT_ITEMS)} latest ratings {recent_level(user):.1f}"
+
+
 def asked_movie(user_id: str, query_id: str) -> str:
     """The movie a MovieLens question asks about: a validation question is "val-<movie>", a test query
     "<user>-<movie>" (client/history.py, client/data.py)."""

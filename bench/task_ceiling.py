@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import common_flags, finish, load_model, machine
-from bench.item_knowledge import asked_movie, ceiling_rows, recent_level, rounded
+from bench.item_knowledge import asked_movie, ceiling_rows, level_profile, recent_level, rounded
 from client.adapters import adapter_state, attach_fresh, derived_seed
 from client.data import User, load_movielens
 from client.evaluate import predict, query_prompts
@@ -63,10 +63,15 @@ class Progress:
     start: float = dataclasses.field(default_factory=time.perf_counter)
 
 
-def base_scores(model: Any, tokenizer: Any, task: TaskSpec, views: list[User], cfg: RunConfig) -> dict[str, Any]:
-    """MAE of `base` on the views' questions, the spread and gold correlation of its expected rating, and the MAE
-    of level + LLM offset (the user's recent mean + the expected rating's deviation from its mean, rounded)."""
-    prompts = [p for view in views for p in query_prompts(view, task, tokenizer, cfg.prompt_settings(0), None)]
+def base_scores(model: Any, tokenizer: Any, task: TaskSpec, views: list[User], cfg: RunConfig,
+                level_prompt: bool = False) -> dict[str, Any]:
+    """MAE of `base` on the views' questions with its paired CI against ref-recent-mean, the spread and gold
+    correlation of its expected rating, and the MAE of level + LLM offset (the user's recent mean + the expected
+    rating's deviation from its mean, rounded). With `level_prompt` each prompt carries the user's level as its
+    profile (item_knowledge.level_profile)."""
+    settings = cfg.prompt_settings(0, use_profile=level_prompt)
+    prompts = [p for view in views
+               for p in query_prompts(view, task, tokenizer, settings, level_profile(view) if level_prompt else None)]
     golds = [float(q.gold) for view in views for q in view.queries]
     levels = [recent_level(view) for view in views for _ in view.queries]
     predictions, probabilities = predict(model, tokenizer, task, prompts, rule="median")
@@ -75,7 +80,8 @@ def base_scores(model: Any, tokenizer: Any, task: TaskSpec, views: list[User], c
     spread = stats.pstdev(expected)
     flat = spread < 1e-12 or stats.pstdev(golds) == 0  # a correlation of a constant is undefined
     combined = level_plus_offset(levels, expected)
-    return {"mae": stats.fmean(abs(float(a) - g) for a, g in zip(predictions, golds)), "sd": spread,
+    return {"mae": stats.fmean(abs(float(a) - g) for a, g in zip(predictions, golds)),
+            "mae_vs_recent_mean": vs_recent_mean(task, views, predictions), "sd": spread,
             "corr": None if flat else stats.correlation(expected, golds),
             "mae_level_offset": stats.fmean(abs(a - g) for a, g in zip(combined, golds)),
             "level_offset_vs_recent_mean": vs_recent_mean(task, views, [f"{a:.0f}" for a in combined])}

@@ -33,6 +33,7 @@ from flwr.app import ArrayRecord, Message, MessageType, Metadata, MetricRecord, 
 from flwr.serverapp.strategy import FedAvgM
 
 from bench.common import finish, load_model, machine
+from bench.item_knowledge import level_profile
 from bench.task_ceiling import (
     about_movies,
     base_scores,
@@ -62,14 +63,18 @@ def heaviest_raters(users: list[User], movies: set[str], count: int) -> list[Use
     return sorted(users, key=lambda user: (-rated[user.user_id], user.user_id))[:count]
 
 
-def rater_examples(user: User, movies: set[str], tokenizer: Any, cfg: RunConfig) -> list[Example]:
+def rater_examples(user: User, movies: set[str], tokenizer: Any, cfg: RunConfig,
+                   level_prompt: bool = False) -> list[Example]:
     """One example per rating of `movies` by `user`: the example a run builds for that item (its history up to the
-    rating, task_history=1; the retrieval depth drawn per rating)."""
+    rating, task_history=1; the retrieval depth drawn per rating). With `level_prompt` its prompt also carries the
+    user's level before that rating as the profile (item_knowledge.level_profile)."""
     one = dataclasses.replace(cfg, task_history=1)
     task = get_task("MovieLens")
     return [e for i, item in enumerate(user.history) if item.id in movies
             for e in task_examples(dataclasses.replace(user, history=user.history[: i + 1], queries=[]), task,
-                                   tokenizer, one, i)]
+                                   tokenizer, one, i,
+                                   level_profile(dataclasses.replace(user, history=user.history[:i]))
+                                   if level_prompt else None)]
 
 
 def server_strategy(initial: dict[str, Any], server_lr: float, momentum: float) -> FedAvgM:
@@ -111,6 +116,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfig]:
     parser.add_argument("--asked-movies", type=int, default=80, help="the N movies the validation questions ask most")
     parser.add_argument("--raters", type=int, default=60, help="outside users who rated most of them: the clients")
     parser.add_argument("--rounds", type=int, default=6, help="FedAvg rounds, and central epochs")
+    parser.add_argument("--score-every", type=int, default=1,
+                        help="score the federated LoRA every N rounds (and after the last): many short rounds")
     parser.add_argument("--fraction-train", type=float, default=1.0, help="share of the raters sampled per round")
     parser.add_argument("--local-epochs", type=float, default=1.0, help="a client's epochs per round (--local-epochs)")
     parser.add_argument("--batch-tokens", type=int, default=128, help="a client's tokens per step (a run's default)")
@@ -123,9 +130,14 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfig]:
                         help="train only LoRA's B matrices, A kept at the seeded initial values (FFA-LoRA, Sun et al. "
                         "2024): every client shares A, so FedAvg of the Bs is exactly the average of the clients' "
                         "weight updates B·A, which averaging both factors is not")
+    parser.add_argument("--level-prompt", action="store_true",
+                        help="every prompt carries the user's recent level as a one-line profile (the mean of the 32 "
+                        "ratings before it, what ref-recent-mean reads), in training and scoring: each client's data "
+                        "is one user's ratings, so without it a client's local optimum is mostly that user's level; "
+                        "with it, every client's optimum is the same function of the level and the movie")
     task_lora_flags(parser)
     args = parser.parse_args(argv)
-    check_counts(parser, args, ("num_clients", "asked_movies", "raters", "rounds", "batch_tokens",
+    check_counts(parser, args, ("num_clients", "asked_movies", "raters", "rounds", "score_every", "batch_tokens",
                                 "central_batch_tokens", "lora_r"))
     try:  # the run's own checks of the settings it shares with a run
         cfg = RunConfig(lora_r=args.lora_r, lora_targets=args.lora_targets, task_lr=args.lr, dtype=args.dtype,
@@ -152,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     views = about_movies(views, movies)
     raters = heaviest_raters(outside, movies, args.raters)
     base, tokenizer = load_model(args, args.dtype)
-    clients = {user.user_id: rater_examples(user, movies, tokenizer, cfg) for user in raters}
+    clients = {user.user_id: rater_examples(user, movies, tokenizer, cfg, args.level_prompt) for user in raters}
     pooled = [e for examples in clients.values() for e in examples]
     per_movie = Counter(item.id for user in raters for item in user.history if item.id in movies)
     results: dict[str, Any] = {
@@ -177,9 +189,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         """Score the LoRA as it is now, print and keep the point, rewrite the JSON."""
         model.eval()
         found = {"round" if mode == "federated" else "epoch": step, "tokens": seen, "seconds": seconds,
-                 "loss": loss, **base_scores(model, tokenizer, task, views, cfg)}
+                 "loss": loss, **base_scores(model, tokenizer, task, views, cfg, args.level_prompt)}
         results["curves"][mode].append(found)
-        print(f"{mode} {step}: {seen} tokens, {seconds:.0f} s, loss {fmt(loss)}, MAE {found['mae']:.3f}, "
+        print(f"{mode} {step}: {seen} tokens, {seconds:.0f} s, loss {fmt(loss)}, MAE {found['mae']:.3f} "
+              f"({ci(found['mae_vs_recent_mean'])}), "
               f"sd {found['sd']:.3f}, corr {fmt(found['corr'])}, level + LLM offset {found['mae_level_offset']:.3f} "
               f"(vs {RECENT_MEAN} {ci(found['level_offset_vs_recent_mean'])})", flush=True)
         if args.out:
@@ -218,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             local = dataclasses.replace(cfg.task_training(), max_batch_tokens=args.batch_tokens)
             names = sorted(clients)
             sample = max(1, round(len(names) * cfg.fraction_train))
-            seen, seconds = 0, 0.0
+            seen, seconds, round_losses = 0, 0.0, []
             for server_round in range(1, args.rounds + 1):
                 chosen = sorted(random.Random(derived_seed(cfg.seed, "fedavg", server_round)).sample(names, sample))
                 states, weights, losses = [], [], []
@@ -233,7 +246,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     seconds += found["seconds"]
                 state = aggregate(strategy, server_round, states, weights)
                 load_adapter_state(model, TASK_ADAPTER, state)
-                point("federated", server_round, seen, seconds, sum(losses) / len(losses))
+                round_losses.append(sum(losses) / len(losses))
+                if server_round % args.score_every == 0 or server_round == args.rounds:
+                    point("federated", server_round, seen, seconds, sum(round_losses) / len(round_losses))
+                    round_losses.clear()
     finally:
         model.eval()
         remove_adapters(model)  # the shared base goes back as load_base made it
@@ -243,11 +259,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def table(results: dict[str, Any]) -> list[str]:
     """Both curves as one markdown table, then the no-LLM rows on the same questions."""
     refs = results["references"]
-    lines = ["| curve | epoch / round | tokens | seconds | train loss | MAE | sd | corr | level + LLM offset | "
-             f"its difference to {RECENT_MEAN} |", "|---" * 10 + "|"]
+    lines = [f"| curve | epoch / round | tokens | seconds | train loss | MAE | its difference to {RECENT_MEAN} | sd | "
+             f"corr | level + LLM offset | its difference to {RECENT_MEAN} |", "|---" * 11 + "|"]
     for mode, curve in results["curves"].items():
         lines += [f"| {mode} | {p.get('epoch', p.get('round'))} | {p['tokens']} | {p['seconds']:.0f} | "
-                  f"{fmt(p['loss'])} | {p['mae']:.3f} | {p['sd']:.3f} | {fmt(p['corr'])} | "
+                  f"{fmt(p['loss'])} | {p['mae']:.3f} | {ci(p['mae_vs_recent_mean'])} | {p['sd']:.3f} | {fmt(p['corr'])} | "
                   f"{p['mae_level_offset']:.3f} | {ci(p['level_offset_vs_recent_mean'])} |" for p in curve]
     lines += ["", "| no-LLM row (same questions) | MAE |", "|---|---|", f"| {RECENT_MEAN} | {refs[RECENT_MEAN]:.3f} |"]
     lines += [f"| {row} (all outside) | {refs['all outside'][row]:.3f} |" for row in ("population", "level+item")]

@@ -53,16 +53,19 @@ def initial_task_state(base: PreTrainedModel, cfg: RunConfig) -> dict[str, torch
 
 
 def task_examples(
-    user: User, task: TaskSpec, tokenizer: PreTrainedTokenizerBase, cfg: RunConfig, server_round: int
+    user: User, task: TaskSpec, tokenizer: PreTrainedTokenizerBase, cfg: RunConfig, server_round: int,
+    profile: str | None = None,
 ) -> list[Example]:
     """A training user's task-adaptation examples: its queries, then its `cfg.task_history` latest items.
 
     Each example gets one of the retrieval depths the configured methods use (seeded by user and round), so the
-    shared model learns every prompt format it will be evaluated with at no extra cost.
+    shared model learns every prompt format it will be evaluated with at no extra cost. A `profile` goes into the
+    history items' prompts (bench.task_fedavg --level-prompt).
     """
     by_depth = [
         query_examples(user, task, tokenizer, cfg.prompt_settings(k))
-        + history_examples(user, task, tokenizer, cfg.prompt_settings(k), max_items=cfg.task_history or None)
+        + history_examples(user, task, tokenizer, cfg.prompt_settings(k, use_profile=profile is not None), profile,
+                           max_items=cfg.task_history or None)
         for k in cfg.retrieval_depths()
     ]
     rng = random.Random(derived_seed(cfg.seed, user.user_id, server_round, "depths"))

@@ -35,6 +35,21 @@ def test_the_clients_are_the_heaviest_raters_with_one_example_per_rating(tiny):
     assert answers == [str(item.fields["score"]) for item in raters[0].history if item.id in movies]  # in order
 
 
+def test_with_the_level_prompt_each_rating_is_asked_with_the_raters_level_before_it(tiny):
+    """--level-prompt: the profile is the mean of the (up to 32) ratings before the rated item, never the item."""
+    user = max(load_movielens(), key=lambda u: len(u.history))
+    movies = {item.id for item in user.history[:40]}
+    plain, leveled = (rater_examples(user, movies, tiny[1], RunConfig(), level) for level in (False, True))
+    assert [e.answer for e in leveled] == [e.answer for e in plain]
+    texts = [tiny[1].decode(e.prompt) for e in leveled]
+    assert "User profile" not in texts[0]  # the first rating has no earlier one
+    scores = [float(item.fields["score"]) for item in user.history]
+    for i in (1, 5, 39):
+        before = scores[max(0, i - 32): i]
+        assert f"User profile: mean of the {len(before)} latest ratings {sum(before) / len(before):.1f}\n" in texts[i]
+    assert all("User profile" not in tiny[1].decode(e.prompt) for e in plain)
+
+
 def test_fedavg_is_the_example_weighted_mean_and_fedavgm_scales_the_update_with_momentum():
     start, one, two = {"w": torch.zeros(2)}, {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([5.0, 6.0])}
     plain = server_strategy(start, 1.0, 0.0)
@@ -60,6 +75,15 @@ def test_both_curves_start_alike_and_count_an_epoch_per_point(tiny, tmp_path):
     assert results["training"]["clients"] == 3
     assert json.loads(out.read_text())["curves"] == results["curves"]
     assert not any("lora" in name for name, _ in tiny[0].named_modules())  # the shared base is left clean
+
+
+def test_score_every_scores_every_nth_round_and_the_last(tiny, tmp_path):
+    results = main(["--model", "tiny-random", "--device", "cpu", "--dtype", "float32", "--num-clients", "5",
+                    "--asked-movies", "4", "--raters", "3", "--rounds", "3", "--score-every", "2", "--modes",
+                    "federated", "--out", str(tmp_path / "every.json")])
+    curve = results["curves"]["federated"]
+    assert [p["round"] for p in curve] == [0, 2, 3]
+    assert curve[2]["tokens"] == 3 * results["training"]["tokens_per_epoch"]
 
 
 def test_with_lora_a_frozen_only_b_trains_and_a_stays_as_initialised(tiny, tmp_path):
