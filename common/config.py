@@ -100,8 +100,8 @@ DEFAULT_METHODS = ("base", "rag", "pag", "oppu", "oppu+rag")
 # the least value of each integer setting, and the float settings that must be positive
 AT_LEAST = {
     "rounds": 0, "max_history": 0, "task_history": 0, "seed": 0, "k": 1, "lora_alpha": 1, "max_prompt_tokens": 1,
-    "batch_tokens": 1, "profile_items": 1, "profile_max_tokens": 1, "num_queries": 1, "validation_items": 1,
-    "selection_items": 1, "max_text_chars": 1, "max_user_history": 1,
+    "batch_tokens": 1, "task_batch_tokens": 0, "profile_items": 1, "profile_max_tokens": 1, "num_queries": 1,
+    "validation_items": 1, "selection_items": 1, "max_text_chars": 1, "max_user_history": 1,
 }
 POSITIVE = ("local_epochs", "task_lr", "personal_epochs", "personal_lr")
 # settings that only test users' personalization and evaluation read: a task adapter made under other values of
@@ -186,6 +186,11 @@ class RunConfig:
     )
     max_prompt_tokens: int = _opt(384, "prompt token budget; profile and history are cut, the question never")
     batch_tokens: int = _opt(128, "tokens per training batch (length-bucketed; small: more steps, same compute)")
+    task_batch_tokens: int = _opt(
+        0,
+        "tokens per task-adaptation step (0: as batch-tokens). The shared LoRA learns the items only from large "
+        "steps: 1024 with local-epochs 1 and a few clients a round over many rounds (docs/quality.md)",
+    )
     profile_items: int = _opt(8, "history items sampled to write a user's profile (PAG)")
     profile_max_tokens: int = _opt(
         32,
@@ -323,7 +328,8 @@ class RunConfig:
         )
 
     def task_training(self) -> TrainingSettings:
-        return TrainingSettings(epochs=self.local_epochs, lr=self.task_lr, max_batch_tokens=self.batch_tokens)
+        return TrainingSettings(epochs=self.local_epochs, lr=self.task_lr,
+                                max_batch_tokens=self.task_batch_tokens or self.batch_tokens)
 
     def personal_training(self) -> TrainingSettings:
         return TrainingSettings(epochs=self.personal_epochs, lr=self.personal_lr, max_batch_tokens=self.batch_tokens)

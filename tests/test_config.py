@@ -26,6 +26,16 @@ def test_pyproject_config_matches_runconfig_defaults() -> None:
     assert flwr_run_settings({})[1:] == (UserCounts(100, 20), Path("runs/flwr-run").resolve())
 
 
+def test_task_steps_take_task_batch_tokens_and_follow_batch_tokens_at_0() -> None:
+    follows = RunConfig(batch_tokens=256)
+    assert follows.task_training().max_batch_tokens == follows.personal_training().max_batch_tokens == 256
+    own = RunConfig(batch_tokens=256, task_batch_tokens=1024)
+    assert (own.task_training().max_batch_tokens, own.personal_training().max_batch_tokens) == (1024, 256)
+    assert own.task_adaptation_settings()["task-batch-tokens"] == 1024
+    with pytest.raises(ValueError, match="task-batch-tokens"):
+        RunConfig(task_batch_tokens=-1)
+
+
 def test_user_counts_rule_training_users_out_without_task_adaptation() -> None:
     counts = UserCounts(3, 5)
     assert (counts.training(RunConfig(rounds=2)), counts.nodes(RunConfig(rounds=2))) == (5, 8)
