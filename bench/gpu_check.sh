@@ -12,7 +12,8 @@
 #   --stages LIST  comma-separated, in order (default: all but fedavg): install, tests, sizes, merge, throughput,
 #                  ceiling, run-bf16, run-nf4; `tests-unit` and `tests-runs` split `tests` (without / with Ray and
 #                  SuperNodes); `fedavg` (bench.task_fedavg: the central curve beside 20 rounds of the run's FedAvg
-#                  schedule, then 60 rounds of a quarter of the clients with 4 local epochs of 1024-token steps)
+#                  schedule, then 60 rounds of a quarter of the clients with 4 local epochs of 1024-token steps,
+#                  then 256 rounds of 5 clients x 1 local epoch with the user's level in every prompt)
 #   --budget S     seconds for the whole check (default 480); a stage gets what is left, and one that cannot start
 #                  in time is skipped with that reason
 # A stage that cannot run here (no CUDA, no bitsandbytes, no MovieLens) is skipped and the JSON says why.
@@ -24,7 +25,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --wheels) WHEELS=$2; shift 2 ;; --out) OUT=$2; shift 2 ;; --stages) STAGES=$2; shift 2 ;;
     --budget) BUDGET=$2; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -178,6 +179,11 @@ for stage in "${WANTED[@]}"; do
         # pooled 2-example steps learn no movies either (docs/quality.md): local steps of a client's whole ratings
         run_stage fedavg-large 300 "$WORK/fedavg-large.json" "$PY" -m bench.task_fedavg --device cuda --modes federated \
           --batch-tokens 1024 --local-epochs 4 --fraction-train 0.25 --rounds 60 --out "$WORK/fedavg-large.json"
+        # the user's level in every prompt, and many short rounds of a few clients: on 2 cores this schedule's base
+        # reached the central curve's at 473 k tokens (docs/quality.md); its curve beyond that
+        run_stage fedavg-level 300 "$WORK/fedavg-level.json" "$PY" -m bench.task_fedavg --device cuda --level-prompt \
+          --modes federated --batch-tokens 1024 --local-epochs 1 --fraction-train 0.0625 --rounds 256 --score-every 16 \
+          --out "$WORK/fedavg-level.json"
       } ;;
     run-bf16)
       skip_unless run-bf16 "__import__('torch').cuda.is_available()" "no CUDA GPU visible" &&
