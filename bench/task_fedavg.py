@@ -263,7 +263,8 @@ def table(results: dict[str, Any]) -> list[str]:
              f"corr | level + LLM offset | its difference to {RECENT_MEAN} |", "|---" * 11 + "|"]
     for mode, curve in results["curves"].items():
         lines += [f"| {mode} | {p.get('epoch', p.get('round'))} | {p['tokens']} | {p['seconds']:.0f} | "
-                  f"{fmt(p['loss'])} | {p['mae']:.3f} | {ci(p['mae_vs_recent_mean'])} | {p['sd']:.3f} | {fmt(p['corr'])} | "
+                  f"{fmt(p['loss'])} | {p['mae']:.3f} | {ci(p['mae_vs_recent_mean'])} | {p['sd']:.3f} | "
+                  f"{fmt(p['corr'])} | "
                   f"{p['mae_level_offset']:.3f} | {ci(p['level_offset_vs_recent_mean'])} |" for p in curve]
     lines += ["", "| no-LLM row (same questions) | MAE |", "|---|---|", f"| {RECENT_MEAN} | {refs[RECENT_MEAN]:.3f} |"]
     lines += [f"| {row} (all outside) | {refs['all outside'][row]:.3f} |" for row in ("population", "level+item")]
