@@ -38,6 +38,8 @@ from common import protocol as p
 if TYPE_CHECKING:
     import torch
 
+    from common.config import RunConfig
+
 log = logging.getLogger(__name__)
 Handler = Callable[[Message, Context], Message]
 
@@ -63,9 +65,36 @@ def _run_config(config: ConfigRecord):
     config = dict(config)
     model_sha = str(config.pop(p.MODEL_SHA256))
     for key in (p.MODEL_NAME, p.SERVER_ROUND, p.TASK_ADAPTER_SHA256, p.CONSTANT_ANSWER, p.TASK_ADAPTER_NAMES,
-                p.ROUND_CLIENTS):
+                p.ROUND_CLIENTS, p.SECURE_PAYLOAD, p.ITEM_BUCKETS, p.ITEM_RATINGS, p.ITEM_OFFSETS, p.ITEM_COUNTS):
         config.pop(key, None)
     return RunConfig.from_record(config), model_sha
+
+
+def seen_user(context: Context, cfg: RunConfig):
+    """The node's user as this run may read it: a test user's validation view under --split validation (its latest
+    items become the questions, which its history then lacks), else the user."""
+    from client.history import validation_view
+    from common.tasks import get_task
+
+    user, role, _ = node_user(context)
+    task = get_task(cfg.task)
+    return validation_view(user, task, cfg.validation_items) if role == "test" and cfg.split == "validation" else user
+
+
+def annotated(user, cfg: RunConfig, config: ConfigRecord):
+    """(`user` with each question and history item reading what the population says of its item, the readings of
+    the queries' items) under --item-statistics, from the table the message carries; else (`user`, [])."""
+    from client.item_statistics import annotate, query_readings
+    from common.item_table import ItemTable
+    from common.tasks import get_task
+
+    if not cfg.item_statistics:
+        return user, []
+    table = ItemTable.from_config(config)
+    if table is None:
+        raise RuntimeError("item-statistics is on, but the message carries no item table")
+    task = get_task(cfg.task)
+    return annotate(user, task, table), query_readings(user, task, table)
 
 
 def _setup(config: ConfigRecord, context: Context):
@@ -112,7 +141,7 @@ def _adapt_locally(config: ConfigRecord, state: dict[str, torch.Tensor], context
     from common.tasks import get_task
 
     cfg, _, _, _, base, tokenizer = _setup(config, context)
-    user, _, _ = node_user(context)
+    user, _ = annotated(seen_user(context, cfg), cfg, config)
     new_state, num_examples, metrics = task_adaptation_step(base, tokenizer, cfg, user, state, int(config[p.SERVER_ROUND]))
     task = get_task(cfg.task)
     return cfg, new_state, num_examples, metrics["loss"], answer_frequencies(task, user) if task.labels else []
@@ -155,6 +184,8 @@ def adapt_secure(msg: Message, context: Context) -> Message:
     from client.defenses import secure_vector
 
     config = msg.content[p.FITINS_CONFIG]
+    if config.get(p.SECURE_PAYLOAD) == p.ITEM_TABLE:
+        return _item_table_reply(msg, context)
     names = [str(n) for n in config[p.TASK_ADAPTER_NAMES]]  # type: ignore[union-attr]
     global_arrays = [a.numpy() for a in msg.content[p.FITINS_ARRAYS].values()]
     state = {name: torch.from_numpy(array.copy()) for name, array in zip(names, global_arrays, strict=True)}
@@ -165,21 +196,39 @@ def adapt_secure(msg: Message, context: Context) -> Message:
     return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
+def _item_table_reply(msg: Message, context: Context) -> Message:
+    """The collect stage of the item-table round (--item-statistics): this node's item table as the one vector,
+    weight 1, which secaggplus_mod masks; no model is loaded."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+
+    from client.item_statistics import contribution
+    from common.tasks import get_task
+
+    cfg, _ = _run_config(msg.content[p.FITINS_CONFIG])
+    vector = contribution(seen_user(context, cfg), get_task(cfg.task)).vector()
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vector), 1, {})
+    return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
 def personalize(msg: Message, context: Context) -> Message:
     """Personal adapters + evaluation of every method on this user's queries; reply with statistics only."""
-    from client.history import select_history, validation_view
+    from client.history import select_history
     from client.personalize import personalize_user
     from client.task_adapter import task_adapted_base
     from common.store import UserStore, atomic_write_json, read_saved_state
     from common.tasks import get_task
 
-    cfg, model_dir, model_sha, device, pristine, tokenizer = _setup(msg.content[p.CONFIG], context)
-    user, _, user_dir = node_user(context)
-    store = UserStore(user_dir.parent.parent, user.user_id)
+    config = msg.content[p.CONFIG]
+    cfg, model_dir, model_sha, device, pristine, tokenizer = _setup(config, context)
+    _, _, user_dir = node_user(context)
+    seen, readings = annotated(seen_user(context, cfg), cfg, config)
+    store = UserStore(user_dir.parent.parent, seen.user_id)
     arrays = msg.content[p.ARRAYS]
-    task_sha = str(msg.content[p.CONFIG].get(p.TASK_ADAPTER_SHA256, ""))
+    task_sha = str(config.get(p.TASK_ADAPTER_SHA256, ""))
+    table = [config.get(key) for key in (p.ITEM_BUCKETS, p.ITEM_RATINGS, p.ITEM_OFFSETS, p.ITEM_COUNTS)]
     result_key = hashlib.sha256(
-        json.dumps([cfg.to_record(), model_sha, task_sha], sort_keys=True).encode()
+        json.dumps([cfg.to_record(), model_sha, task_sha, table], sort_keys=True).encode()
     ).hexdigest()
     stored = read_saved_state(store.result)
     if stored and stored.get("key") == result_key:  # finished before an interruption: same inputs, same result
@@ -187,16 +236,14 @@ def personalize(msg: Message, context: Context) -> Message:
     else:
         task_state = arrays.to_torch_state_dict() if len(arrays) else None
         merged = task_adapted_base(model_dir, device, cfg, task_state, task_sha)
-        task = get_task(cfg.task)
-        seen = validation_view(user, task, cfg.validation_items) if cfg.split == "validation" else user
-        personal = select_history(seen, task, cfg)  # what personal training and retrieval may use
-        constant = msg.content[p.CONFIG].get(p.CONSTANT_ANSWER)
+        personal = select_history(seen, get_task(cfg.task), cfg)  # what personal training and retrieval may use
+        constant = config.get(p.CONSTANT_ANSWER)
         results, timings = personalize_user(
             cfg, personal, store, merged, pristine, tokenizer, model_sha, task_adapter_sha=task_sha,
-            constant=str(constant) if constant is not None else None,
+            constant=str(constant) if constant is not None else None, readings=readings,
         )
         atomic_write_json(store.result, {"key": result_key, "statistics": results, "timings": timings})
-    queries = cfg.validation_items if cfg.split == "validation" else len(user.queries)
+    queries = len(seen.queries)
     metrics: dict[str, float | list[float]] = {p.NUM_EXAMPLES: queries}
     for method, stats in results.items():
         for name, value in stats.items():

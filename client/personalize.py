@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 
 from peft import PeftModel
@@ -28,6 +29,7 @@ from client.references import reference_predictions
 from client.task_adapter import remove_adapters
 from client.training import history_examples, train_adapter
 from common.config import RunConfig
+from common.item_table import ItemReading
 from common.methods import Method, parse_method
 from common.metrics import Statistics, statistics
 from common.store import UserStore, atomic_write_json
@@ -55,10 +57,12 @@ def personalize_user(
     progress: bool = False,
     task_adapter_sha: str = "",
     constant: str | None = None,
+    readings: Sequence[ItemReading] = (),
 ) -> tuple[dict[str, Statistics], dict[str, float]]:
     """Train this user's personal adapters, evaluate every method and reference row; (statistics per row, timings).
 
-    `constant` is the best constant answer the server learned from training users (its reference row).
+    `constant` is the best constant answer the server learned from training users (its reference row); `readings`
+    the population's reading of each query's item (--item-statistics: two more reference rows).
     Adapters and predictions are written to the user's node-local store; only the statistics are returned.
     """
     task = get_task(cfg.task)
@@ -118,7 +122,7 @@ def personalize_user(
             results[method.name] = statistics(task, predictions, golds)
             kept[method.name] = _kept(user, predictions, probabilities)
         timings["evaluate-seconds"] = time.perf_counter() - start
-        for name, predictions in reference_predictions(task, user, constant).items():
+        for name, predictions in reference_predictions(task, user, constant, readings).items():
             results[name] = statistics(task, predictions, golds)
             kept[name] = _kept(user, predictions)
         atomic_write_json(store.predictions, kept)  # stays on the device, for the user's own inspection

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from client.data import User
 from client.retrieval import HistoryRetriever
+from common.item_table import ItemReading
 from common.metrics import decide
 from common.tasks import TaskSpec
 
@@ -25,6 +26,8 @@ MEDIAN = PREFIX + "median"
 MODE = PREFIX + "mode"
 NEAREST = PREFIX + "nearest"
 CONSTANT = PREFIX + "constant"
+POPULATION = PREFIX + "population"
+LEVEL_ITEM = PREFIX + "level-item"
 RECENT_ITEMS = 32  # the 32 latest ratings: the history a default personal adapter trains on
 
 DESCRIPTIONS = {
@@ -33,6 +36,8 @@ DESCRIPTIONS = {
     MODE: "the user's most frequent label",
     NEAREST: "the answer of the BM25-most-similar history item",
     CONSTANT: "the best constant answer, from the training users' answer shares",
+    POPULATION: "the other users' mean rating of the item (--item-statistics), rounded",
+    LEVEL_ITEM: "the user's recent mean plus the other users' offset for the item (--item-statistics), rounded",
 }
 
 
@@ -53,8 +58,10 @@ def answer_frequencies(task: TaskSpec, user: User) -> list[float]:
     return [counts[label] / total if total else 0.0 for label in task.labels]
 
 
-def reference_predictions(task: TaskSpec, user: User, constant: str | None = None) -> dict[str, list[str]]:
-    """Each reference row's prediction for every query of `user`, from the user's own history only."""
+def reference_predictions(task: TaskSpec, user: User, constant: str | None = None,
+                          readings: Sequence[ItemReading] = ()) -> dict[str, list[str]]:
+    """Each reference row's prediction for every query of `user`, from the user's own history only, and with the
+    population's `readings` of the queries' items (--item-statistics) the two rows built on them."""
     answers = [item.fields[task.answer_field].strip() for item in user.history]
     queries = user.queries
     rows: dict[str, list[str]] = {}
@@ -62,6 +69,10 @@ def reference_predictions(task: TaskSpec, user: User, constant: str | None = Non
         ratings = [float(a) for a in answers]
         rows[RECENT_MEAN] = [_format_number(round(stats.fmean(ratings[-RECENT_ITEMS:])))] * len(queries)
         rows[MEDIAN] = [_format_number(stats.median(ratings))] * len(queries)
+        if readings:
+            level = stats.fmean(ratings[-RECENT_ITEMS:])
+            rows[POPULATION] = [_format_number(_rating(r.mean, task)) for r in readings]
+            rows[LEVEL_ITEM] = [_format_number(_rating(level + r.offset, task)) for r in readings]
     elif answers and task.metric == "classification":
         counts = Counter(answers)
         latest = {a: i for i, a in enumerate(answers)}  # ties go to the label used most recently
@@ -74,10 +85,17 @@ def reference_predictions(task: TaskSpec, user: User, constant: str | None = Non
     return rows
 
 
-def reference_names(task: TaskSpec, with_constant: bool) -> list[str]:
-    """The reference rows a run of `task` reports, in report order."""
+def _rating(value: float, task: TaskSpec) -> float:
+    """`value` rounded (as ref-recent-mean rounds) into the task's rating range."""
+    ratings = [float(label) for label in task.labels]
+    return float(min(max(ratings), max(min(ratings), round(value))))
+
+
+def reference_names(task: TaskSpec, with_constant: bool, with_items: bool = False) -> list[str]:
+    """The reference rows a run of `task` reports, in report order (`with_items`: under --item-statistics)."""
     names = {"regression": [RECENT_MEAN, MEDIAN], "classification": [MODE], "generation": [NEAREST]}[task.metric]
-    return names + ([CONSTANT] if with_constant else [])
+    items = [POPULATION, LEVEL_ITEM] if with_items and task.metric == "regression" else []
+    return names + items + ([CONSTANT] if with_constant else [])
 
 
 def best_constant(task: TaskSpec, frequencies: Sequence[float], rule: str) -> str | None:

@@ -222,6 +222,12 @@ class RunConfig:
         "task adaptation with Flower's SecAgg+ (secaggplus_mod, SecAggPlusWorkflow): the server learns only the "
         "average of a round's updates, losses and answer shares (needs 2+ training users per round)",
     )
+    item_statistics: bool = _opt(
+        False,
+        "rating tasks: before task adaptation every node adds its ratings' offsets from its own mean into a hashed "
+        "item table, summed under SecAgg+ (the server learns only the sum); every prompt then says how far other "
+        "users rate its item from their usual rating (docs/privacy.md, docs/quality.md)",
+    )
     seed: int = _opt(0, "seed of sampling, adapter initialisation and data order")
     device: str = _opt("auto", "where clients compute: auto (CUDA if present), cpu, cuda or cuda:N")
     dtype: str = _opt(
@@ -270,6 +276,8 @@ class RunConfig:
         if self.local_dp_epsilon > 0 and (self.dp_noise > 0 or self.secure_aggregation):
             raise ValueError("local-dp-epsilon cannot be combined with dp-noise or secure-aggregation: for noise "
                              "under secure aggregation use --secure-aggregation --dp-noise (distributed DP)")
+        if self.item_statistics and get_task(self.task).metric != "regression":
+            raise ValueError(f"item-statistics needs a rating task (MovieLens, LaMP-3); {self.task} has no ratings")
         check_dtype_name(self.dtype)
         if self.quantize not in QUANTIZATIONS:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {self.quantize!r}")
@@ -319,6 +327,8 @@ class RunConfig:
     def task_adaptation_settings(self) -> dict[str, Any]:
         """What the shared task adapter depends on: the record without the personalization-only settings."""
         record = {key: value for key, value in self.to_record().items() if key not in PERSONALIZATION_ONLY_KEYS}
+        if self.item_statistics:  # the test users' seen histories are in the item table the prompts read
+            record["split"] = self.split
         return {**record, "retrieval-depths": self.retrieval_depths()}
 
     def prompt_settings(self, k: int = 0, use_profile: bool = False, history_format: HistoryFormat = "both") -> PromptSettings:

@@ -7,6 +7,9 @@ Phases and their messages (server -> node, node -> server):
                                                                         the user's answer-label shares)
 - personalize train.personalize  arrays: task LoRA, config: run config  reply metrics: statistics only
                                  + the best constant answer
+- item-table  train             with --item-statistics, before adapt: one SecAgg+ round of every node (the stages
+                                 below) whose masked vector is the node's item table (common/item_table.py); every
+                                 later config carries the summed table
 - secure-adapt train             with --secure-aggregation, the adapt phase under Flower's SecAgg+: four
                                  stages (setup, share keys, collect masked vectors, unmask) of Flower's messages
                                  (config "secaggplus_configs"; the collect stage also carries the task LoRA as
@@ -44,6 +47,11 @@ TASK_ADAPTER_SHA256 = "task-adapter-sha256"
 CONSTANT_ANSWER = "constant-answer"  # the best constant (reference row), from training users' answer shares
 TASK_ADAPTER_NAMES = "task-adapter-names"  # secure-adapt: the tensor names (Flower's legacy records drop them)
 ROUND_CLIENTS = "round-clients"  # secure-adapt: clients sampled this round (each adds 1/sqrt of the DP noise)
+SECURE_PAYLOAD = "secure-payload"  # secure-adapt: what the masked vector holds (absent: a task-LoRA update)
+ITEM_TABLE = "item-table"  # that payload: the node's item table (--item-statistics, common/item_table.py)
+# --item-statistics: the summed item table, sent with every later message (rated buckets only)
+ITEM_BUCKETS, ITEM_RATINGS = "item-buckets", "item-ratings"
+ITEM_OFFSETS, ITEM_COUNTS = "item-offsets", "item-counts"
 
 # reply keys
 ROLE = "role"

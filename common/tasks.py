@@ -24,6 +24,9 @@ MOVIE_TAGS = (
     "violence", "true story",
 )
 RATINGS = ("1", "2", "3", "4", "5")
+# a field a device may add to a history item (--item-statistics, client/item_statistics.py): text that the item's
+# question ends with, as a query's input ends with it; the item as retrieved into a prompt stays without it
+ANNOTATION_FIELD = "annotation"
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,8 @@ class TaskSpec:
 
     def item_example(self, item_fields: dict[str, str]) -> tuple[str, str]:
         """A (question, answer) pair made from one history item: what a personal adapter learns."""
-        return self.question_template.format(**item_fields), item_fields[self.answer_field]
+        question = self.question_template.format(**item_fields) + item_fields.get(ANNOTATION_FIELD, "")
+        return question, item_fields[self.answer_field]
 
     def item_input(self, item_fields: dict[str, str]) -> str:
         """The item's input side: its non-answer fields' text, one per line (no instruction, no answer)."""
@@ -73,6 +77,11 @@ class TaskSpec:
             # The first occurrence ends the instruction; the item text may contain the marker too.
             return query_input.split(self.query_marker, 1)[1].strip()
         return query_input
+
+    @property
+    def item_key_field(self) -> str:
+        """The field that names a history item for --item-statistics (a rating task's item text, e.g. the movie)."""
+        return self.retrieval_fields[0]
 
     @property
     def retrieval_fields(self) -> tuple[str, ...]:

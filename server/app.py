@@ -26,6 +26,7 @@ from client.references import best_constant, reference_names
 from client.task_adapter import initial_task_state, save_task_adapter
 from common import protocol as p
 from common.config import PHASE_TIMEOUT, RunConfig, flwr_run_settings
+from common.item_table import ItemTable
 from common.metrics import decision_rule
 from common.model_files import model_hash
 from common.store import atomic_write_json, read_saved_state
@@ -34,6 +35,7 @@ from server.audited_grid import AuditedGrid
 from server.defenses import task_adaptation_defense
 from server.distribution import announce, send_model
 from server.exchange import exchange
+from server.item_statistics import sum_item_tables
 from server.report import (
     comparisons,
     method_results,
@@ -68,12 +70,15 @@ def arrays_sha256(arrays: ArrayRecord) -> str:
     return digest.hexdigest()
 
 
-def _message_config(cfg: RunConfig, model_sha: str) -> ConfigRecord:
-    return ConfigRecord({**cfg.to_record(), p.MODEL_NAME: cfg.model, p.MODEL_SHA256: model_sha})
+def _message_config(cfg: RunConfig, model_sha: str, item_table: ItemTable | None = None) -> ConfigRecord:
+    """A message's config: the run config, the base model, and the population's item table (--item-statistics)."""
+    table = item_table.to_config() if item_table is not None else {}
+    return ConfigRecord({**cfg.to_record(), p.MODEL_NAME: cfg.model, p.MODEL_SHA256: model_sha, **table})
 
 
 def adapt_task(
-    grid: Grid, cfg: RunConfig, opts: ServerOptions, model_dir: Path, model_sha: str, train_nodes: list[int]
+    grid: Grid, cfg: RunConfig, opts: ServerOptions, model_dir: Path, model_sha: str, train_nodes: list[int],
+    item_table: ItemTable | None = None,
 ) -> tuple[ArrayRecord, dict[str, Any]]:
     """FedAvg rounds of the shared task LoRA over training nodes, skipped when the run directory holds one made
     with the same task-adaptation settings (an interrupted run's, or one --task-adapter-from copied in);
@@ -87,7 +92,7 @@ def adapt_task(
         return ArrayRecord(load_file(target / "adapter_model.safetensors")), saved
     initial = ArrayRecord(initial_task_state(load_fresh(model_dir, "cpu", "float32"), cfg))  # not kept: the server holds no model
     defense = task_adaptation_defense(cfg, train_nodes, ServerView(opts.run_dir) if opts.record_view else None)
-    result = defense.start(grid, initial, opts.timeout, _message_config(cfg, model_sha))
+    result = defense.start(grid, initial, opts.timeout, _message_config(cfg, model_sha, item_table))
     # kept with the adapter: a resumed run reports the epsilon its reused adapter was released with
     record = {"key": key, **defense.fedavg.rounds_record(), "differential_privacy": defense.privacy_report()}
     # the adapter's record: the key that says which run made it, its rounds and the training users' answer shares
@@ -99,13 +104,13 @@ def adapt_task(
 
 def personalize_and_evaluate(
     grid: Grid, cfg: RunConfig, opts: ServerOptions, model_sha: str, task_arrays: ArrayRecord, test_nodes: list[int],
-    constant: str | None = None,
+    constant: str | None = None, item_table: ItemTable | None = None,
 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Every test node personalizes and evaluates; (metric record of each successful node by node id, errors).
 
     `constant` (the best constant answer, a reference row) travels in the config when task adaptation found one.
     """
-    config = _message_config(cfg, model_sha)
+    config = _message_config(cfg, model_sha, item_table)
     if len(task_arrays):  # (an empty string would break Flower's ConfigRecord.count_bytes)
         config[p.TASK_ADAPTER_SHA256] = arrays_sha256(task_arrays)
     if constant is not None:
@@ -161,6 +166,16 @@ def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
              len(test_nodes), len(lacking))
     timings["announce-seconds"] = time.perf_counter() - start
 
+    item_table, item_record = None, None
+    if cfg.item_statistics:
+        if len(ready) < 2:
+            raise RuntimeError(f"item-statistics: SecAgg+ needs 2 or more nodes, {len(ready)} ready; "
+                               f"errors: {errors[:3]}")
+        start = time.perf_counter()
+        item_table, item_record = sum_item_tables(grid, cfg, _message_config(cfg, model_sha),
+                                                  [n.node_id for n in ready], opts.run_dir, opts.timeout)
+        timings["item-statistics-seconds"] = time.perf_counter() - start
+
     start = time.perf_counter()
     task_arrays, adaptation = ArrayRecord(), {}
     if cfg.rounds > 0:
@@ -169,21 +184,21 @@ def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
                 "task adaptation needs training-user nodes, but none is ready (use --rounds 0 to skip it); "
                 f"errors: {errors[:3]}"
             )
-        task_arrays, adaptation = adapt_task(grid, cfg, opts, model_dir, model_sha, train_nodes)
+        task_arrays, adaptation = adapt_task(grid, cfg, opts, model_dir, model_sha, train_nodes, item_table)
     timings["task-adaptation-seconds"] = time.perf_counter() - start
     constant = best_constant(task, adaptation.get("answer_frequencies", []), decision_rule(task, cfg.decision))
 
     start = time.perf_counter()
     unready_test_users = len(errors)
     records, personalize_errors = personalize_and_evaluate(
-        grid, cfg, opts, model_sha, task_arrays, test_nodes, constant
+        grid, cfg, opts, model_sha, task_arrays, test_nodes, constant, item_table
     )
     errors += personalize_errors
     timings["personalize-seconds"] = time.perf_counter() - start
 
     # per test node (the server knows nodes, not users): what the paired bootstraps resample
     per_user = {node: method_statistics(record) for node, record in records.items()}
-    references = reference_names(task, constant is not None)
+    references = reference_names(task, constant is not None, cfg.item_statistics)
     report = {
         "config": cfg.to_record(),
         "model": {"name": cfg.model, "sha256": model_sha, "sent_to_nodes": len(lacking)},
@@ -202,6 +217,7 @@ def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
             "secure_aggregation": cfg.secure_aggregation,
             "copied_from": adaptation.get("copied_from"),  # the earlier run whose adapter this one reused
         },
+        "item_statistics": item_record,  # nodes whose tables were summed, items and ratings (None: off)
         "decision_rule": decision_rule(task, cfg.decision) if task.labels else None,
         "methods": method_results(task, records.values(), cfg.method_names()),
         # non-LLM predictors from each user's own history (and the training users' best constant)

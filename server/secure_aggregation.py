@@ -65,10 +65,12 @@ class _KeepAverage(LegacyFedAvg):
 
 
 def secure_round(
-    grid: Grid, server_round: int, arrays: ArrayRecord, nodes: list[int], config: dict[str, Any], timeout: float
-) -> tuple[list[np.ndarray] | None, int]:
+    grid: Grid, server_round: int, arrays: ArrayRecord, nodes: list[int], config: dict[str, Any], timeout: float,
+    shares: int | float = SHARES,
+) -> tuple[list[np.ndarray] | None, list[int]]:
     """One SecAgg+ round of `nodes` from the global `arrays`: (the average of their packed vectors, or None if the
-    round failed; the nodes it averages)."""
+    round failed; the nodes it averages). `shares`: with how many of the round's clients each client shares its
+    secrets (Flower's num_shares: a count, or a share of the round)."""
     manager = SimpleClientManager()
     for node in nodes:
         manager.register(GridClientProxy(node, grid, grid.run.run_id))
@@ -80,7 +82,7 @@ def secure_round(
     context.state[MAIN_PARAMS_RECORD] = arrays
     context.state[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
     workflow = SecAggPlusWorkflow(
-        SHARES, THRESHOLD, max_weight=1.0, clipping_range=CLIPPING_RANGE, quantization_range=QUANTIZATION_RANGE,
+        shares, THRESHOLD, max_weight=1.0, clipping_range=CLIPPING_RANGE, quantization_range=QUANTIZATION_RANGE,
         modulus_range=MODULUS_RANGE, timeout=timeout,
     )
     workflow(grid, context)

@@ -1,0 +1,68 @@
+"""What the population says about each item, on a device: a user's contribution to the securely summed item table,
+and the user's prompts annotated from the table (`--item-statistics`; docs/privacy.md says what it costs).
+
+A personal adapter learns the user's level; to beat it the model must know how people rate each item
+(docs/quality.md). The task LoRA learns that only from the whole population's ratings at many large steps, hours on 2
+cores. This is the cheap route: every node adds, for each item it rated, its offset from its own mean rating and a
+count into a hashed table (common/item_table.py); SecAgg+ sums the tables, so the server learns only the
+population's sums; every node then reads, beside each question, how far the other users rate that item from
+their own usual rating. A node removes its own contribution before it reads an item it rated itself (leave one
+out), so no prompt shows a rating of the item it asks about.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics as stats
+
+from client.data import User
+from common.item_table import ItemReading, ItemTable
+from common.tasks import ANNOTATION_FIELD, TaskSpec
+
+
+def item_text(task: TaskSpec, fields: dict[str, str]) -> str:
+    """The text that names a history item (its one non-answer field, e.g. the movie)."""
+    return fields[task.item_key_field]
+
+
+def contribution(user: User, task: TaskSpec) -> ItemTable:
+    """This user's table: each rated item's rating and its offset from the user's mean rating, in its bucket."""
+    table = ItemTable.empty()
+    if not user.history:
+        return table
+    scores = [float(item.fields[task.answer_field]) for item in user.history]
+    level = stats.fmean(scores)
+    for item, score in zip(user.history, scores):
+        table.add(item_text(task, item.fields), score, score - level)
+    return table
+
+
+def others_line(reading: ItemReading) -> str:
+    """An item's annotation: the other users' mean rating of it and how far that is from their usual rating."""
+    return (f"other users rate it {reading.mean:.1f} on average, {reading.offset:+.1f} against their usual rating "
+            f"({reading.raters} rated it)")
+
+
+def annotate(user: User, task: TaskSpec, table: ItemTable) -> User:
+    """The user with each query's input and each history item's question (its ANNOTATION_FIELD) ending in its
+    item's `others_line`, read from the population `table` without this user's own contribution
+    (`contribution(user)`; the queries' items are not in it). Both then read '...movie: <movie>; other users rate
+    it ...'; an item nobody else rated gets no line. Retrieved items stay as they were: one item's line beside the
+    question's own would be a second number to confuse with it (validation: `oppu+rag-k1` 0.904 with it, against
+    0.802 for `oppu`)."""
+    others = table.minus(contribution(user, task))
+
+    def line(text: str) -> str:
+        reading = others.read(text)
+        return f"; {others_line(reading)}" if reading.raters else ""
+
+    history = [dataclasses.replace(item, fields={**item.fields, ANNOTATION_FIELD: line(item_text(task, item.fields))})
+               for item in user.history]
+    queries = [dataclasses.replace(q, input=q.input + line(task.retrieval_query(q.input))) for q in user.queries]
+    return dataclasses.replace(user, history=history, queries=queries)
+
+
+def query_readings(user: User, task: TaskSpec, table: ItemTable) -> list[ItemReading]:
+    """The table's reading of each query's item (not in the user's own contribution), for the reference rows
+    ref-population and ref-level-item (client/references.py); `user` as it was before `annotate`."""
+    return [table.read(task.retrieval_query(q.input)) for q in user.queries]

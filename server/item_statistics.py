@@ -1,0 +1,55 @@
+"""`--item-statistics`: the population's item table, summed under Flower's SecAgg+ over every ready node before task
+adaptation, then sent back to every node with each message (client/item_statistics.py reads it into prompts).
+
+The server learns the sum of all nodes' tables and nothing of one node's (the SecAgg+ round of
+server/secure_aggregation.py, with its dropout recovery); the table is kept in the run directory, so a resumed
+run annotates its prompts exactly as the interrupted one did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from common import protocol as p
+from common.config import RunConfig
+from common.item_table import ItemTable
+from common.store import atomic_write_json, read_saved_state
+from server.secure_aggregation import secure_round
+
+log = logging.getLogger("oppu")
+# what the item-table round sends where a secure-adapt round sends the task LoRA: Flower's legacy FitIns needs a
+# typed array (an empty record turns into an untyped one), and the nodes read nothing from it
+NO_ARRAYS = ArrayRecord({p.ITEM_TABLE: Array(np.zeros(0, dtype=np.float32))})
+# SecAgg+'s neighbours per node in the item-table round of many nodes: Flower's Shamir sharing costs grow with the
+# square of the shares (120 nodes sharing with all: 4.4 min on 2 cores, most of it in the server's unmasking), so
+# each node shares with 15 (an odd count, as Flower makes them); the server must collude with 8 of a node's 15
+NEIGHBOURS = 15
+
+
+def sum_item_tables(grid: Grid, cfg: RunConfig, config: ConfigRecord, nodes: list[int], run_dir: Path,
+                    timeout: float) -> tuple[ItemTable, dict[str, int]]:
+    """(the sum of `nodes`' item tables, its record: nodes summed and items rated), from the run directory when an
+    interrupted run with the same config already summed them."""
+    path = run_dir / "server" / "item_table.json"
+    key = hashlib.sha256(repr(sorted(cfg.to_record().items())).encode()).hexdigest()
+    saved = read_saved_state(path)
+    if saved and saved["key"] == key:
+        log.info("reusing the item table in %s", path)
+        return ItemTable.from_config(saved), saved["record"]
+    average, summed = secure_round(grid, 0, NO_ARRAYS, nodes, {**config, p.SECURE_PAYLOAD: p.ITEM_TABLE}, timeout,
+                                   NEIGHBOURS if len(nodes) > NEIGHBOURS else 1.0)
+    if average is None:
+        raise RuntimeError(f"the secure sum of the item tables failed ({len(nodes)} nodes asked)")
+    table = ItemTable.from_vector(average, scale=len(summed))
+    record = {"nodes": len(summed), "items": table.items(), "ratings": int(table.counts.sum())}
+    atomic_write_json(path, {"key": key, "record": record, **table.to_config()})
+    log.info("item statistics: SecAgg+ sum of %d of %d nodes' tables, %d items, %d ratings", len(summed), len(nodes),
+             record["items"], record["ratings"])
+    return table, record
+
