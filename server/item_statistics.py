@@ -27,7 +27,7 @@ log = logging.getLogger("oppu")
 # typed array (an empty record turns into an untyped one), and the nodes read nothing from it
 NO_ARRAYS = ArrayRecord({p.ITEM_TABLE: Array(np.zeros(0, dtype=np.float32))})
 # SecAgg+'s neighbours per node in the item-table round of many nodes: Flower's Shamir sharing costs grow with the
-# square of the shares (120 nodes sharing with all: 4.4 min on 2 cores, most of it in the server's unmasking), so
+# square of the shares (120 nodes: 263 s sharing with all, 11 s with 15; docs/privacy.md), so
 # each node shares with 15 (an odd count, as Flower makes them); the server must collude with 8 of a node's 15
 NEIGHBOURS = 15
 
