@@ -3,11 +3,11 @@ and the user's prompts annotated from the table (`--item-statistics`; docs/priva
 
 A personal adapter learns the user's level; to beat it the model must know how people rate each item
 (docs/quality.md). The task LoRA learns that only from the whole population's ratings at many large steps, hours on 2
-cores. This is the cheap route: every node adds, for each item it rated, its offset from its own mean rating and a
-count into a hashed table (common/item_table.py); SecAgg+ sums the tables, so the server learns only the
-population's sums; every node then reads, beside each question, how far the other users rate that item from
-their own usual rating. A node removes its own contribution before it reads an item it rated itself (leave one
-out), so no prompt shows a rating of the item it asks about.
+cores. This is the cheap route: every node adds, for each item it rated, the rating, its offset from the user's
+mean rating and a count into a hashed table (common/item_table.py); SecAgg+ sums the tables, so the server learns
+only the population's sums; every node then reads, beside each question, the other users' mean rating of that item
+and how far it is from their own usual rating. A node removes its own contribution before it reads an item it rated
+itself (leave one out), so no prompt shows the user's own rating of the item it asks about.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def annotate(user: User, task: TaskSpec, table: ItemTable) -> User:
     item's `others_line`, read from the population `table` without this user's own contribution
     (`contribution(user)`; the queries' items are not in it). Both then read '...movie: <movie>; other users rate
     it ...'; an item nobody else rated gets no line. Retrieved items stay as they were: one item's line beside the
-    question's own would be a second number to confuse with it (validation: `oppu+rag-k1` 0.904 with it, against
-    0.802 for `oppu`)."""
+    question's own would be a second number to confuse with it (validation: `oppu+rag-k1` 0.904 with it, 0.856
+    without; docs/quality.md)."""
     others = table.minus(contribution(user, task))
 
     def line(text: str) -> str:

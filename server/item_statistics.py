@@ -32,12 +32,21 @@ NO_ARRAYS = ArrayRecord({p.ITEM_TABLE: Array(np.zeros(0, dtype=np.float32))})
 NEIGHBOURS = 15
 
 
+def item_table_path(run_dir: Path) -> Path:
+    return run_dir / "server" / "item_table.json"
+
+
+def table_key(cfg: RunConfig) -> str:
+    """What a saved table must have been summed under to be reused: the whole run config (data, task, split)."""
+    return hashlib.sha256(repr(sorted(cfg.to_record().items())).encode()).hexdigest()
+
+
 def sum_item_tables(grid: Grid, cfg: RunConfig, config: ConfigRecord, nodes: list[int], run_dir: Path,
                     timeout: float) -> tuple[ItemTable, dict[str, int]]:
     """(the sum of `nodes`' item tables, its record: nodes summed and items rated), from the run directory when an
     interrupted run with the same config already summed them."""
-    path = run_dir / "server" / "item_table.json"
-    key = hashlib.sha256(repr(sorted(cfg.to_record().items())).encode()).hexdigest()
+    path = item_table_path(run_dir)
+    key = table_key(cfg)
     saved = read_saved_state(path)
     if saved and saved["key"] == key:
         log.info("reusing the item table in %s", path)

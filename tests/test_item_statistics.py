@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord
 
 from client.data import HistoryItem, Query, User, load_oppu
 from client.history import validation_view
@@ -16,6 +17,8 @@ from common import protocol as p
 from common.config import RunConfig
 from common.item_table import BUCKETS, SHRINK, ItemReading, ItemTable, bucket
 from common.tasks import get_task
+from common.store import atomic_write_json
+from server.item_statistics import item_table_path, sum_item_tables, table_key
 from simulation.engine import SimulationOptions, simulate
 from simulation.flags import build_parser, run_config_of, user_counts
 from simulation.privacy_audit import main as audit_main
@@ -79,6 +82,16 @@ def test_prompts_read_the_others_ratings_without_the_users_own() -> None:
         movie=f"flop; {others_line(without_me.read('flop'))}")
     assert view.queries[1].input == me.queries[1].input
     assert view.history[0].fields["score"] == "1" and view.queries[0].gold == "2"
+
+
+def test_a_resumed_run_reuses_the_saved_table_and_sends_no_message(tmp_path: Path) -> None:
+    cfg = RunConfig(item_statistics=True)
+    table = summed([rated("a", [("hit", 5), ("flop", 1)]), rated("b", [("hit", 4)])])
+    record = {"nodes": 2, "items": 2, "ratings": 3}
+    atomic_write_json(item_table_path(tmp_path), {"key": table_key(cfg), "record": record, **table.to_config()})
+    reused, kept = sum_item_tables(None, cfg, ConfigRecord(), [1, 2], tmp_path, 1.0)  # type: ignore[arg-type]
+    assert kept == record and reused.read("hit") == table.read("hit") and reused.items() == 2
+    assert table_key(RunConfig(item_statistics=True, split="validation")) != table_key(cfg)
 
 
 def test_item_statistics_needs_a_rating_task() -> None:
