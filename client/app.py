@@ -65,18 +65,17 @@ def _run_config(config: ConfigRecord):
     config = dict(config)
     model_sha = str(config.pop(p.MODEL_SHA256))
     for key in (p.MODEL_NAME, p.SERVER_ROUND, p.TASK_ADAPTER_SHA256, p.CONSTANT_ANSWER, p.TASK_ADAPTER_NAMES,
-                p.ROUND_CLIENTS, p.SECURE_PAYLOAD, p.ITEM_BUCKETS, p.ITEM_RATINGS, p.ITEM_OFFSETS, p.ITEM_COUNTS):
+                p.ROUND_CLIENTS, p.SECURE_PAYLOAD, *p.ITEM_TABLE_KEYS):
         config.pop(key, None)
     return RunConfig.from_record(config), model_sha
 
 
-def seen_user(context: Context, cfg: RunConfig):
+def seen_user(user, role: str, cfg: RunConfig):
     """The node's user as this run may read it: a test user's validation view under --split validation (its latest
     items become the questions, which its history then lacks), else the user."""
     from client.history import validation_view
     from common.tasks import get_task
 
-    user, role, _ = node_user(context)
     task = get_task(cfg.task)
     return validation_view(user, task, cfg.validation_items) if role == "test" and cfg.split == "validation" else user
 
@@ -141,7 +140,8 @@ def _adapt_locally(config: ConfigRecord, state: dict[str, torch.Tensor], context
     from common.tasks import get_task
 
     cfg, _, _, _, base, tokenizer = _setup(config, context)
-    user, _ = annotated(seen_user(context, cfg), cfg, config)
+    user, role, _ = node_user(context)
+    user, _ = annotated(seen_user(user, role, cfg), cfg, config)
     new_state, num_examples, metrics = task_adaptation_step(base, tokenizer, cfg, user, state, int(config[p.SERVER_ROUND]))
     task = get_task(cfg.task)
     return cfg, new_state, num_examples, metrics["loss"], answer_frequencies(task, user) if task.labels else []
@@ -206,7 +206,7 @@ def _item_table_reply(msg: Message, context: Context) -> Message:
     from common.tasks import get_task
 
     cfg, _ = _run_config(msg.content[p.FITINS_CONFIG])
-    vector = contribution(seen_user(context, cfg), get_task(cfg.task)).vector()
+    vector = contribution(seen_user(*node_user(context)[:2], cfg), get_task(cfg.task)).vector()
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vector), 1, {})
     return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
@@ -221,12 +221,12 @@ def personalize(msg: Message, context: Context) -> Message:
 
     config = msg.content[p.CONFIG]
     cfg, model_dir, model_sha, device, pristine, tokenizer = _setup(config, context)
-    _, _, user_dir = node_user(context)
-    seen, readings = annotated(seen_user(context, cfg), cfg, config)
+    user, role, user_dir = node_user(context)
+    seen, readings = annotated(seen_user(user, role, cfg), cfg, config)
     store = UserStore(user_dir.parent.parent, seen.user_id)
     arrays = msg.content[p.ARRAYS]
     task_sha = str(config.get(p.TASK_ADAPTER_SHA256, ""))
-    table = [config.get(key) for key in (p.ITEM_BUCKETS, p.ITEM_RATINGS, p.ITEM_OFFSETS, p.ITEM_COUNTS)]
+    table = [config.get(key) for key in p.ITEM_TABLE_KEYS]
     result_key = hashlib.sha256(
         json.dumps([cfg.to_record(), model_sha, task_sha, table], sort_keys=True).encode()
     ).hexdigest()

@@ -51,18 +51,16 @@ def annotate(user: User, task: TaskSpec, table: ItemTable) -> User:
     question's own would be a second number to confuse with it (validation: `oppu+rag-k1` 0.904 with it, 0.856
     without; docs/quality.md)."""
     others = table.minus(contribution(user, task))
-
-    def line(text: str) -> str:
-        reading = others.read(text)
-        return f"; {others_line(reading)}" if reading.raters else ""
-
-    history = [dataclasses.replace(item, fields={**item.fields, ANNOTATION_FIELD: line(item_text(task, item.fields))})
-               for item in user.history]
-    queries = [dataclasses.replace(q, input=q.input + line(task.retrieval_query(q.input))) for q in user.queries]
+    texts = [item_text(task, item.fields) for item in user.history]
+    texts += [task.retrieval_query(q.input) for q in user.queries]
+    lines = [f"; {others_line(r)}" if r.raters else "" for r in others.read(texts)]
+    history = [dataclasses.replace(item, fields={**item.fields, ANNOTATION_FIELD: line})
+               for item, line in zip(user.history, lines)]
+    queries = [dataclasses.replace(q, input=q.input + line) for q, line in zip(user.queries, lines[len(user.history):])]
     return dataclasses.replace(user, history=history, queries=queries)
 
 
 def query_readings(user: User, task: TaskSpec, table: ItemTable) -> list[ItemReading]:
     """The table's reading of each query's item (not in the user's own contribution), for the reference rows
     ref-population and ref-level-item (client/references.py); `user` as it was before `annotate`."""
-    return [table.read(task.retrieval_query(q.input)) for q in user.queries]
+    return table.read([task.retrieval_query(q.input) for q in user.queries])

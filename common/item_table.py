@@ -60,15 +60,17 @@ class ItemTable:
         return ItemTable(self.ratings - other.ratings, self.offsets - other.offsets,
                          np.maximum(self.counts - other.counts, 0.0))
 
-    def read(self, text: str) -> ItemReading:
-        """The item's reading, shrunk toward the population (its mean rating, offset 0) by SHRINK pseudo-ratings:
+    def read(self, texts: list[str]) -> list[ItemReading]:
+        """Each item's reading, shrunk toward the population (its mean rating, offset 0) by SHRINK pseudo-ratings:
         an item nobody rated reads as the population's mean, with 0 raters."""
-        b = bucket(text)
-        count = float(self.counts[b])
         total = float(self.counts.sum())
         population = float(self.ratings.sum()) / total if total else 0.0
-        return ItemReading(mean=(float(self.ratings[b]) + SHRINK * population) / (count + SHRINK),
-                           offset=float(self.offsets[b]) / (count + SHRINK), raters=int(round(count)))
+        readings = []
+        for b in map(bucket, texts):
+            count = float(self.counts[b])
+            readings.append(ItemReading(mean=(float(self.ratings[b]) + SHRINK * population) / (count + SHRINK),
+                                        offset=float(self.offsets[b]) / (count + SHRINK), raters=int(round(count))))
+        return readings
 
     def vector(self) -> list[np.ndarray]:
         """The layout SecAgg+ sums: [ratings, offsets, counts]."""

@@ -52,6 +52,7 @@ ITEM_TABLE = "item-table"  # that payload: the node's item table (--item-statist
 # --item-statistics: the summed item table, sent with every later message (rated buckets only)
 ITEM_BUCKETS, ITEM_RATINGS = "item-buckets", "item-ratings"
 ITEM_OFFSETS, ITEM_COUNTS = "item-offsets", "item-counts"
+ITEM_TABLE_KEYS = (ITEM_BUCKETS, ITEM_RATINGS, ITEM_OFFSETS, ITEM_COUNTS)
 
 # reply keys
 ROLE = "role"

@@ -50,9 +50,9 @@ def test_a_contribution_holds_each_rating_and_its_offset_from_the_users_mean() -
 def test_readings_are_shrunk_toward_the_population() -> None:
     table = summed([rated("a", [("hit", 5), ("flop", 1)]), rated("b", [("hit", 4), ("x", 2)])])
     # population mean (5 + 1 + 4 + 2) / 4 = 3; hit: ratings 9, offsets 2 + 1, 2 raters
-    assert table.read("hit") == ItemReading(mean=pytest.approx((9 + SHRINK * 3) / (2 + SHRINK)),
+    assert table.read(["hit"])[0] == ItemReading(mean=pytest.approx((9 + SHRINK * 3) / (2 + SHRINK)),
                                             offset=pytest.approx(3 / (2 + SHRINK)), raters=2)
-    assert table.read("never rated") == ItemReading(mean=3.0, offset=0.0, raters=0)  # the population, nobody
+    assert table.read(["never rated"])[0] == ItemReading(mean=3.0, offset=0.0, raters=0)  # the population, nobody
 
 
 def test_the_wire_form_keeps_rated_buckets_and_averages_turn_back_into_sums() -> None:
@@ -60,7 +60,7 @@ def test_the_wire_form_keeps_rated_buckets_and_averages_turn_back_into_sums() ->
     config = table.to_config()
     assert len(config[p.ITEM_BUCKETS]) == 3
     again = ItemTable.from_config(config)
-    assert again is not None and again.read("hit") == table.read("hit")
+    assert again is not None and again.read(["hit"])[0] == table.read(["hit"])[0]
     assert ItemTable.from_config({}) is None
     average = [a / 2 + 1e-6 for a in table.vector()]  # SecAgg+'s average of 2 nodes, with quantization noise
     back = ItemTable.from_vector(average, scale=2)
@@ -73,13 +73,13 @@ def test_prompts_read_the_others_ratings_without_the_users_own() -> None:
     view = annotate(me, MOVIELENS, summed([*others, me]))
     without_me = summed(others)
     question, answer = MOVIELENS.item_example(view.history[0].fields)
-    assert question == MOVIELENS.question_template.format(movie=f"hit; {others_line(without_me.read('hit'))}")
+    assert question == MOVIELENS.question_template.format(movie=f"hit; {others_line(without_me.read(['hit'])[0])}")
     assert answer == "1" and MOVIELENS.item_text(view.history[0].fields) == "hit; rated 1 of 5"  # retrieved: as it was
     assert others_line(ItemReading(4.12, 1.09, 6)) == ("other users rate it 4.1 on average, +1.1 against their "
                                                       "usual rating (6 rated it)")
     assert MOVIELENS.item_example(view.history[1].fields)[0] == MOVIELENS.question_template.format(movie="old")
     assert view.queries[0].input == MOVIELENS.question_template.format(
-        movie=f"flop; {others_line(without_me.read('flop'))}")
+        movie=f"flop; {others_line(without_me.read(['flop'])[0])}")
     assert view.queries[1].input == me.queries[1].input
     assert view.history[0].fields["score"] == "1" and view.queries[0].gold == "2"
 
@@ -90,7 +90,7 @@ def test_a_resumed_run_reuses_the_saved_table_and_sends_no_message(tmp_path: Pat
     record = {"nodes": 2, "items": 2, "ratings": 3}
     atomic_write_json(item_table_path(tmp_path), {"key": table_key(cfg), "record": record, **table.to_config()})
     reused, kept = sum_item_tables(None, cfg, ConfigRecord(), [1, 2], tmp_path, 1.0)  # type: ignore[arg-type]
-    assert kept == record and reused.read("hit") == table.read("hit") and reused.items() == 2
+    assert kept == record and reused.read(["hit"])[0] == table.read(["hit"])[0] and reused.items() == 2
     assert table_key(RunConfig(item_statistics=True, split="validation")) != table_key(cfg)
 
 
