@@ -80,10 +80,10 @@ def seen_user(user, role: str, cfg: RunConfig):
     return validation_view(user, task, cfg.validation_items) if role == "test" and cfg.split == "validation" else user
 
 
-def annotated(user, cfg: RunConfig, config: ConfigRecord):
-    """(`user` with each question and history item reading what the population says of its item, the readings of
+def annotated(user, role: str, cfg: RunConfig, config: ConfigRecord):
+    """(`user` with each question and history item reading what the other users say of its item, the readings of
     the queries' items) under --item-statistics, from the table the message carries; else (`user`, [])."""
-    from client.item_statistics import annotate, query_readings
+    from client.item_statistics import annotate, others_table, query_readings
     from common.item_table import ItemTable
     from common.tasks import get_task
 
@@ -93,7 +93,8 @@ def annotated(user, cfg: RunConfig, config: ConfigRecord):
     if table is None:
         raise RuntimeError("item-statistics is on, but the message carries no item table")
     task = get_task(cfg.task)
-    return annotate(user, task, table), query_readings(user, task, table)
+    rest = others_table(user, role, task, table)
+    return annotate(user, task, rest), query_readings(user, task, rest)
 
 
 def _setup(config: ConfigRecord, context: Context):
@@ -141,7 +142,7 @@ def _adapt_locally(config: ConfigRecord, state: dict[str, torch.Tensor], context
 
     cfg, _, _, _, base, tokenizer = _setup(config, context)
     user, role, _ = node_user(context)
-    user, _ = annotated(seen_user(user, role, cfg), cfg, config)
+    user, _ = annotated(seen_user(user, role, cfg), role, cfg, config)
     new_state, num_examples, metrics = task_adaptation_step(base, tokenizer, cfg, user, state, int(config[p.SERVER_ROUND]))
     task = get_task(cfg.task)
     return cfg, new_state, num_examples, metrics["loss"], answer_frequencies(task, user) if task.labels else []
@@ -197,8 +198,9 @@ def adapt_secure(msg: Message, context: Context) -> Message:
 
 
 def _item_table_reply(msg: Message, context: Context) -> Message:
-    """The collect stage of the item-table round (--item-statistics): this node's item table as the one vector,
-    weight 1, which secaggplus_mod masks; no model is loaded."""
+    """The collect stage of the item-table round (--item-statistics): a training user's item table as the one
+    vector, weight 1, which secaggplus_mod masks; no model is loaded. A test user's node refuses: it sends
+    metric statistics only."""
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
@@ -206,7 +208,10 @@ def _item_table_reply(msg: Message, context: Context) -> Message:
     from common.tasks import get_task
 
     cfg, _ = _run_config(msg.content[p.FITINS_CONFIG])
-    vector = contribution(seen_user(*node_user(context)[:2], cfg), get_task(cfg.task)).vector()
+    user, role, _ = node_user(context)
+    if role != "train":
+        raise RuntimeError("the item-table round asked a test user's node: only training users send item tables")
+    vector = contribution(user, get_task(cfg.task)).vector()
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vector), 1, {})
     return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
@@ -222,7 +227,7 @@ def personalize(msg: Message, context: Context) -> Message:
     config = msg.content[p.CONFIG]
     cfg, model_dir, model_sha, device, pristine, tokenizer = _setup(config, context)
     user, role, user_dir = node_user(context)
-    seen, readings = annotated(seen_user(user, role, cfg), cfg, config)
+    seen, readings = annotated(seen_user(user, role, cfg), role, cfg, config)
     store = UserStore(user_dir.parent.parent, seen.user_id)
     arrays = msg.content[p.ARRAYS]
     task_sha = str(config.get(p.TASK_ADAPTER_SHA256, ""))

@@ -3,11 +3,13 @@ and the user's prompts annotated from the table (`--item-statistics`; docs/priva
 
 A personal adapter learns the user's level; to beat it the model must know how people rate each item
 (docs/quality.md). The task LoRA learns that only from the whole population's ratings at many large steps, hours on 2
-cores. This is the cheap route: every node adds, for each item it rated, the rating, its offset from the user's
-mean rating and a count into a hashed table (common/item_table.py); SecAgg+ sums the tables, so the server learns
-only the population's sums; every node then reads, beside each question, the other users' mean rating of that item
-and how far it is from their own usual rating. A node removes its own contribution before it reads an item it rated
-itself (leave one out), so no prompt shows the user's own rating of the item it asks about.
+cores. This is the cheap route: every training user's node (the population outside the test users, as in the paper)
+adds, for each item it rated, the rating, its offset from the user's mean rating and a count into a hashed table
+(common/item_table.py); SecAgg+ sums the tables, so the server learns only the population's sums; every node then
+reads, beside each question, the other users' mean rating of that item and how far it is from their own usual
+rating. A test user's node sends no table (it sends metric statistics only); a training user's node removes its
+own contribution before it reads the table (leave one out), so no prompt shows the user's own rating of the item
+it asks about.
 """
 
 from __future__ import annotations
@@ -43,14 +45,18 @@ def others_line(reading: ItemReading) -> str:
             f"({reading.raters} rated it)")
 
 
-def annotate(user: User, task: TaskSpec, table: ItemTable) -> User:
+def others_table(user: User, role: str, task: TaskSpec, table: ItemTable) -> ItemTable:
+    """The population `table` without `user`'s own ratings: a training user's contribution is in the sum, a test
+    user's never is (role: the node's, "train" or "test")."""
+    return table.minus(contribution(user, task)) if role == "train" else table
+
+
+def annotate(user: User, task: TaskSpec, others: ItemTable) -> User:
     """The user with each query's input and each history item's question (its ANNOTATION_FIELD) ending in its
-    item's `others_line`, read from the population `table` without this user's own contribution
-    (`contribution(user)`; the queries' items are not in it). Both then read '...movie: <movie>; other users rate
-    it ...'; an item nobody else rated gets no line. Retrieved items stay as they were: one item's line beside the
+    item's `others_line`, read from `others` (the population's table without this user: `others_table`). Both then read
+    '...movie: <movie>; other users rate it ...'; an item nobody else rated gets no line. Retrieved items stay as they were: one item's line beside the
     question's own would be a second number to confuse with it (validation: `oppu+rag-k1` 0.904 with it, 0.856
     without; docs/quality.md)."""
-    others = table.minus(contribution(user, task))
     texts = [item_text(task, item.fields) for item in user.history]
     texts += [task.retrieval_query(q.input) for q in user.queries]
     lines = [f"; {others_line(r)}" if r.raters else "" for r in others.read(texts)]
@@ -60,7 +66,7 @@ def annotate(user: User, task: TaskSpec, table: ItemTable) -> User:
     return dataclasses.replace(user, history=history, queries=queries)
 
 
-def query_readings(user: User, task: TaskSpec, table: ItemTable) -> list[ItemReading]:
-    """The table's reading of each query's item (not in the user's own contribution), for the reference rows
-    ref-population and ref-level-item (client/references.py); `user` as it was before `annotate`."""
-    return table.read([task.retrieval_query(q.input) for q in user.queries])
+def query_readings(user: User, task: TaskSpec, others: ItemTable) -> list[ItemReading]:
+    """The reading of each query's item in `others`, for the reference rows ref-population and ref-level-item
+    (client/references.py); `user` as it was before `annotate`."""
+    return others.read([task.retrieval_query(q.input) for q in user.queries])

@@ -168,12 +168,12 @@ def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
 
     item_table, item_record = None, None
     if cfg.item_statistics:
-        if len(ready) < 2:
-            raise RuntimeError(f"item-statistics: SecAgg+ needs 2 or more nodes, {len(ready)} ready; "
-                               f"errors: {errors[:3]}")
+        if len(train_nodes) < 2:
+            raise RuntimeError(f"item-statistics: SecAgg+ needs 2 or more training-user nodes, {len(train_nodes)} "
+                               f"ready; errors: {errors[:3]}")
         start = time.perf_counter()
-        item_table, item_record = sum_item_tables(grid, cfg, _message_config(cfg, model_sha),
-                                                  [n.node_id for n in ready], opts.run_dir, opts.timeout)
+        item_table, item_record = sum_item_tables(grid, cfg, _message_config(cfg, model_sha), train_nodes,
+                                                  opts.run_dir, opts.timeout)
         timings["item-statistics-seconds"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -1,7 +1,8 @@
-"""`--item-statistics`: the population's item table, summed under Flower's SecAgg+ over every ready node before task
-adaptation, then sent back to every node with each message (client/item_statistics.py reads it into prompts).
+"""`--item-statistics`: the population's item table, summed under Flower's SecAgg+ over the training users' nodes
+before task adaptation, then sent to every node with each message (client/item_statistics.py reads it into
+prompts). Test users' nodes send no table: they send metric statistics only.
 
-The server learns the sum of all nodes' tables and nothing of one node's (the SecAgg+ round of
+The server learns the sum of the training users' tables and nothing of one node's (the SecAgg+ round of
 server/secure_aggregation.py, with its dropout recovery); the table is kept in the run directory, so a resumed
 run annotates its prompts exactly as the interrupted one did.
 """

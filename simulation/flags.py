@@ -111,6 +111,9 @@ def check_run_flags(args: argparse.Namespace, cfg: RunConfig, run_dir: Path | No
     if cfg.secure_aggregation and cfg.rounds and per_round < 2:
         raise SetupError(f"--secure-aggregation: SecAgg+ needs 2 or more training users per round, got {per_round} "
                          "(--train-clients times --fraction-train)")
+    if cfg.item_statistics and counts.training(cfg) < 2:
+        raise SetupError(f"--item-statistics: the item table is summed over 2 or more training users' nodes (SecAgg+), "
+                         f"got {counts.training(cfg)} (--train-clients, and --rounds above 0)")
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise SetupError(f"--timeout {args.timeout}: expected a finite number of seconds > 0")
     _check_directory_flag("--run-dir", run_dir or getattr(args, "run_dir", None) or RUNS_DIR,

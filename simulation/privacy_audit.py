@@ -5,7 +5,8 @@ Neither side's log is trusted alone: every check reads both. Checks: both logs a
 undecodable or repeated line; a message a client received again in a new worker process, after the worker running it
 died, is a redelivery, not a repeat); no tensor in a reply (as the client sent it or the server received it) is, by
 name or content hash, a personal adapter's; every reply carries only the keys its phase allows (a secure-adapt
-reply no tensor); in a secure-aggregation run (run.json or a message's run config says so) no clear adapt-phase
+reply no tensor); a test user's node replies only to announce, model transfer and personalize messages; in a
+secure-aggregation run (run.json or a message's run config says so) no clear adapt-phase
 update reaches the server; no planted canary string appears in any payload, and audit/canaries.json lists every canary the node stores hold; the logs agree per
 attempt and message id in both directions (every message one side sent the other side received, with the same
 content hash and node). An attempt is one Flower run (its run id is on every line): an interrupted attempt that a
@@ -156,6 +157,20 @@ def reply_violations(entry: dict[str, Any], adapter_names: set[str], adapter_has
     return problems
 
 
+# the phases a test user's node may reply in: it announces, stores the model and sends metric statistics; training
+# (task-LoRA updates, item tables) is the training users' part
+TEST_USER_PHASES = {p.ANNOUNCE, p.MODEL_CHUNK, p.PERSONALIZE}
+
+
+def test_user_violations(entries: list[dict[str, Any]]) -> list[str]:
+    """A test user's node (its announce reply says its role) sends nothing but replies in TEST_USER_PHASES."""
+    test_nodes = {_node(e) for e in entries if _is_reply(e) and e.get("message_type") == p.ANNOUNCE
+                  and any(r["type"] == "config" and r["values"].get(p.ROLE) == "test" for r in e["records"].values())}
+    return [f"{_where(e)}: a test user's node replies in phase {PHASES.get(e.get('message_type'), e.get('message_type'))}"
+            " (test users send metric statistics only)"
+            for e in entries if _is_reply(e) and _node(e) in test_nodes and e.get("message_type") not in TEST_USER_PHASES]
+
+
 def secure_run(run_dir: Path, entries: list[dict[str, Any]]) -> bool:
     """Whether the run was meant to aggregate securely: its run.json says so, or a message's run config does."""
     settings = run_dir / "run.json"
@@ -262,6 +277,7 @@ def audit(run_dir: Path, sides: tuple[str, ...] = SIDES) -> dict[str, Any]:
         "personal-tensors-and-keys": [v for e in entries if _is_reply(e) for v in reply_violations(e, names, hashes)],
         "canaries": canary_problems + [v for e in entries for v in canary_violations(e, canaries)],
         "updates-masked": masking_violations(entries) if secure_run(run_dir, entries) else [],
+        "test-users-send-metrics-only": test_user_violations(entries),
     }
     in_flight = 0
     if len(sides) == 2:

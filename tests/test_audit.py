@@ -113,7 +113,7 @@ def test_honest_run_passes_the_audit(
     assert summary["passed"] and summary["canaries_planted"] == 4
     assert summary["personal_adapters_checked"] == 2
     assert set(summary["checks"]) == {"logs-whole", "personal-tensors-and-keys", "canaries", "logs-agree",
-                                      "updates-masked"}
+                                      "updates-masked", "test-users-send-metrics-only"}
     assert len(summary["attempts"]) == 1 and summary["sent_not_received_in_interrupted_attempts"] == 0
     assert set(summary["phases"]) == {"announce", "adapt", "personalize"}
     # the adapt phase carries the task LoRA both ways; personalize replies are small metric records
@@ -236,3 +236,16 @@ def test_tampered_resumed_run_fails_the_audit(
     tamper(run_dir / "audit")
     assert audit_main([str(run_dir)]) == 1
     assert any(message in v for v in _summary(run_dir)["checks"]["logs-agree"]["violations"])
+
+
+def test_a_test_users_node_that_trains_fails_the_audit(honest_run: Path, tmp_path: Path) -> None:
+    """The honest run with its training users' nodes announced as test users, in both logs: their adapt replies
+    are what a test user's node may never send (test users send metric statistics only)."""
+    run_dir = _copy(honest_run, tmp_path)
+    for side in ("client", "server"):
+        path = run_dir / "audit" / f"{side}.jsonl"
+        path.write_text(path.read_text().replace(f'"{p.ROLE}": "train"', f'"{p.ROLE}": "test"'))
+    assert audit_main([str(run_dir)]) == 1
+    violations = _summary(run_dir)["checks"]["test-users-send-metrics-only"]["violations"]
+    assert len(violations) == 4  # 2 training users' replies, in both logs
+    assert all(f"{p.ADAPT} message" in v and "a test user's node replies in phase adapt" in v for v in violations)

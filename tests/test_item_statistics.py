@@ -1,5 +1,6 @@
-"""--item-statistics on a device: a user's contribution, the table's wire form, and prompts annotated from the
-population's table without the user's own ratings (hand-computed values)."""
+"""--item-statistics on a device: a training user's contribution, the table's wire form, and prompts annotated from
+the training users' table without the user's own ratings (hand-computed values); a real run in which only
+training users' nodes send a table."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ import pytest
 from flwr.app import ConfigRecord
 
 from client.data import HistoryItem, Query, User, load_oppu
-from client.history import validation_view
-from client.item_statistics import annotate, contribution, others_line
+from client.item_statistics import annotate, contribution, others_line, others_table
 from common import protocol as p
 from common.config import RunConfig
 from common.item_table import BUCKETS, SHRINK, ItemReading, ItemTable, bucket
@@ -20,7 +20,8 @@ from common.tasks import get_task
 from common.store import atomic_write_json
 from server.item_statistics import item_table_path, sum_item_tables, table_key
 from simulation.engine import SimulationOptions, simulate
-from simulation.flags import build_parser, run_config_of, user_counts
+from simulation.errors import SetupError
+from simulation.flags import build_parser, check_run_flags, run_config_of, user_counts
 from simulation.privacy_audit import main as audit_main
 
 MOVIELENS = get_task("MovieLens")
@@ -70,8 +71,11 @@ def test_the_wire_form_keeps_rated_buckets_and_averages_turn_back_into_sums() ->
 def test_prompts_read_the_others_ratings_without_the_users_own() -> None:
     others = [rated(f"r{i}", [("hit", 5), ("flop", 1)]) for i in range(6)]  # each: hit +2, flop -2
     me = rated("me", [("hit", 1), ("old", 3)], asked=[("flop", 2), ("unseen", 3)])  # my level 2: hit -1
-    view = annotate(me, MOVIELENS, summed([*others, me]))
     without_me = summed(others)
+    # a training user's ratings are in the sum and come out; a test user's never went in
+    assert np.array_equal(others_table(me, "train", MOVIELENS, summed([*others, me])).ratings, without_me.ratings)
+    assert others_table(me, "test", MOVIELENS, without_me) is without_me
+    view = annotate(me, MOVIELENS, others_table(me, "train", MOVIELENS, summed([*others, me])))
     question, answer = MOVIELENS.item_example(view.history[0].fields)
     assert question == MOVIELENS.question_template.format(movie=f"hit; {others_line(without_me.read(['hit'])[0])}")
     assert answer == "1" and MOVIELENS.item_text(view.history[0].fields) == "hit; rated 1 of 5"  # retrieved: as it was
@@ -102,10 +106,19 @@ def test_item_statistics_needs_a_rating_task() -> None:
     assert "split" not in RunConfig().task_adaptation_settings()
 
 
-def test_a_run_sums_every_nodes_table_under_secagg_and_reports_the_item_rows(tmp_path: Path) -> None:
+def test_the_table_needs_two_training_users(tmp_path: Path) -> None:
+    parser = build_parser()
+    for flags in (["--train-clients", "1"], ["--rounds", "0"]):
+        args = parser.parse_args(["--item-statistics", "--run-dir", str(tmp_path / "run"), *flags])
+        with pytest.raises(SetupError, match="item table is summed over 2 or more training users"):
+            check_run_flags(args, run_config_of(args, parser))
+
+
+def test_a_run_sums_the_training_users_tables_under_secagg_and_reports_the_item_rows(tmp_path: Path) -> None:
     """A real run (tiny model, MovieLens, 3 test and 2 training users): the server's table is the exact sum of the
-    five nodes' tables as each node's store holds its user, the reference rows built on it are reported, and the
-    audit passes (the tables travelled masked)."""
+    two training nodes' tables as each store holds its user, no test user's node sent one, the reference rows built
+    on it are reported, and the audit passes (the tables travelled masked; test nodes replied only to announce,
+    transfer and personalize)."""
     run_dir = tmp_path / "run"
     argv = ["--model", "tiny-random", "--num-clients", "3", "--train-clients", "2", "--rounds", "1", "--methods",
             "base", "--split", "validation", "--item-statistics", "--task-history", "4", "--max-history", "4",
@@ -113,17 +126,16 @@ def test_a_run_sums_every_nodes_table_under_secagg_and_reports_the_item_rows(tmp
     parser = build_parser()
     args = parser.parse_args(argv)
     _, report = simulate(run_config_of(args, parser), user_counts(args), SimulationOptions.from_args(args))
-    assert report is not None and report["item_statistics"]["nodes"] == 5
+    assert report is not None and report["item_statistics"]["nodes"] == 2
     expected = ItemTable.empty()
     for data in sorted(run_dir.glob("clients/*/data.json")):
-        record = json.loads(data.read_text())
-        user = load_oppu(data, "MovieLens")[0]
-        seen = validation_view(user, MOVIELENS, 5) if record["role"] == "test" else user
-        mine = contribution(seen, MOVIELENS)
+        if json.loads(data.read_text())["role"] == "test":
+            continue
+        mine = contribution(load_oppu(data, "MovieLens")[0], MOVIELENS)
         expected = ItemTable(expected.ratings + mine.ratings, expected.offsets + mine.offsets,
                              expected.counts + mine.counts)
     table = ItemTable.from_config(json.loads((run_dir / "server" / "item_table.json").read_text()))
-    assert table is not None and table.items() == expected.items() > 100
+    assert table is not None and table.items() == expected.items() > 40
     assert np.array_equal(table.counts, expected.counts)
     assert np.allclose(table.ratings, expected.ratings, atol=1e-3)
     assert np.allclose(table.offsets, expected.offsets, atol=1e-3)
