@@ -7,7 +7,7 @@ Phases and their messages (server -> node, node -> server):
                                                                         the user's answer-label shares)
 - personalize train.personalize  arrays: task LoRA, config: run config  reply metrics: statistics only
                                  + the best constant answer
-- item-table  train             with --item-statistics, before adapt: one SecAgg+ round of every node (the stages
+- item-table  train             with --item-statistics, before adapt: one SecAgg+ round of the training nodes (the stages
                                  below) whose masked vector is the node's item table (common/item_table.py); every
                                  later config carries the summed table
 - secure-adapt train             with --secure-aggregation, the adapt phase under Flower's SecAgg+: four
