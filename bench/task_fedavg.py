@@ -139,9 +139,11 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfig]:
     args = parser.parse_args(argv)
     check_counts(parser, args, ("num_clients", "asked_movies", "raters", "rounds", "score_every", "batch_tokens",
                                 "central_batch_tokens", "lora_r"))
+    if not 0 < args.fraction_train <= 1:
+        parser.error(f"--fraction-train {args.fraction_train}: expected a share in (0, 1]")
     try:  # the run's own checks of the settings it shares with a run
         cfg = RunConfig(lora_r=args.lora_r, lora_targets=args.lora_targets, task_lr=args.lr, dtype=args.dtype,
-                        fraction_train=args.fraction_train, local_epochs=args.local_epochs,
+                        local_epochs=args.local_epochs,
                         server_lr=args.server_lr, server_momentum=args.server_momentum)
     except ValueError as problem:
         parser.error(str(problem))
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             point("federated", 0, 0, 0.0, None)
             local = dataclasses.replace(cfg.task_training(), max_batch_tokens=args.batch_tokens)
             names = sorted(clients)
-            sample = max(1, round(len(names) * cfg.fraction_train))
+            sample = max(1, round(len(names) * args.fraction_train))
             seen, seconds, round_losses = 0, 0.0, []
             for server_round in range(1, args.rounds + 1):
                 chosen = sorted(random.Random(derived_seed(cfg.seed, "fedavg", server_round)).sample(names, sample))

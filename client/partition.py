@@ -41,12 +41,12 @@ def load_users(cfg: RunConfig, num_users_hint: int) -> list[User]:
 
 def split_users(users: list[User], counts: UserCounts, cfg: RunConfig) -> tuple[list[User], list[User]]:
     """Test users = the `counts.test` longest histories (as in the paper); training users = a seeded sample of the
-    rest."""
+    rest (all of it by default, as in the paper)."""
     if counts.test > len(users):
         raise ValueError(f"--num-clients {counts.test} exceeds the {len(users)} users in the data")
     ranked = sorted(users, key=lambda u: (-len(u.history), u.user_id))
     test, rest = ranked[:counts.test], ranked[counts.test:]
-    train = random.Random(cfg.seed).sample(rest, min(counts.training(cfg), len(rest)))
+    train = random.Random(cfg.seed).sample(rest, counts.training(cfg, len(rest)) or 0)
     return test, train
 
 
@@ -55,7 +55,7 @@ def own_partition(run_config: tuple[tuple[str, Any], ...], partition_id: int) ->
     """Under `flwr run`: compute the same split every node computes and write only this node's store;
     (the store's directory, the run directory)."""
     cfg, counts, run_dir = flwr_run_settings(dict(run_config))
-    test, train = split_users(load_users(cfg, counts.test + counts.train), counts, cfg)
+    test, train = split_users(load_users(cfg, counts.users_hint()), counts, cfg)
     role, user = ("test", test[partition_id]) if partition_id < len(test) else ("train", train[partition_id - len(test)])
     store = UserStore(run_dir, user.user_id)
     atomic_write_json(store.data, {**user.to_json(), "role": role})

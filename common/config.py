@@ -99,7 +99,7 @@ class TrainingSettings:
 DEFAULT_METHODS = ("base", "rag", "pag", "oppu", "oppu+rag")
 # the least value of each integer setting, and the float settings that must be positive
 AT_LEAST = {
-    "rounds": 0, "max_history": 0, "task_history": 0, "seed": 0, "k": 1, "lora_alpha": 1, "max_prompt_tokens": 1,
+    "rounds": 0, "train_per_round": 1, "max_history": 0, "task_history": 0, "seed": 0, "k": 1, "lora_alpha": 1, "max_prompt_tokens": 1,
     "batch_tokens": 1, "task_batch_tokens": 0, "profile_items": 1, "profile_max_tokens": 1, "num_queries": 1,
     "validation_items": 1, "selection_items": 1, "max_text_chars": 1, "max_user_history": 1,
 }
@@ -154,7 +154,7 @@ class RunConfig:
     lora_alpha: int = _opt(16, "LoRA alpha")
     lora_targets: str = _opt("q_proj,v_proj", "comma-separated module names that get LoRA")
     rounds: int = _opt(2, "task-adaptation FedAvg rounds (0 skips task adaptation)")
-    fraction_train: float = _opt(1.0, "fraction of training-user nodes sampled per round")
+    train_per_round: int = _opt(20, "training-user nodes sampled per task-adaptation round (every one when fewer)")
     server_lr: float = _opt(
         1.0,
         "task adaptation: the server's learning rate on the round's averaged update (Flower's FedAvgM; 1 with "
@@ -285,8 +285,6 @@ class RunConfig:
             raise ValueError(f"quantize {self.quantize} runs on CUDA only (bitsandbytes' 4-bit LoRA gradients are "
                              "not reliable on a CPU); drop --quantize or use --device auto/cuda on a GPU host")
         check_device_name(self.device)
-        if not 0.0 < self.fraction_train <= 1.0:
-            raise ValueError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
         if self.server_lr <= 0 or not 0 <= self.server_momentum < 1:
             raise ValueError(f"server-lr must be > 0 and server-momentum in [0, 1), got {self.server_lr} and "
                              f"{self.server_momentum}")
@@ -327,8 +325,6 @@ class RunConfig:
     def task_adaptation_settings(self) -> dict[str, Any]:
         """What the shared task adapter depends on: the record without the personalization-only settings."""
         record = {key: value for key, value in self.to_record().items() if key not in PERSONALIZATION_ONLY_KEYS}
-        if self.item_statistics:  # the test users' seen histories are in the item table the prompts read
-            record["split"] = self.split
         return {**record, "retrieval-depths": self.retrieval_depths()}
 
     def prompt_settings(self, k: int = 0, use_profile: bool = False, history_format: HistoryFormat = "both") -> PromptSettings:
@@ -368,26 +364,43 @@ PHASE_TIMEOUT = 6 * 3600.0  # seconds the server waits for a phase's replies unl
 @dataclass(frozen=True)
 class UserCounts:
     """How many users become nodes: test users (--num-clients, the longest histories) and training users
-    (--train-clients, sampled from the rest; they get nodes only while there is task adaptation)."""
+    (--train-clients, sampled from the rest, or None: all of the rest; they get nodes only while there is task
+    adaptation)."""
 
     test: int = 100
-    train: int = 20
+    train: int | None = None
 
     def __post_init__(self) -> None:
         if self.test < 1:
             raise ValueError(f"--num-clients {self.test}: expected at least 1 test user")
-        if self.train < 0:
+        if self.train is not None and self.train < 0:
             raise ValueError(f"--train-clients {self.train}: expected 0 or more training users")
 
-    def training(self, cfg: RunConfig) -> int:
-        """Training users that get a node: none when --rounds 0 skips task adaptation."""
-        return self.train if cfg.rounds else 0
+    def training(self, cfg: RunConfig, available: int | None = None) -> int | None:
+        """Training users that get a node: none when --rounds 0 skips task adaptation; at most the `available`
+        users outside the test users (None: not known before the data is read)."""
+        if not cfg.rounds:
+            return 0
+        if self.train is None:
+            return available
+        return self.train if available is None else min(self.train, available)
+
+    def users_hint(self) -> int:
+        """How many users a generated dataset (--data synthetic) makes: 'all' training users are as many as the
+        test users there."""
+        return self.test + (self.test if self.train is None else self.train)
 
     def nodes(self, cfg: RunConfig) -> int:
-        return self.test + self.training(cfg)
+        """The node count a `flwr run` federation is started with (its counts are numbers: RUN_KEYS)."""
+        training = self.training(cfg)
+        if training is None:
+            raise ValueError("train-clients all: a `flwr run` federation needs the number of training users "
+                             "(its num-supernodes is num-clients + train-clients)")
+        return self.test + training
 
 
-# a `flwr run` config holds these run settings beside RunConfig's keys (defaults as pyproject's)
+# a `flwr run` config holds these run settings beside RunConfig's keys (defaults as pyproject's); its training users
+# are a number, not ALL_USERS: the federation's node count is fixed before the data is read
 RUN_KEYS = {"num-clients": 100, "train-clients": 20, "run-dir": "runs/flwr-run"}
 
 

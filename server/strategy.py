@@ -27,14 +27,15 @@ class TaskAdapterFedAvg(FedAvg):
     each round's losses for the report, and `view` (--record-server-view) what the server held of each round.
     """
 
-    def __init__(self, train_nodes: list[int], fraction_train: float, seed: int, view: ServerView | None = None,
+    def __init__(self, train_nodes: list[int], per_round: int, seed: int, view: ServerView | None = None,
                  **server_step: float):
-        super().__init__(
-            fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1,
+        super().__init__(  # (Flower's own sampling is unused: `sample` draws each round's nodes)
+            fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1,
             weighted_by_key=p.NUM_EXAMPLES, arrayrecord_key=p.ARRAYS, configrecord_key=p.CONFIG,
             train_metrics_aggr_fn=self._keep_round, **server_step,
         )
         self.train_nodes = sorted(train_nodes)
+        self.per_round = per_round
         self.seed = seed
         self.view = view
         self.sampled: dict[int, int] = {}
@@ -44,7 +45,7 @@ class TaskAdapterFedAvg(FedAvg):
 
     @property
     def sample_size(self) -> int:
-        return max(1, round(len(self.train_nodes) * self.fraction_train))
+        return min(self.per_round, len(self.train_nodes))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -115,9 +116,9 @@ class TaskAdapterFedAvgM(TaskAdapterFedAvg, FedAvgM):
     its own: Flower's server-side DP wrapper accepts only FedAvg's own aggregation, and RunConfig refuses the
     server step with DP and with secure aggregation."""
 
-    def __init__(self, train_nodes: list[int], fraction_train: float, seed: int, view: ServerView | None,
+    def __init__(self, train_nodes: list[int], per_round: int, seed: int, view: ServerView | None,
                  server_lr: float, server_momentum: float):
-        super().__init__(train_nodes, fraction_train, seed, view, server_learning_rate=server_lr,
+        super().__init__(train_nodes, per_round, seed, view, server_learning_rate=server_lr,
                          server_momentum=server_momentum)
 
     def configure_train(
@@ -134,5 +135,5 @@ def task_fedavg(cfg: RunConfig, train_nodes: list[int], view: ServerView | None 
     """The run's FedAvg (FedAvgM with a server step) over the training nodes; server/defenses.py puts the
     configured defense around it."""
     if cfg.takes_server_step():
-        return TaskAdapterFedAvgM(train_nodes, cfg.fraction_train, cfg.seed, view, cfg.server_lr, cfg.server_momentum)
-    return TaskAdapterFedAvg(train_nodes, cfg.fraction_train, cfg.seed, view)
+        return TaskAdapterFedAvgM(train_nodes, cfg.train_per_round, cfg.seed, view, cfg.server_lr, cfg.server_momentum)
+    return TaskAdapterFedAvg(train_nodes, cfg.train_per_round, cfg.seed, view)

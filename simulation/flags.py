@@ -11,10 +11,20 @@ from pathlib import Path
 
 from client.model_build import UnknownModelError, linear_module_names, resolve_model
 from client.quantize import quantization_problem
-from common.config import PHASE_TIMEOUT, RunConfig, UserCounts
+from common.config import PHASE_TIMEOUT, RUN_KEYS, RunConfig, UserCounts
 from common.exit_status import BAD_INPUT
 from simulation.errors import SetupError
 from simulation.run_dir import RUNS_DIR
+
+
+def train_clients(text: str) -> int | None:
+    """--train-clients: a number of training users, or 'all' (None): every user outside the test users."""
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of training users or 'all', got {text!r}") from None
 
 
 def gpu_share(text: str) -> str | float:
@@ -56,8 +66,10 @@ def add_run_flags(
     """
     run = parser.add_argument_group("run")
     run.add_argument("--num-clients", type=int, default=UserCounts.test, help="test users (one node each): the longest histories")
-    run.add_argument("--train-clients", type=int, default=UserCounts.train,
-                     help="training-user nodes for task adaptation (a seeded sample of the other users)")
+    run.add_argument("--train-clients", type=train_clients,
+                     default=UserCounts.train if simulation else RUN_KEYS["train-clients"],
+                     help="training-user nodes (a seeded sample of the other users, or 'all' of them: the "
+                          "simulation's default, the paper's split); each round samples --train-per-round of them")
     if one_run:
         run.add_argument("--run-dir", type=Path, default=None,
                          help="where everything is written (default: runs/<time>-<task>; with --resume: the latest run)")
@@ -107,13 +119,14 @@ def check_run_flags(args: argparse.Namespace, cfg: RunConfig, run_dir: Path | No
     model is resolved here (built into the model cache on first use, as the server would), so an unknown --model
     stops the run before Ray does."""
     counts = user_counts(args)
-    per_round = max(1, round(counts.training(cfg) * cfg.fraction_train))
+    training = counts.training(cfg)  # (None: every user outside the test users, counted when the data is read)
+    per_round = cfg.train_per_round if training is None else min(training, cfg.train_per_round)
     if cfg.secure_aggregation and cfg.rounds and per_round < 2:
         raise SetupError(f"--secure-aggregation: SecAgg+ needs 2 or more training users per round, got {per_round} "
-                         "(--train-clients times --fraction-train)")
-    if cfg.item_statistics and counts.training(cfg) < 2:
+                         "(--train-clients, --train-per-round)")
+    if cfg.item_statistics and training is not None and training < 2:
         raise SetupError(f"--item-statistics: the item table is summed over 2 or more training users' nodes (SecAgg+), "
-                         f"got {counts.training(cfg)} (--train-clients, and --rounds above 0)")
+                         f"got {training} (--train-clients, and --rounds above 0)")
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise SetupError(f"--timeout {args.timeout}: expected a finite number of seconds > 0")
     _check_directory_flag("--run-dir", run_dir or getattr(args, "run_dir", None) or RUNS_DIR,

@@ -24,7 +24,7 @@ from simulation.errors import SetupError
 def partition_users(cfg: RunConfig, counts: UserCounts) -> tuple[list[User], list[User]]:
     """(test users, training users) of the configured data; bad data, or too few users, is a SetupError."""
     try:
-        return split_users(load_users(cfg, counts.test + counts.train), counts, cfg)
+        return split_users(load_users(cfg, counts.users_hint()), counts, cfg)
     except DataError as e:
         raise SetupError(f"--data: {e}") from e
     except ValueError as e:

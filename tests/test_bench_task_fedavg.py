@@ -109,7 +109,7 @@ def test_with_lora_a_frozen_only_b_trains_and_a_stays_as_initialised(tiny, tmp_p
 
 
 def test_bad_flags_are_refused(capsys):
-    for argv, message in [(["--fraction-train", "0"], "fraction-train must be in (0, 1], got 0.0"),
+    for argv, message in [(["--fraction-train", "0"], "--fraction-train 0.0: expected a share in (0, 1]"),
                           (["--modes", "both"], "expected central, federated or both"),
                           (["--raters", "0"], "--raters must be at least 1"),
                           (["--server-momentum", "1"], "server-lr must be > 0 and server-momentum in [0, 1), got 1.0 and 1.0")]:

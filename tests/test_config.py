@@ -44,13 +44,19 @@ def test_user_counts_rule_training_users_out_without_task_adaptation() -> None:
         UserCounts(0, 5)
     with pytest.raises(ValueError, match="--train-clients -1: expected 0 or more"):
         UserCounts(1, -1)
+    every = UserCounts(3)  # --train-clients all, the simulation's default: every user outside the test users
+    assert (every.training(RunConfig(rounds=2), available=40), every.training(RunConfig(rounds=2))) == (40, None)
+    assert every.training(RunConfig(rounds=0), available=40) == 0 and every.users_hint() == 6
+    assert counts.training(RunConfig(rounds=2), available=4) == 4  # never more than the data holds
+    with pytest.raises(ValueError, match="a `flwr run` federation needs the number of training users"):
+        every.nodes(RunConfig())
 
 
 def test_from_record_rejects_unknown_keys_and_bad_values() -> None:
     with pytest.raises(ValueError, match=r"unknown config keys \['lora-rank'\]"):
         RunConfig.from_record({"lora-rank": 4})
-    with pytest.raises(ValueError, match="fraction-train must be in"):
-        RunConfig(fraction_train=0.0)
+    with pytest.raises(ValueError, match="train-per-round must be >= 1, got 0"):
+        RunConfig(train_per_round=0)
     with pytest.raises(ValueError, match="server-lr must be > 0 and server-momentum in"):
         RunConfig(server_momentum=1.0)
     for defense in ({"dp_noise": 1.0}, {"secure_aggregation": True}):
@@ -95,6 +101,21 @@ def test_gpus_per_client_flag_takes_auto_or_a_share(capsys: pytest.CaptureFixtur
             build_parser().parse_args(["--gpus-per-client", bad])
         assert stopped.value.code == 2
         assert f"expected 'auto' or a number >= 0, got '{bad}'" in capsys.readouterr().err
+
+
+def test_train_clients_flag_takes_all_or_a_number(capsys: pytest.CaptureFixture[str]) -> None:
+    """The simulation draws on every user outside the test users by default; a deployment, whose SuperNodes are
+    started per user, on a number (flwr run's)."""
+    from simulation.deploy.cli import build_parser as deploy_parser
+
+    assert build_parser().parse_args([]).train_clients is None
+    assert build_parser().parse_args(["--train-clients", "all"]).train_clients is None
+    assert build_parser().parse_args(["--train-clients", "7"]).train_clients == 7
+    assert deploy_parser().parse_args(["local"]).train_clients == RUN_KEYS["train-clients"]
+    with pytest.raises(SystemExit) as stopped:
+        build_parser().parse_args(["--train-clients", "most"])
+    assert stopped.value.code == 2
+    assert "expected a number of training users or 'all', got 'most'" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

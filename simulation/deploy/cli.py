@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from common.config import RunConfig, UserCounts
+from common.config import RUN_KEYS, RunConfig, UserCounts
 from common.exit_status import FAILED, INTERRUPTED
 from simulation.deploy.roles import (
     PARTITION_FIELDS,
@@ -32,7 +32,7 @@ from simulation.deploy.roles import (
     start_run,
 )
 from simulation.errors import SetupError
-from simulation.flags import add_run_flags, check_run_flags, run_config_of, user_counts
+from simulation.flags import add_run_flags, check_run_flags, run_config_of, train_clients, user_counts
 from simulation.outcome import exit_status, setup_failure
 
 ROLES = ("local", "superlink", "register", "supernode", "partition", "run")
@@ -135,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "the machine that holds the user), <out>/nodes.json, <out>/audit/canaries.json.")
     part.add_argument("--out", type=Path, required=True, help="a new directory for the files")
     part.add_argument("--num-clients", type=int, default=UserCounts.test, help="test users: the longest histories")
-    part.add_argument("--train-clients", type=int, default=UserCounts.train,
-                      help="training users (a seeded sample of the others)")
+    part.add_argument("--train-clients", type=train_clients, default=RUN_KEYS["train-clients"],
+                      help="training users (a seeded sample of the others, or 'all' of them)")
     part.add_argument("--canaries", action="store_true",
                       help="plant a unique marker in every user's history; `oppu-audit` checks none is sent")
     fields = {f.name: f for f in dataclasses.fields(RunConfig)}

@@ -49,6 +49,7 @@ def deploy(run_dir: Path, cfg: RunConfig, counts: UserCounts, node_caches: Path 
         raise SetupError(f"--run-dir {run_dir}: already holds a deployment; use another --run-dir")
     test, train = partition_users(cfg, counts)
     nodes = write_partitions(run_dir, test, train, {})
+    counts = UserCounts(len(test), len(train))  # (--train-clients all: the federation's node count, now known)
     ca, cert, key = make_tls(deploy_dir / "tls", ["localhost", "127.0.0.1"])
     port = free_port()
     flwr_home = deploy_dir / "flwr-home"
@@ -185,6 +186,8 @@ def start_run(superlink: str, ca: Path, cfg: RunConfig, counts: UserCounts, run_
     run_dir = run_dir.resolve()
     if (run_dir / "deploy").exists():
         raise SetupError(f"--run-dir {run_dir}: already holds a run; use another --run-dir")
+    if counts.train is None:
+        raise SetupError("--train-clients all: give the number of training users, as the SuperNodes started for them")
     if partition is not None:
         nodes = read_json(partition / "nodes.json")
         if not isinstance(nodes, list):
