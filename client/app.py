@@ -87,7 +87,7 @@ def annotated(user, role: str, cfg: RunConfig, config: ConfigRecord):
     from common.item_table import ItemTable
     from common.tasks import get_task
 
-    if not cfg.item_statistics:
+    if not cfg.uses_item_table():
         return user, []
     table = ItemTable.from_config(config)
     if table is None:

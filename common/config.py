@@ -153,7 +153,7 @@ class RunConfig:
     lora_r: int = _opt(8, "LoRA rank")
     lora_alpha: int = _opt(16, "LoRA alpha")
     lora_targets: str = _opt("q_proj,v_proj", "comma-separated module names that get LoRA")
-    rounds: int = _opt(2, "task-adaptation FedAvg rounds (0 skips task adaptation)")
+    rounds: int = _opt(4, "task-adaptation FedAvg rounds (0 skips task adaptation)")
     train_per_round: int = _opt(20, "training-user nodes sampled per task-adaptation round (every one when fewer)")
     server_lr: float = _opt(
         1.0,
@@ -223,10 +223,11 @@ class RunConfig:
         "average of a round's updates, losses and answer shares (needs 2+ training users per round)",
     )
     item_statistics: bool = _opt(
-        False,
-        "rating tasks: before task adaptation every node adds its ratings' offsets from its own mean into a hashed "
-        "item table, summed under SecAgg+ (the server learns only the sum); every prompt then says how far other "
-        "users rate its item from their usual rating (docs/privacy.md, docs/quality.md)",
+        True,
+        "rating tasks (label tasks ignore it): before task adaptation every training user's node adds its ratings "
+        "and their offsets from its own mean into a hashed item table, summed under SecAgg+ (the server learns only "
+        "the sum; test users send none); every question then says how other users rate its item "
+        "(docs/privacy.md, docs/quality.md)",
     )
     seed: int = _opt(0, "seed of sampling, adapter initialisation and data order")
     device: str = _opt("auto", "where clients compute: auto (CUDA if present), cpu, cuda or cuda:N")
@@ -276,8 +277,6 @@ class RunConfig:
         if self.local_dp_epsilon > 0 and (self.dp_noise > 0 or self.secure_aggregation):
             raise ValueError("local-dp-epsilon cannot be combined with dp-noise or secure-aggregation: for noise "
                              "under secure aggregation use --secure-aggregation --dp-noise (distributed DP)")
-        if self.item_statistics and get_task(self.task).metric != "regression":
-            raise ValueError(f"item-statistics needs a rating task (MovieLens, LaMP-3); {self.task} has no ratings")
         check_dtype_name(self.dtype)
         if self.quantize not in QUANTIZATIONS:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {self.quantize!r}")
@@ -292,6 +291,10 @@ class RunConfig:
             raise ValueError("server-lr and server-momentum cannot be combined with dp-noise or secure-aggregation: "
                              "there the server's update is the noised or secure average itself (its DP accounting "
                              "and masking assume so); client-side DP (--local-dp-epsilon) works with them")
+
+    def uses_item_table(self) -> bool:
+        """Whether the run sums and reads the training users' item table: --item-statistics on a rating task."""
+        return self.item_statistics and get_task(self.task).metric == "regression"
 
     def takes_server_step(self) -> bool:
         """Whether task adaptation steps on the round's average (FedAvgM) instead of taking it (plain FedAvg)."""

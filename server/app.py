@@ -167,7 +167,7 @@ def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
     timings["announce-seconds"] = time.perf_counter() - start
 
     item_table, item_record = None, None
-    if cfg.item_statistics:
+    if cfg.uses_item_table():
         if len(train_nodes) < 2:
             raise RuntimeError(f"item-statistics: SecAgg+ needs 2 or more training-user nodes, {len(train_nodes)} "
                                f"ready; errors: {errors[:3]}")
@@ -198,7 +198,7 @@ def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
 
     # per test node (the server knows nodes, not users): what the paired bootstraps resample
     per_user = {node: method_statistics(record) for node, record in records.items()}
-    references = reference_names(task, constant is not None, cfg.item_statistics)
+    references = reference_names(task, constant is not None, cfg.uses_item_table())
     report = {
         "config": cfg.to_record(),
         "model": {"name": cfg.model, "sha256": model_sha, "sent_to_nodes": len(lacking)},

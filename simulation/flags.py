@@ -108,8 +108,9 @@ def add_run_flags(
         if f.name in fixed:
             continue
         flag = f"--{f.name.replace('_', '-')}"
-        if isinstance(f.default, bool):  # a switch, off by default
-            method.add_argument(flag, action="store_true", help=f.metadata["help"])
+        if isinstance(f.default, bool):  # a switch: --x turns it on, --no-x off
+            method.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata["help"])
         else:
             method.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
 
@@ -124,9 +125,9 @@ def check_run_flags(args: argparse.Namespace, cfg: RunConfig, run_dir: Path | No
     if cfg.secure_aggregation and cfg.rounds and per_round < 2:
         raise SetupError(f"--secure-aggregation: SecAgg+ needs 2 or more training users per round, got {per_round} "
                          "(--train-clients, --train-per-round)")
-    if cfg.item_statistics and training is not None and training < 2:
+    if cfg.uses_item_table() and training is not None and training < 2:
         raise SetupError(f"--item-statistics: the item table is summed over 2 or more training users' nodes (SecAgg+), "
-                         f"got {training} (--train-clients, and --rounds above 0)")
+                         f"got {training} (--train-clients, and --rounds above 0); --no-item-statistics turns it off")
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise SetupError(f"--timeout {args.timeout}: expected a finite number of seconds > 0")
     _check_directory_flag("--run-dir", run_dir or getattr(args, "run_dir", None) or RUNS_DIR,

@@ -98,10 +98,10 @@ def test_a_resumed_run_reuses_the_saved_table_and_sends_no_message(tmp_path: Pat
     assert table_key(RunConfig(item_statistics=True, split="validation")) != table_key(cfg)
 
 
-def test_item_statistics_needs_a_rating_task() -> None:
-    assert RunConfig(item_statistics=True).item_statistics
-    with pytest.raises(ValueError, match="item-statistics needs a rating task"):
-        RunConfig(task="LaMP-2M", item_statistics=True)
+def test_item_statistics_is_on_for_rating_tasks_only() -> None:
+    assert RunConfig().uses_item_table() and not RunConfig(item_statistics=False).uses_item_table()
+    assert not RunConfig(task="LaMP-2M").uses_item_table()  # a label task has no ratings to sum
+    assert build_parser().parse_args(["--no-item-statistics"]).item_statistics is False
     # only training users' tables are summed: the split (which test items are questions) leaves the task adapter alone
     assert "split" not in RunConfig(item_statistics=True).task_adaptation_settings()
 
