@@ -130,7 +130,7 @@ def test_quantize_nf4_without_cuda_exits_2_with_one_line(capsys: pytest.CaptureF
     from simulation.studies.cli import main as study_main
 
     tiny = ["--quantize", "nf4", "--model", "tiny-random", "--num-clients", "1"]
-    assert deploy_main([*tiny, "--train-clients", "1"]) == 2 and study_main(["activity", *tiny]) == 2
+    assert deploy_main([*tiny, "--train-clients", "2"]) == 2 and study_main(["activity", *tiny]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["oppu-deploy", "oppu-study"]  # one line each
     assert all("--quantize nf4 loads the base with bitsandbytes on a CUDA GPU" in line for line in lines)
