@@ -27,23 +27,33 @@ ARGS = ["--num-clients", "1", "--train-clients", "1", "--rounds", "1", "--method
         "--max-history", "8", "--task-history", "4"]
 
 
+# MovieLens, so the item-table round runs too (a SecAgg+ round: secaggplus_mod's state kept by the SuperNode between
+# its stages, each stage a fresh ClientApp process)
+RATING_ARGS = ["--num-clients", "1", "--train-clients", "2", "--rounds", "1", "--methods", "base", "--model",
+               "tiny-random", "--split", "validation", "--max-history", "4", "--task-history", "4"]
+
+
 def test_superlink_and_supernodes_run_the_app_and_pass_the_audit(tmp_path: Path) -> None:
     caches = tmp_path / "node-caches"
     first = tmp_path / "first"
-    assert deploy_main([*ARGS, "--run-dir", str(first), "--node-caches", str(caches)]) == 0
+    assert deploy_main([*RATING_ARGS, "--run-dir", str(first), "--node-caches", str(caches)]) == 0
     report = json.loads((first / "report.json").read_text())
-    assert report["users"] == {"test": 1, "evaluated": 1, "failed": 0, "train": 1}
-    assert report["model"]["sent_to_nodes"] == 2  # both nodes started with empty caches
-    for node in ("0", "1"):
+    assert report["users"] == {"test": 1, "evaluated": 1, "failed": 0, "train": 2}
+    assert report["model"]["sent_to_nodes"] == 3  # every node started with an empty cache
+    for node in ("0", "1", "2"):
         installed = find_model_by_hash(report["model"]["sha256"], caches / node)
         assert installed is not None and verify_model_dir(installed) == report["model"]["sha256"]
+    # the two training users' item tables were summed; the test user's node sent none (the audit's check)
+    assert report["item_statistics"]["nodes"] == 2 and report["item_statistics"]["ratings"] > 40
+    assert {"ref-population", "ref-level-item"} <= set(report["references"])
     assert audit_main([str(first)]) == 0
     summary = json.loads((first / "audit" / "summary.json").read_text())
     assert summary["phases"]["transfer"]["bytes_down"] > 1_000_000
+    assert summary["checks"]["test-users-send-metrics-only"]["passed"]
     assert not processes_naming(first), "processes of the deployment are still running"
 
     second = tmp_path / "second"  # same node caches: the model is verified there and not sent again
-    assert deploy_main([*ARGS, "--run-dir", str(second), "--node-caches", str(caches)]) == 0
+    assert deploy_main([*RATING_ARGS, "--run-dir", str(second), "--node-caches", str(caches)]) == 0
     assert json.loads((second / "report.json").read_text())["model"]["sent_to_nodes"] == 0
     assert not processes_naming(second)
 
@@ -92,4 +102,5 @@ def _cmdlines(pid: int) -> list[list[str]]:
         except psutil.NoSuchProcess:
             pass
     return found
+
 
