@@ -67,7 +67,7 @@ def add_run_flags(
     run = parser.add_argument_group("run")
     run.add_argument("--num-clients", type=int, default=UserCounts.test, help="test users (one node each): the longest histories")
     run.add_argument("--train-clients", type=train_clients,
-                     default=UserCounts.train if simulation else RUN_KEYS["train-clients"],
+                     default="all" if simulation else RUN_KEYS["train-clients"],  # ("all": UserCounts.train, None)
                      help="training-user nodes (a seeded sample of the other users, or 'all' of them: the "
                           "simulation's default, the paper's split); each round samples --train-per-round of them")
     if one_run:

@@ -19,7 +19,9 @@ def test_quality_bench_reports_references_and_recomputes_every_rule(tmp_path: Pa
     task = get_task("MovieLens")
     report = json.loads((run_dir / "report.json").read_text())
     assert report["config"]["split"] == "validation" and report["decision_rule"] == "median"
-    assert set(results["rows"]) == {"base", "oppu", "ref-recent-mean", "ref-median", "ref-constant"}
+    # the item rows come with the default item table (a rating task)
+    assert set(results["rows"]) == {"base", "oppu", "ref-recent-mean", "ref-median", "ref-constant", "ref-population",
+                                    "ref-level-item"}
     assert all(row["queries"] == 6 for row in results["rows"].values())  # 2 users x 3 validation items
     nodes = [n for n in json.loads((run_dir / "nodes.json").read_text()) if n["role"] == "test"]
     for rule in ("argmax", "median", "mean"):
