@@ -6,7 +6,9 @@ import threading
 import time
 from queue import Queue
 
-from simulation.waiting import LONGEST_WAIT, install_patient_extractor, patient_extractor
+import pytest
+
+from simulation.waiting import LONGEST_WAIT, SHORTEST_WAIT, install_patient_extractor, next_wait, patient_extractor
 
 
 class CountingState:
@@ -38,6 +40,14 @@ def test_the_loop_backs_off_while_nothing_is_queued_and_still_delivers() -> None
     stop.set()
     loop.join()
     assert queue.qsize() == 121 and time.monotonic() - sent <= LONGEST_WAIT + 0.3
+
+
+def test_a_long_pass_waits_long_enough_to_cost_a_small_share() -> None:
+    """With few nodes a pass is short and the wait stops at LONGEST_WAIT; with many (a pass of 0.12 s, as with 943
+    nodes) it grows on to 40 passes' time, so idle passes take at most 2.5 % of the driver's time."""
+    assert [next_wait(w, 0, 0.005) for w in (0.1, 0.4, 0.8, 1.0)] == [0.2, 0.8, 1.0, 1.0]
+    assert next_wait(2.4, 0, 0.12) == pytest.approx(4.8) and next_wait(4.8, 0, 0.12) == pytest.approx(4.8)
+    assert next_wait(4.8, 3, 0.12) == SHORTEST_WAIT  # a find: back to Flower's own interval
 
 
 def test_flowers_engine_runs_the_patient_loop() -> None:
