@@ -53,10 +53,10 @@ def others_table(user: User, role: str, task: TaskSpec, table: ItemTable) -> Ite
 
 def annotate(user: User, task: TaskSpec, others: ItemTable) -> User:
     """The user with each query's input and each history item's question (its ANNOTATION_FIELD) ending in its
-    item's `others_line`, read from `others` (the population's table without this user: `others_table`). Both then read
-    '...movie: <movie>; other users rate it ...'; an item nobody else rated gets no line. Retrieved items stay as they were: one item's line beside the
-    question's own would be a second number to confuse with it (validation: `oppu+rag-k1` 0.904 with it, 0.856
-    without; docs/quality.md)."""
+    item's `others_line`, read from `others` (the population's table without this user: `others_table`). Both then
+    read '...movie: <movie>; other users rate it ...'; an item nobody else rated gets no line. Retrieved items stay
+    as they were: one item's line beside the question's own would be a second number to confuse with it
+    (validation: `oppu+rag-k1` 0.904 with it, 0.856 without; docs/quality.md)."""
     texts = [item_text(task, item.fields) for item in user.history]
     texts += [task.retrieval_query(q.input) for q in user.queries]
     lines = [f"; {others_line(r)}" if r.raters else "" for r in others.read(texts)]

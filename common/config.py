@@ -99,9 +99,9 @@ class TrainingSettings:
 DEFAULT_METHODS = ("base", "rag", "pag", "oppu", "oppu+rag")
 # the least value of each integer setting, and the float settings that must be positive
 AT_LEAST = {
-    "rounds": 0, "train_per_round": 1, "max_history": 0, "task_history": 0, "seed": 0, "k": 1, "lora_alpha": 1, "max_prompt_tokens": 1,
-    "batch_tokens": 1, "task_batch_tokens": 0, "profile_items": 1, "profile_max_tokens": 1, "num_queries": 1,
-    "validation_items": 1, "selection_items": 1, "max_text_chars": 1, "max_user_history": 1,
+    "rounds": 0, "train_per_round": 1, "max_history": 0, "task_history": 0, "seed": 0, "k": 1, "lora_alpha": 1,
+    "max_prompt_tokens": 1, "batch_tokens": 1, "task_batch_tokens": 0, "profile_items": 1, "profile_max_tokens": 1,
+    "num_queries": 1, "validation_items": 1, "selection_items": 1, "max_text_chars": 1, "max_user_history": 1,
 }
 POSITIVE = ("local_epochs", "task_lr", "personal_epochs", "personal_lr")
 # settings that only test users' personalization and evaluation read: a task adapter made under other values of
@@ -292,6 +292,11 @@ class RunConfig:
                              "there the server's update is the noised or secure average itself (its DP accounting "
                              "and masking assume so); client-side DP (--local-dp-epsilon) works with them")
 
+    def nodes_per_round(self, training: int | None) -> int:
+        """Training nodes a task-adaptation round samples among `training` of them (None: not known before the
+        data is read, --train-clients all): --train-per-round, or all when fewer."""
+        return self.train_per_round if training is None else min(training, self.train_per_round)
+
     def uses_item_table(self) -> bool:
         """Whether the run sums and reads the training users' item table: --item-statistics on a rating task."""
         return self.item_statistics and get_task(self.task).metric == "regression"
@@ -403,7 +408,7 @@ class UserCounts:
 
 
 # a `flwr run` config holds these run settings beside RunConfig's keys (defaults as pyproject's); its training users
-# are a number, not ALL_USERS: the federation's node count is fixed before the data is read
+# are a number, not 'all': the federation's node count is fixed before the data is read
 RUN_KEYS = {"num-clients": 100, "train-clients": 20, "run-dir": "runs/flwr-run"}
 
 

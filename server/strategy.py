@@ -27,7 +27,7 @@ class TaskAdapterFedAvg(FedAvg):
     each round's losses for the report, and `view` (--record-server-view) what the server held of each round.
     """
 
-    def __init__(self, train_nodes: list[int], per_round: int, seed: int, view: ServerView | None = None,
+    def __init__(self, train_nodes: list[int], sample_size: int, seed: int, view: ServerView | None = None,
                  **server_step: float):
         super().__init__(  # (Flower's own sampling is unused: `sample` draws each round's nodes)
             fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1,
@@ -35,17 +35,13 @@ class TaskAdapterFedAvg(FedAvg):
             train_metrics_aggr_fn=self._keep_round, **server_step,
         )
         self.train_nodes = sorted(train_nodes)
-        self.per_round = per_round
+        self.sample_size = sample_size  # training nodes each round samples
         self.seed = seed
         self.view = view
         self.sampled: dict[int, int] = {}
         self.received: dict[int, int] = {}  # round -> updates in its average
         self.train_loss: dict[int, float] = {}
         self.answer_frequencies: list[float] = []  # training users' answer-label shares (the best constant's input)
-
-    @property
-    def sample_size(self) -> int:
-        return min(self.per_round, len(self.train_nodes))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -116,9 +112,9 @@ class TaskAdapterFedAvgM(TaskAdapterFedAvg, FedAvgM):
     its own: Flower's server-side DP wrapper accepts only FedAvg's own aggregation, and RunConfig refuses the
     server step with DP and with secure aggregation."""
 
-    def __init__(self, train_nodes: list[int], per_round: int, seed: int, view: ServerView | None,
+    def __init__(self, train_nodes: list[int], sample_size: int, seed: int, view: ServerView | None,
                  server_lr: float, server_momentum: float):
-        super().__init__(train_nodes, per_round, seed, view, server_learning_rate=server_lr,
+        super().__init__(train_nodes, sample_size, seed, view, server_learning_rate=server_lr,
                          server_momentum=server_momentum)
 
     def configure_train(
@@ -134,6 +130,7 @@ class TaskAdapterFedAvgM(TaskAdapterFedAvg, FedAvgM):
 def task_fedavg(cfg: RunConfig, train_nodes: list[int], view: ServerView | None = None) -> TaskAdapterFedAvg:
     """The run's FedAvg (FedAvgM with a server step) over the training nodes; server/defenses.py puts the
     configured defense around it."""
+    sample_size = cfg.nodes_per_round(len(train_nodes))
     if cfg.takes_server_step():
-        return TaskAdapterFedAvgM(train_nodes, cfg.train_per_round, cfg.seed, view, cfg.server_lr, cfg.server_momentum)
-    return TaskAdapterFedAvg(train_nodes, cfg.train_per_round, cfg.seed, view)
+        return TaskAdapterFedAvgM(train_nodes, sample_size, cfg.seed, view, cfg.server_lr, cfg.server_momentum)
+    return TaskAdapterFedAvg(train_nodes, sample_size, cfg.seed, view)

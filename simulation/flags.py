@@ -121,7 +121,7 @@ def check_run_flags(args: argparse.Namespace, cfg: RunConfig, run_dir: Path | No
     stops the run before Ray does."""
     counts = user_counts(args)
     training = counts.training(cfg)  # (None: every user outside the test users, counted when the data is read)
-    per_round = cfg.train_per_round if training is None else min(training, cfg.train_per_round)
+    per_round = cfg.nodes_per_round(training)
     if cfg.secure_aggregation and cfg.rounds and per_round < 2:
         raise SetupError(f"--secure-aggregation: SecAgg+ needs 2 or more training users per round, got {per_round} "
                          "(--train-clients, --train-per-round)")

@@ -164,11 +164,12 @@ TEST_USER_PHASES = {p.ANNOUNCE, p.MODEL_CHUNK, p.PERSONALIZE}
 
 def test_user_violations(entries: list[dict[str, Any]]) -> list[str]:
     """A test user's node (its announce reply says its role) sends nothing but replies in TEST_USER_PHASES."""
-    test_nodes = {_node(e) for e in entries if _is_reply(e) and e.get("message_type") == p.ANNOUNCE
+    replies = [e for e in entries if _is_reply(e)]
+    test_nodes = {_node(e) for e in replies if e.get("message_type") == p.ANNOUNCE
                   and any(r["type"] == "config" and r["values"].get(p.ROLE) == "test" for r in e["records"].values())}
-    return [f"{_where(e)}: a test user's node replies in phase {PHASES.get(e.get('message_type'), e.get('message_type'))}"
-            " (test users send metric statistics only)"
-            for e in entries if _is_reply(e) and _node(e) in test_nodes and e.get("message_type") not in TEST_USER_PHASES]
+    return [f"{_where(e)}: a test user's node replies in phase {PHASES.get(kind, kind)} (test users send metric "
+            "statistics only)"
+            for e in replies if _node(e) in test_nodes and (kind := e.get("message_type")) not in TEST_USER_PHASES]
 
 
 def secure_run(run_dir: Path, entries: list[dict[str, Any]]) -> bool:
