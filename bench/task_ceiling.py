@@ -11,11 +11,15 @@ instead on R outside ratings of each of the N movies the validation questions as
 questions about them: the density of ratings per movie a full run would give, at a fraction of its tokens). Every `--eval-every` optimiser steps it
 scores `base` (k=0 prompts, median rule, as a run's `base` row; the LoRA unmerged, which is the same function as the
 merged task-adapted base) on the validation questions of the test users, and prints MAE, the spread of the expected
-rating across questions and its Pearson correlation with the gold, and *level + LLM offset*: the user's recent
+rating across questions, its Pearson correlation with the gold and its MAE rounded, and *level + LLM offset*: the user's recent
 mean plus how far the model's expected rating for the question sits from its average over all questions (what a
 personal adapter that adds the user's level to this base could reach), beside the no-LLM rows on the same questions:
 ref-recent-mean, and population / level+item from bench.item_knowledge. If even this curve stays above
 *population*, no amount of federated task adaptation of this model makes the base know the movies.
+`--item-statistics` trains and scores as a run with that flag does: the training users' item table (summed as the
+run's SecAgg+ round sums it) annotates every question, a training user's with its own ratings left out, and the
+table's own rows (ref-population, ref-level-item) join the no-LLM rows; then the curve says how fast the task LoRA
+learns to read the table, which is what the run's `base` must do.
 The JSON (--out) is rewritten after every evaluation, so a killed run keeps its curve.
 """
 
@@ -39,13 +43,15 @@ from client.adapters import adapter_state, attach_fresh, derived_seed
 from client.data import User, load_movielens
 from client.evaluate import predict, query_prompts
 from client.history import validation_view
+from client.item_statistics import annotate, contribution, others_table, query_readings
 from client.personalize import personalize_user
 from client.partition import split_users
-from client.references import RECENT_MEAN, reference_predictions
+from client.references import LEVEL_ITEM, POPULATION, RECENT_MEAN, reference_predictions
 from client.task_adapter import TASK_ADAPTER, merge_task_state, remove_adapters, task_examples, task_lora
 from client.training import Example, train_adapter
 from common.bootstrap import paired_difference
 from common.config import RunConfig, UserCounts
+from common.item_table import ItemTable
 from common.metrics import Statistics, combine, finalize, statistics
 from common.store import UserStore, atomic_write_json
 from common.tasks import TaskSpec, get_task
@@ -81,6 +87,7 @@ def base_scores(model: Any, tokenizer: Any, task: TaskSpec, views: list[User], c
     flat = spread < 1e-12 or stats.pstdev(golds) == 0  # a correlation of a constant is undefined
     combined = level_plus_offset(levels, expected)
     return {"mae": stats.fmean(abs(float(a) - g) for a, g in zip(predictions, golds)),
+            "mae_rounded_mean": stats.fmean(abs(rounded(e) - g) for e, g in zip(expected, golds)),
             "mae_vs_recent_mean": vs_recent_mean(task, views, predictions), "sd": spread,
             "corr": None if flat else stats.correlation(expected, golds),
             "mae_level_offset": stats.fmean(abs(a - g) for a, g in zip(combined, golds)),
@@ -175,6 +182,24 @@ def reference_rows(task: TaskSpec, views: list[User], outside: list[User], train
             "training data": ceiling_rows(views, training, items) if training is not None else None}
 
 
+def population_table(task: TaskSpec, users: list[User]) -> ItemTable:
+    """The item table a run's SecAgg+ round sums from these (training) users' nodes."""
+    table = ItemTable.empty()
+    for user in users:
+        table = table.plus(contribution(user, task))
+    return table
+
+
+def table_rows(task: TaskSpec, views: list[User], table: ItemTable) -> dict[str, float]:
+    """MAE of the table's two reference rows (as a run reports them) on the views' questions."""
+    errors: dict[str, list[float]] = {POPULATION: [], LEVEL_ITEM: []}
+    for view in views:
+        rows = reference_predictions(task, view, readings=query_readings(view, task, table))
+        for name, found in errors.items():
+            found += [abs(float(a) - float(q.gold)) for a, q in zip(rows[name], view.queries)]
+    return {name: stats.fmean(found) for name, found in errors.items()}
+
+
 def task_lora_flags(parser: argparse.ArgumentParser) -> None:
     """The flags every task-adapter bench takes: the test users, the task LoRA's shape and rate, the dtype."""
     parser.add_argument("--num-clients", type=int, default=100, help="test users: the longest histories")
@@ -210,6 +235,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=100, help="optimiser steps between evaluations")
     parser.add_argument("--eval-users", type=int, default=0, help="test users evaluated (0: all)")
     parser.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps (0: no cap)")
+    parser.add_argument("--item-statistics", action="store_true",
+                        help="annotate every question from the training users' item table, as a run with "
+                             "--item-statistics does, and report the table's reference rows")
     parser.add_argument("--personalize", action="store_true",
                         help="then give each evaluated user a personal adapter on the trained base, as a run does, "
                              "and score oppu beside base and ref-recent-mean on the same questions")
@@ -234,6 +262,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     outside = [user for user in users if user.user_id not in test_ids]
     # every outside user, or (--users N) a seeded sample of them as a run draws its training users
     training = split_users(users, UserCounts(len(tests), args.users), RunConfig())[1] if args.users else outside
+    table_references = None
+    if args.item_statistics:  # as a run: the training users' sum; a training user reads it without its own ratings
+        summed = population_table(task, training)
+        table_references = table_rows(task, views, summed)
+        views = [annotate(view, task, summed) for view in views]
+        training = [annotate(user, task, others_table(user, "train", task, summed)) for user in training]
     raters: list[User] | None = None
     if args.asked_movies:  # R ratings of each most asked movie, each one example; only those movies' questions
         movies = most_asked(views, args.asked_movies)
@@ -255,7 +289,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "tokens_per_epoch": sum(len(e.prompt) + len(e.answer) for e in examples),
                      "build_seconds": build_seconds},
         "references": reference_rows(task, views, outside, None if raters is not None else training,
-                                     args.items_per_user), "curve": [],
+                                     args.items_per_user),
+        "item_table": table_references, "curve": [],
     }
     print(f"{len(examples)} examples from {len(training)} training users ({results['training']['tokens_per_epoch']} "
           f"tokens an epoch) built in {build_seconds:.1f} s; {results['questions']} validation questions of "
@@ -278,7 +313,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["curve"].append(point)
         print(f"step {point['step']}: {point['examples']} examples, {point['tokens']} tokens, {point['seconds']:.1f} s "
               f"({point['tokens'] / max(point['seconds'], 1e-9):.0f} tokens/s), loss {fmt(point['loss'])}, "
-              f"MAE {point['mae']:.3f}, sd {point['sd']:.3f}, corr {fmt(point['corr'])}, "
+              f"MAE {point['mae']:.3f} (rounded mean {point['mae_rounded_mean']:.3f}), sd {point['sd']:.3f}, "
+              f"corr {fmt(point['corr'])}, "
               f"level + LLM offset {point['mae_level_offset']:.3f} "
               f"(vs {RECENT_MEAN} {ci(point['level_offset_vs_recent_mean'])})", flush=True)
         if args.out:
@@ -326,14 +362,17 @@ def ci(found: list[float]) -> str:
 def table(results: dict[str, Any]) -> list[str]:
     """The curve as markdown, then the no-LLM rows on the same questions."""
     refs = results["references"]
-    lines = ["| step | examples | tokens | seconds | train loss | MAE | sd | corr | level + LLM offset | "
-             f"its difference to {RECENT_MEAN} |", "|---" * 10 + "|"]
+    lines = ["| step | examples | tokens | seconds | train loss | MAE | MAE, rounded mean | sd | corr | "
+             f"level + LLM offset | its difference to {RECENT_MEAN} |", "|---" * 11 + "|"]
     lines += [f"| {p['step']} | {p['examples']} | {p['tokens']} | {p['seconds']:.1f} | {fmt(p['loss'])} | "
-              f"{p['mae']:.3f} | {p['sd']:.3f} | {fmt(p['corr'])} | {p['mae_level_offset']:.3f} | "
+              f"{p['mae']:.3f} | {p['mae_rounded_mean']:.3f} | {p['sd']:.3f} | {fmt(p['corr'])} | "
+              f"{p['mae_level_offset']:.3f} | "
               f"{ci(p['level_offset_vs_recent_mean'])} |" for p in results["curve"]]
     lines += ["", "| no-LLM row (same questions) | MAE |", "|---|---|", f"| {RECENT_MEAN} | {refs[RECENT_MEAN]:.3f} |"]
     lines += [f"| {row} ({source}) | {refs[source][row]:.3f} |" for source in ("all outside", "training data")
               if refs[source] is not None for row in ("population", "level+item")]
+    if results["item_table"] is not None:
+        lines += [f"| {row} (the training users' item table) | {mae:.3f} |" for row, mae in results["item_table"].items()]
     lines.append(f"tokens/s of training: {results['tokens_per_second']:.0f}")
     if "personal" in results:
         rows = results["personal"]["rows"]

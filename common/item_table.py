@@ -56,6 +56,9 @@ class ItemTable:
         self.offsets[b] += offset
         self.counts[b] += 1.0
 
+    def plus(self, other: ItemTable) -> ItemTable:
+        return ItemTable(self.ratings + other.ratings, self.offsets + other.offsets, self.counts + other.counts)
+
     def minus(self, other: ItemTable) -> ItemTable:
         return ItemTable(self.ratings - other.ratings, self.offsets - other.offsets,
                          np.maximum(self.counts - other.counts, 0.0))

@@ -13,7 +13,7 @@ from bench.task_ceiling import about_movies, base_scores, level_plus_offset, mai
 from client.data import load_movielens
 from client.history import validation_view
 from client.partition import split_users
-from client.references import RECENT_MEAN, reference_predictions
+from client.references import LEVEL_ITEM, POPULATION, RECENT_MEAN, reference_predictions
 from common.config import RunConfig, UserCounts
 from common.tasks import get_task
 
@@ -114,3 +114,43 @@ def test_personalize_scores_oppu_as_a_run_does_on_the_trained_base(tiny, tmp_pat
     assert results["personal"]["seconds_per_user"] > 0
     assert json.loads((tmp_path / "p.json").read_text())["personal"] == results["personal"]
     assert not any("lora" in name for name, _ in tiny[0].named_modules())  # the shared base is left clean
+
+
+def test_item_statistics_annotates_every_question_and_reports_the_tables_rows(tiny):
+    argv = ["--model", "tiny-random", "--device", "cpu", "--num-clients", "3", "--users", "40", "--items-per-user", "4",
+            "--eval-every", "100", "--max-steps", "1"]
+    plain, annotated = main(argv), main(argv + ["--item-statistics"])
+    assert plain["item_table"] is None
+    assert annotated["training"]["examples"] == plain["training"]["examples"]
+    # a question whose movie another training user rated gains its "other users rate it ..." line
+    assert annotated["training"]["tokens_per_epoch"] > plain["training"]["tokens_per_epoch"]
+
+    # the table's rows re-derived by hand from the 40 training users' full histories (shrunk by 5 pseudo-ratings)
+    task = get_task("MovieLens")
+    users = load_movielens()
+    tests, training = split_users(users, UserCounts(3, 40), RunConfig())
+    ratings: dict[str, list[float]] = {}
+    offsets: dict[str, list[float]] = {}
+    for user in training:
+        scores = [float(h.fields["score"]) for h in user.history]
+        level = sum(scores) / len(scores)
+        for h, s in zip(user.history, scores):
+            ratings.setdefault(h.id, []).append(s)
+            offsets.setdefault(h.id, []).append(s - level)
+    everyone = [s for found in ratings.values() for s in found]
+    population = sum(everyone) / len(everyone)
+    population_errors, level_errors, rated = [], [], 0
+    for view in (validation_view(u, task, 5) for u in tests):
+        recent = [float(h.fields["score"]) for h in view.history[-32:]]
+        for q in view.queries:
+            movie = asked_movie(view.user_id, q.id)
+            found = ratings.get(movie, [])
+            rated += bool(found)
+            mean = (sum(found) + 5 * population) / (len(found) + 5)
+            offset = sum(offsets.get(movie, [])) / (len(found) + 5)
+            population_errors.append(abs(min(5, max(1, round(mean))) - float(q.gold)))
+            level_errors.append(abs(min(5, max(1, round(sum(recent) / len(recent) + offset))) - float(q.gold)))
+    assert rated >= 3  # questions whose movie the training users rated (the rest read the population's mean)
+    table = annotated["item_table"]
+    assert table[POPULATION] == pytest.approx(sum(population_errors) / len(population_errors))
+    assert table[LEVEL_ITEM] == pytest.approx(sum(level_errors) / len(level_errors))

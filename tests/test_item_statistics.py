@@ -132,8 +132,7 @@ def test_a_run_sums_the_training_users_tables_under_secagg_and_reports_the_item_
         if json.loads(data.read_text())["role"] == "test":
             continue
         mine = contribution(load_oppu(data, "MovieLens")[0], MOVIELENS)
-        expected = ItemTable(expected.ratings + mine.ratings, expected.offsets + mine.offsets,
-                             expected.counts + mine.counts)
+        expected = expected.plus(mine)
     table = ItemTable.from_config(json.loads((run_dir / "server" / "item_table.json").read_text()))
     assert table is not None and table.items() == expected.items() > 40
     assert np.array_equal(table.counts, expected.counts)
