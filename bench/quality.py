@@ -9,6 +9,8 @@ It runs `flower-simulation` (run directory runs/bench-quality-<time> unless give
   reference row with paired per-user bootstrap 95% CIs (what report.md shows);
 - for label tasks, every decision rule on the same adapters: the label probabilities each device kept in its
   store are re-read here (this bench runs where the node stores are, like the adapter-similarity study);
+- rating tasks: each method's expected rating (mean, spread, correlation with the gold), what it knows beyond
+  its decision;
 - MovieLens: the no-LLM ceiling rows (bench.item_knowledge's *population* and *level + item*, with movie offsets
   from the other users in the run's node stores) beside ref-recent-mean, and the share of that reachable gain
   each method took;
@@ -22,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics as stats
 import subprocess
 import sys
 import time
 from datetime import datetime
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,22 +54,43 @@ from common.tasks import get_task
 from server.report import best_reference
 
 
-def rule_statistics(task, run_dir: Path, rules: list[str]) -> dict[str, dict[str, list]]:
-    """{method: {rule: [per-user statistics]}} recomputed from the label probabilities kept in node stores."""
-    nodes = json.loads((run_dir / "nodes.json").read_text())
-    by_method: dict[str, dict[str, list]] = {}
-    for node in nodes:
+def kept_probabilities(run_dir: Path) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """(method, one test user's predictions with label probabilities) for each test user's node store."""
+    for node in json.loads((run_dir / "nodes.json").read_text()):
         if node["role"] != "test":
             continue
         kept = read_json(run_dir / "clients" / node["user"] / "predictions.json") or {}
         for method, rows in kept.items():
-            if not rows or "probabilities" not in rows[0]:
-                continue
-            golds = [r["gold"] for r in rows]
-            for rule in rules:
-                predictions = [decide(task.labels, r["probabilities"], rule) for r in rows]  # type: ignore[arg-type]
-                by_method.setdefault(method, {}).setdefault(rule, []).append(statistics(task, predictions, golds))
+            if rows and "probabilities" in rows[0]:
+                yield method, rows
+
+
+def rule_statistics(task, run_dir: Path, rules: list[str]) -> dict[str, dict[str, list]]:
+    """{method: {rule: [per-user statistics]}} recomputed from the label probabilities kept in node stores."""
+    by_method: dict[str, dict[str, list]] = {}
+    for method, rows in kept_probabilities(run_dir):
+        golds = [r["gold"] for r in rows]
+        for rule in rules:
+            predictions = [decide(task.labels, r["probabilities"], rule) for r in rows]  # type: ignore[arg-type]
+            by_method.setdefault(method, {}).setdefault(rule, []).append(statistics(task, predictions, golds))
     return by_method
+
+
+def expected_ratings(task, run_dir: Path) -> dict[str, dict[str, float | None]]:
+    """{method: mean, sd and correlation with the gold of its expected rating over every question}: what a
+    method knows beyond its decision (a base whose expected rating follows the item but spreads little answers
+    the same rating everywhere under any rule)."""
+    pairs: dict[str, list[tuple[float, float]]] = {}
+    for method, rows in kept_probabilities(run_dir):
+        pairs.setdefault(method, []).extend(
+            (sum(q * float(label) for q, label in zip(r["probabilities"], task.labels)), float(r["gold"])) for r in rows)
+    found: dict[str, dict[str, float | None]] = {}
+    for method, both in pairs.items():
+        expected, golds = zip(*both)
+        flat = stats.pstdev(expected) < 1e-12 or stats.pstdev(golds) == 0  # no correlation of a constant
+        found[method] = {"mean": stats.fmean(expected), "sd": stats.pstdev(expected),
+                         "corr": None if flat else stats.correlation(expected, golds)}
+    return found
 
 
 def item_ceiling(task, run_dir: Path, config: dict[str, Any]) -> dict[str, dict[str, Statistics]]:
@@ -163,10 +188,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         by_rule = rule_statistics(task, run_dir, rules)
         table += ["", "| method | " + " | ".join(f"{lead} ({r})" for r in rules) + " |", "|---|" + "---|" * len(rules)]
         results["rules"] = {}
-        for method, stats in by_rule.items():
-            values = {rule: finalize(task, combine(users))[lead] for rule, users in stats.items()}
+        for method, per_rule in by_rule.items():
+            values = {rule: finalize(task, combine(users))[lead] for rule, users in per_rule.items()}
             results["rules"][method] = values
             table.append(f"| {method} | " + " | ".join(f"{values[r]:.4f}" for r in rules) + " |")
+    if task.metric == "regression":
+        results["expected_rating"] = expected_ratings(task, run_dir)
+        table += ["", "| method | expected rating: mean | sd | corr. with gold |", "|---|---|---|---|"]
+        table += [f"| {method} | {e['mean']:.2f} | {e['sd']:.3f} | "
+                  f"{'n/a' if e['corr'] is None else format(e['corr'], '+.3f')} |"
+                  for method, e in results["expected_rating"].items()]
     if task.name == "MovieLens":
         lines, results["ceiling"] = ceiling_table(task, run_dir, report)
         table += lines

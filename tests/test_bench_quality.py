@@ -33,6 +33,12 @@ def test_quality_bench_reports_references_and_recomputes_every_rule(tmp_path: Pa
             golds += [k["gold"] for k in kept]
         assert results["rules"]["oppu"][rule] == pytest.approx(finalize(task, statistics(task, predictions, golds))["mae"])
     assert results["rules"]["oppu"]["median"] == pytest.approx(results["rows"]["oppu"]["metrics"]["mae"])
+    expected = [sum(p * r for p, r in zip(k["probabilities"], (1, 2, 3, 4, 5))) for node in nodes
+                for k in json.loads((run_dir / "clients" / node["user"] / "predictions.json").read_text())["base"]]
+    found = results["expected_rating"]["base"]
+    assert set(results["expected_rating"]) == {"base", "oppu"} and 1 < found["mean"] < 5
+    assert found["mean"] == pytest.approx(sum(expected) / 6)
+    assert found["sd"] == pytest.approx((sum((e - found["mean"]) ** 2 for e in expected) / 6) ** 0.5)
     assert results["cpu_seconds_per_user"] > 0
     check_ceiling_rows(run_dir, results["ceiling"])
 
