@@ -86,7 +86,7 @@ def task_adaptation_step(
     try:
         load_adapter_state(model, TASK_ADAPTER, global_state)
         metrics = train_adapter(
-            model, examples, tokenizer.pad_token_id, cfg.task_training(),
+            model, examples, tokenizer.pad_token_id, cfg.task_training(server_round),
             seed=derived_seed(cfg.seed, user.user_id, server_round), desc=f"task adapter, user {user.user_id}",
         )
         return adapter_state(model, TASK_ADAPTER), len(examples), metrics

@@ -55,6 +55,7 @@ HISTORY_SELECTIONS = ("recent", "least-relevant")
 
 
 SPLITS = ("test", "validation")
+TASK_LR_SCHEDULES = ("constant", "linear")
 
 
 DTYPES = ("float32", "bfloat16")
@@ -153,8 +154,8 @@ class RunConfig:
     lora_r: int = _opt(8, "LoRA rank")
     lora_alpha: int = _opt(16, "LoRA alpha")
     lora_targets: str = _opt("q_proj,v_proj", "comma-separated module names that get LoRA")
-    rounds: int = _opt(4, "task-adaptation FedAvg rounds (0 skips task adaptation)")
-    train_per_round: int = _opt(20, "training-user nodes sampled per task-adaptation round (every one when fewer)")
+    rounds: int = _opt(40, "task-adaptation FedAvg rounds (0 skips task adaptation)")
+    train_per_round: int = _opt(4, "training-user nodes sampled per task-adaptation round (every one when fewer)")
     server_lr: float = _opt(
         1.0,
         "task adaptation: the server's learning rate on the round's averaged update (Flower's FedAvgM; 1 with "
@@ -164,6 +165,12 @@ class RunConfig:
     server_momentum: float = _opt(0.0, "task adaptation: the server's momentum on the averaged updates (FedAvgM)")
     local_epochs: float = _opt(1.0, "local epochs over a training user's examples per round")
     task_lr: float = _opt(2e-3, "learning rate of the shared task LoRA")
+    task_lr_schedule: str = _opt(
+        "linear",
+        "task adaptation's learning rate over the rounds: 'constant' (--task-lr in every round) or 'linear' (round "
+        "r of R at --task-lr x (R - r + 1) / R): the last rounds' few users then move the shared LoRA least, so it "
+        "does not end at their rating level (docs/quality.md)",
+    )
     personal_epochs: float = _opt(
         1.0,
         "epochs over the user's history for a personal adapter (1 matched 2 on validation for ratings and "
@@ -187,7 +194,7 @@ class RunConfig:
     max_prompt_tokens: int = _opt(384, "prompt token budget; profile and history are cut, the question never")
     batch_tokens: int = _opt(128, "tokens per training batch (length-bucketed; small: more steps, same compute)")
     task_batch_tokens: int = _opt(
-        0,
+        1024,
         "tokens per task-adaptation step (0: as batch-tokens). The shared LoRA learns the items only from large "
         "steps: 1024 with local-epochs 1 and a few clients a round over many rounds (docs/quality.md)",
     )
@@ -262,6 +269,9 @@ class RunConfig:
             raise ValueError(
                 f"history-selection must be one of {', '.join(HISTORY_SELECTIONS)}, got {self.history_selection!r}"
             )
+        if self.task_lr_schedule not in TASK_LR_SCHEDULES:
+            raise ValueError(f"task-lr-schedule must be one of {', '.join(TASK_LR_SCHEDULES)}, "
+                             f"got {self.task_lr_schedule!r}")
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if self.history_format not in HISTORY_FORMATS:
@@ -341,8 +351,11 @@ class RunConfig:
             k=k, use_profile=use_profile, max_prompt_tokens=self.max_prompt_tokens, history_format=history_format
         )
 
-    def task_training(self) -> TrainingSettings:
-        return TrainingSettings(epochs=self.local_epochs, lr=self.task_lr,
+    def task_training(self, server_round: int = 1) -> TrainingSettings:
+        """A training user's local steps in task-adaptation round `server_round` (1..rounds)."""
+        linear = self.task_lr_schedule == "linear" and 1 <= server_round <= self.rounds
+        share = (self.rounds - server_round + 1) / self.rounds if linear else 1.0
+        return TrainingSettings(epochs=self.local_epochs, lr=self.task_lr * share,
                                 max_batch_tokens=self.task_batch_tokens or self.batch_tokens)
 
     def personal_training(self) -> TrainingSettings:

@@ -27,13 +27,22 @@ def test_pyproject_config_matches_runconfig_defaults() -> None:
 
 
 def test_task_steps_take_task_batch_tokens_and_follow_batch_tokens_at_0() -> None:
-    follows = RunConfig(batch_tokens=256)
+    follows = RunConfig(batch_tokens=256, task_batch_tokens=0)
     assert follows.task_training().max_batch_tokens == follows.personal_training().max_batch_tokens == 256
     own = RunConfig(batch_tokens=256, task_batch_tokens=1024)
     assert (own.task_training().max_batch_tokens, own.personal_training().max_batch_tokens) == (1024, 256)
     assert own.task_adaptation_settings()["task-batch-tokens"] == 1024
     with pytest.raises(ValueError, match="task-batch-tokens"):
         RunConfig(task_batch_tokens=-1)
+
+
+def test_linear_task_lr_schedule_steps_down_to_one_rounds_share_in_the_last_round() -> None:
+    linear = RunConfig(rounds=4, task_lr=2e-3, task_lr_schedule="linear")
+    assert [linear.task_training(r).lr for r in (1, 2, 3, 4)] == pytest.approx([2e-3, 1.5e-3, 1e-3, 5e-4])
+    assert [RunConfig(task_lr=2e-3, task_lr_schedule="constant").task_training(r).lr for r in (1, 4)] == [2e-3, 2e-3]
+    assert linear.task_adaptation_settings()["task-lr-schedule"] == "linear"  # a task adapter records it
+    with pytest.raises(ValueError, match="task-lr-schedule must be one of constant, linear, got 'cosine'"):
+        RunConfig(task_lr_schedule="cosine")
 
 
 def test_user_counts_rule_training_users_out_without_task_adaptation() -> None:
