@@ -231,7 +231,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="train on --per-movie ratings of each of the N most asked movies, score their questions")
     parser.add_argument("--per-movie", type=int, default=25, help="outside ratings per movie with --asked-movies")
     parser.add_argument("--epochs", type=float, default=1.0, help="passes over the training examples")
-    parser.add_argument("--batch-tokens", type=int, default=128, help="tokens per optimiser step (a run's default)")
+    parser.add_argument("--batch-tokens", type=int, default=RunConfig().task_batch_tokens,
+                        help="tokens per optimiser step (a run's --task-batch-tokens)")
     parser.add_argument("--eval-every", type=int, default=100, help="optimiser steps between evaluations")
     parser.add_argument("--eval-users", type=int, default=0, help="test users evaluated (0: all)")
     parser.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps (0: no cap)")
@@ -253,7 +254,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     cfg = RunConfig(task_history=args.items_per_user, lora_r=args.lora_r, lora_targets=args.lora_targets,
-                    task_lr=args.lr, local_epochs=args.epochs, batch_tokens=args.batch_tokens, dtype=args.dtype)
+                    task_lr=args.lr, local_epochs=args.epochs, task_batch_tokens=args.batch_tokens, dtype=args.dtype)
     task = get_task("MovieLens")
     users = load_movielens()
     tests, _ = split_users(users, UserCounts(test=args.num_clients, train=0), RunConfig())

@@ -21,7 +21,8 @@ from common.tasks import get_task
 def test_curve_and_reference_rows(tiny, tmp_path):
     out = tmp_path / "ceiling.json"
     results = main(["--model", "tiny-random", "--device", "cpu", "--num-clients", "3", "--users", "4",
-                    "--items-per-user", "4", "--eval-every", "2", "--max-steps", "5", "--out", str(out)])
+                    "--items-per-user", "4", "--batch-tokens", "128", "--eval-every", "2", "--max-steps", "5",
+                    "--out", str(out)])
     curve = results["curve"]
     assert [p["step"] for p in curve] == [0, 2, 4, 5]  # step 0, every 2nd step, and the last one
     assert curve[0]["loss"] is None and curve[0]["examples"] == curve[0]["tokens"] == 0

@@ -1,7 +1,8 @@
 """Runs interrupted as users interrupt them, then resumed: Ctrl-C (SIGINT to the process group, as a terminal sends
 it) during task adaptation, and a crash (SIGKILL of every process of the run) during personalization. The resumed
 run evaluates every user once, keeps what finished before the crash as it was, ends with the uninterrupted run's
-statistics (CPU runs are deterministic) and passes the privacy audit."""
+statistics (CPU runs are deterministic) and passes the privacy audit. A crash right after the item table was summed
+(a rating task) resumes with that table: no second SecAgg+ round of the training users' tables."""
 
 from __future__ import annotations
 
@@ -28,8 +29,13 @@ ARGS = ["--num-clients", "6", "--train-clients", "2", "--rounds", "2", "--task",
 STOP_WITHIN = 30  # seconds for every process of an interrupted run to be gone
 
 
-def _start(run_dir: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "simulation.cli", *ARGS, "--run-dir", str(run_dir), *extra],
+RATING_ARGS = ["--num-clients", "2", "--train-clients", "3", "--rounds", "2", "--model", "tiny-random", "--methods",
+               "base,oppu", "--batch-tokens", "256", "--personal-epochs", "1", "--max-history", "8", "--task-history",
+               "4", "--dtype", "float32"]  # MovieLens: the item table is on
+
+
+def _start(run_dir: Path, *extra: str, args: list[str] = ARGS) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "simulation.cli", *args, "--run-dir", str(run_dir), *extra],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # a process group of its own, like a terminal's job
 
@@ -100,4 +106,30 @@ def test_interrupted_twice_then_resumed_equals_the_uninterrupted_run(tmp_path: P
     assert _outcome(run_dir)["users"] == {"test": 6, "evaluated": 6, "failed": 0, "train": 2}
     replies = [e for e in _audit_lines(run_dir) if (e["direction"], e["message_type"]) == ("out", p.PERSONALIZE)]
     assert len({e["message_id"] for e in replies}) >= 6
+    assert audit_main([str(run_dir)]) == 0
+
+
+def _item_round_setups(run_dir: Path) -> int:
+    """The SecAgg+ setup messages the server sent for the item table (one per training node and summing round)."""
+    path = run_dir / "audit" / "server.jsonl"
+    return sum('"stage": "setup"' in line for line in path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_a_crash_after_the_item_table_resumes_with_that_table(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    table = run_dir / "server" / "item_table.json"
+    first = _start(run_dir, args=RATING_ARGS)
+    _wait_for(table.exists, first, "the item table")
+    _interrupt(first, signal.SIGKILL)  # the machine dies between the item-table round and task adaptation
+    summed, written = table.read_bytes(), table.stat().st_mtime_ns
+    setups = _item_round_setups(run_dir)
+    assert setups == 3  # one item-table round, the 3 training nodes
+
+    second = _start(run_dir, "--resume", args=RATING_ARGS)
+    assert second.wait(timeout=600) == 0, second.stderr.read() if second.stderr else ""
+    assert (table.read_bytes(), table.stat().st_mtime_ns) == (summed, written)  # reused, not summed again
+    assert _item_round_setups(run_dir) == setups  # no second SecAgg+ round of the tables
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["users"] == {"test": 2, "evaluated": 2, "failed": 0, "train": 3}
+    assert report["item_statistics"]["nodes"] == 3
     assert audit_main([str(run_dir)]) == 0
