@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import platform
+import statistics as stats
 import time
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,14 @@ def training_flops(model: nn.Module, tokens: int, answer_tokens: int) -> float:
     """
     body, head = linear_params(model)
     return 4.0 * body * tokens + 4.0 * head * answer_tokens
+
+
+def expected_spread(expected: list[float], golds: list[float]) -> dict[str, float | None]:
+    """Mean and spread of a model's expected ratings over questions, and their Pearson correlation with the gold
+    (None where either side is constant: a correlation of a constant is undefined)."""
+    spread = stats.pstdev(expected)
+    flat = spread < 1e-12 or stats.pstdev(golds) == 0
+    return {"mean": stats.fmean(expected), "sd": spread, "corr": None if flat else stats.correlation(expected, golds)}
 
 
 def machine() -> dict[str, Any]:

@@ -24,16 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics as stats
 import subprocess
 import sys
 import time
-from datetime import datetime
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import finish
+from bench.common import expected_spread, finish
 from bench.item_knowledge import ceiling_predictions, item_offsets
 from client.data import load_oppu
 from client.history import validation_view
@@ -45,6 +44,7 @@ from common.metrics import (
     Statistics,
     combine,
     decide,
+    expected_rating,
     finalize,
     primary_metric,
     statistics,
@@ -80,17 +80,12 @@ def expected_ratings(task, run_dir: Path) -> dict[str, dict[str, float | None]]:
     """{method: mean, sd and correlation with the gold of its expected rating over every question}: what a
     method knows beyond its decision (a base whose expected rating follows the item but spreads little answers
     the same rating everywhere under any rule)."""
-    pairs: dict[str, list[tuple[float, float]]] = {}
+    pairs: dict[str, tuple[list[float], list[float]]] = {}
     for method, rows in kept_probabilities(run_dir):
-        pairs.setdefault(method, []).extend(
-            (sum(q * float(label) for q, label in zip(r["probabilities"], task.labels)), float(r["gold"])) for r in rows)
-    found: dict[str, dict[str, float | None]] = {}
-    for method, both in pairs.items():
-        expected, golds = zip(*both)
-        flat = stats.pstdev(expected) < 1e-12 or stats.pstdev(golds) == 0  # no correlation of a constant
-        found[method] = {"mean": stats.fmean(expected), "sd": stats.pstdev(expected),
-                         "corr": None if flat else stats.correlation(expected, golds)}
-    return found
+        expected, golds = pairs.setdefault(method, ([], []))
+        expected += [expected_rating(task.labels, r["probabilities"]) for r in rows]
+        golds += [float(r["gold"]) for r in rows]
+    return {method: expected_spread(expected, golds) for method, (expected, golds) in pairs.items()}
 
 
 def item_ceiling(task, run_dir: Path, config: dict[str, Any]) -> dict[str, dict[str, Statistics]]:

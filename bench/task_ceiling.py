@@ -37,7 +37,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.common import common_flags, finish, load_model, machine
+from bench.common import common_flags, expected_spread, finish, load_model, machine
 from bench.item_knowledge import asked_movie, ceiling_rows, level_profile, recent_level, rounded
 from client.adapters import adapter_state, attach_fresh, derived_seed
 from client.data import User, load_movielens
@@ -52,7 +52,7 @@ from client.training import Example, train_adapter
 from common.bootstrap import paired_difference
 from common.config import RunConfig, UserCounts
 from common.item_table import ItemTable
-from common.metrics import Statistics, combine, finalize, statistics
+from common.metrics import Statistics, combine, expected_rating, finalize, statistics
 from common.store import UserStore, atomic_write_json
 from common.tasks import TaskSpec, get_task
 
@@ -82,14 +82,13 @@ def base_scores(model: Any, tokenizer: Any, task: TaskSpec, views: list[User], c
     levels = [recent_level(view) for view in views for _ in view.queries]
     predictions, probabilities = predict(model, tokenizer, task, prompts, rule="median")
     assert probabilities is not None  # a rating task is scored over its labels
-    expected = [sum(p * float(label) for p, label in zip(row, task.labels)) for row in probabilities]
-    spread = stats.pstdev(expected)
-    flat = spread < 1e-12 or stats.pstdev(golds) == 0  # a correlation of a constant is undefined
+    expected = [expected_rating(task.labels, row) for row in probabilities]
+    spread = expected_spread(expected, golds)
     combined = level_plus_offset(levels, expected)
     return {"mae": stats.fmean(abs(float(a) - g) for a, g in zip(predictions, golds)),
             "mae_rounded_mean": stats.fmean(abs(rounded(e) - g) for e, g in zip(expected, golds)),
-            "mae_vs_recent_mean": vs_recent_mean(task, views, predictions), "sd": spread,
-            "corr": None if flat else stats.correlation(expected, golds),
+            "mae_vs_recent_mean": vs_recent_mean(task, views, predictions), "sd": spread["sd"],
+            "corr": spread["corr"],
             "mae_level_offset": stats.fmean(abs(a - g) for a, g in zip(combined, golds)),
             "level_offset_vs_recent_mean": vs_recent_mean(task, views, [f"{a:.0f}" for a in combined])}
 

@@ -121,13 +121,18 @@ def decision_rule(task: TaskSpec, rule: str = "auto") -> DecisionRule:
     return rule  # type: ignore[return-value]
 
 
+def expected_rating(labels: Sequence[str], probabilities: Sequence[float]) -> float:
+    """The mean of a distribution over numeric `labels` (the `mean` rule's answer, unrounded)."""
+    return sum(float(label) * p for label, p in zip(labels, probabilities)) / sum(probabilities)
+
+
 def decide(labels: Sequence[str], probabilities: Sequence[float], rule: DecisionRule) -> str:
     """One answer from a distribution over `labels` (numeric labels in ascending order for median/mean)."""
     if rule == "argmax":  # ties go to the earlier label
         return labels[max(range(len(labels)), key=lambda j: (probabilities[j], -j))]
-    total = sum(probabilities)
     if rule == "mean":
-        return f"{sum(float(label) * p for label, p in zip(labels, probabilities)) / total:.3f}"
+        return f"{expected_rating(labels, probabilities):.3f}"
+    total = sum(probabilities)
     cumulative = 0.0
     for label, p in zip(labels, probabilities):
         cumulative += p / total
