@@ -8,7 +8,8 @@ It runs `flower-simulation` (run directory runs/bench-quality-<time> unless give
 - each method and non-LLM reference row (`ref-*`): primary metric, difference to `base` and to the best
   reference row with paired per-user bootstrap 95% CIs (what report.md shows);
 - for label tasks, every decision rule on the same adapters: the label probabilities each device kept in its
-  store are re-read here (this bench runs where the node stores are, like the adapter-similarity study);
+  store are re-read here (this bench runs where the node stores are, like the adapter-similarity study); the
+  median column is the plain median, also for the shared model's methods that answer at a calibrated quantile;
 - rating tasks: each method's expected rating (mean, spread, correlation with the gold), what it knows beyond
   its decision;
 - MovieLens: the no-LLM ceiling rows (bench.item_knowledge's *population* and *level + item*, with movie offsets
@@ -168,9 +169,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         c = compared.get((method, other)) if other else None
         return f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]" if c else "–"
 
+    calibration = report.get("calibration")
+    shared = (f" (base, rag, pag: at quantile {calibration['answer_quantile']:.2f}, picked on the test users' "
+              "validation items)" if calibration else "")
     table = [
         f"{task.name}, split {args.split}, {report['users']['evaluated']} users, decision rule "
-        f"{report['decision_rule']}; {lead} ({'higher' if higher_better else 'lower'} is better)",
+        f"{report['decision_rule']}{shared}; {lead} ({'higher' if higher_better else 'lower'} is better)",
         "", f"| row | {lead} | vs base (95% CI) | vs {best} (95% CI) |", "|---|---|---|---|",
     ]
     for name, row in rows.items():

@@ -65,7 +65,7 @@ def _run_config(config: ConfigRecord):
     config = dict(config)
     model_sha = str(config.pop(p.MODEL_SHA256))
     for key in (p.MODEL_NAME, p.SERVER_ROUND, p.TASK_ADAPTER_SHA256, p.CONSTANT_ANSWER, p.TASK_ADAPTER_NAMES,
-                p.ROUND_CLIENTS, p.SECURE_PAYLOAD, *p.ITEM_TABLE_KEYS):
+                p.ROUND_CLIENTS, p.SECURE_PAYLOAD, p.ANSWER_QUANTILE, *p.ITEM_TABLE_KEYS):
         config.pop(key, None)
     return RunConfig.from_record(config), model_sha
 
@@ -216,6 +216,26 @@ def _item_table_reply(msg: Message, context: Context) -> Message:
     return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
+def calibrate(msg: Message, context: Context) -> Message:
+    """The shared model's mean absolute error at each answer quantile on this test user's latest items before its
+    questions (client/calibration.py); reply with those metric statistics only."""
+    from client.calibration import calibration_errors
+    from client.task_adapter import task_adapted_base
+
+    config = msg.content[p.CONFIG]
+    cfg, model_dir, _, device, _, tokenizer = _setup(config, context)
+    user, role, _ = node_user(context)
+    if role != "test":
+        raise RuntimeError("the calibration round asked a training user's node: test users calibrate")
+    seen, _ = annotated(seen_user(user, role, cfg), role, cfg, config)
+    arrays = msg.content[p.ARRAYS]
+    merged = task_adapted_base(model_dir, device, cfg, arrays.to_torch_state_dict() if len(arrays) else None,
+                               str(config.get(p.TASK_ADAPTER_SHA256, "")))
+    errors, scored = calibration_errors(merged, tokenizer, cfg, seen)
+    metrics: dict[str, int | list[float]] = {p.NUM_EXAMPLES: scored, **({p.QUANTILE_ERRORS: errors} if scored else {})}
+    return Message(RecordDict({p.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
 def personalize(msg: Message, context: Context) -> Message:
     """Personal adapters + evaluation of every method on this user's queries; reply with statistics only."""
     from client.history import select_history
@@ -232,8 +252,9 @@ def personalize(msg: Message, context: Context) -> Message:
     arrays = msg.content[p.ARRAYS]
     task_sha = str(config.get(p.TASK_ADAPTER_SHA256, ""))
     table = [config.get(key) for key in p.ITEM_TABLE_KEYS]
+    quantile = float(config.get(p.ANSWER_QUANTILE, 0.5))  # type: ignore[arg-type]
     result_key = hashlib.sha256(
-        json.dumps([cfg.to_record(), model_sha, task_sha, table], sort_keys=True).encode()
+        json.dumps([cfg.to_record(), model_sha, task_sha, table, quantile], sort_keys=True).encode()
     ).hexdigest()
     stored = read_saved_state(store.result)
     if stored and stored.get("key") == result_key:  # finished before an interruption: same inputs, same result
@@ -245,7 +266,7 @@ def personalize(msg: Message, context: Context) -> Message:
         constant = config.get(p.CONSTANT_ANSWER)
         results, timings = personalize_user(
             cfg, personal, store, merged, pristine, tokenizer, model_sha, task_adapter_sha=task_sha,
-            constant=str(constant) if constant is not None else None, readings=readings,
+            constant=str(constant) if constant is not None else None, readings=readings, answer_quantile=quantile,
         )
         atomic_write_json(store.result, {"key": result_key, "statistics": results, "timings": timings})
     queries = len(seen.queries)
@@ -271,6 +292,7 @@ def make_client_app(
     client_app.query(p.action(p.ANNOUNCE))(announce)
     client_app.query(p.action(p.MODEL_CHUNK))(model_chunk)
     client_app.train(p.action(p.ADAPT))(adapt)
+    client_app.evaluate(p.action(p.CALIBRATE))(calibrate)
     client_app.train(p.action(p.PERSONALIZE))(personalize)
     client_app.train(mods=[secaggplus_mod])(adapt_secure)  # Flower's SecAgg+ messages are plain `train`
     return client_app

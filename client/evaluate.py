@@ -102,13 +102,15 @@ def predict(
     prompts: Sequence[list[int]],
     decoding: Decoding = "auto",
     rule: str = "auto",
+    quantile: float = 0.5,
 ) -> tuple[list[str], list[list[float]] | None]:
     """(predictions, label probabilities per prompt): label scoring with a decision rule where the task has
-    labels (unless told to generate); greedy generation otherwise, with no probabilities."""
+    labels (unless told to generate), the median rule at `quantile`; greedy generation otherwise, with no
+    probabilities."""
     if decoding == "score" or (decoding == "auto" and task.labels):
         if not task.labels:
             raise ValueError(f"{task.name} has no label list to score; use generation")
         chosen = decision_rule(task, rule)
         probabilities = label_probabilities(model, tokenizer, task.labels, prompts)
-        return [decide(task.labels, row, chosen) for row in probabilities], probabilities
+        return [decide(task.labels, row, chosen, quantile) for row in probabilities], probabilities
     return generate(model, tokenizer, prompts, task.max_new_tokens), None

@@ -58,11 +58,13 @@ def personalize_user(
     task_adapter_sha: str = "",
     constant: str | None = None,
     readings: Sequence[ItemReading] = (),
+    answer_quantile: float = 0.5,
 ) -> tuple[dict[str, Statistics], dict[str, float]]:
     """Train this user's personal adapters, evaluate every method and reference row; (statistics per row, timings).
 
     `constant` is the best constant answer the server learned from training users (its reference row); `readings`
-    the population's reading of each query's item (--item-statistics: two more reference rows).
+    the population's reading of each query's item (--item-statistics: two more reference rows); `answer_quantile`
+    where the median rule answers for the methods without a personal adapter (--calibration-users).
     Adapters and predictions are written to the user's node-local store; only the statistics are returned.
     """
     task = get_task(cfg.task)
@@ -117,7 +119,7 @@ def personalize_user(
             else:
                 with peft_model.disable_adapter() if peft_model else nullcontext():
                     predictions, probabilities = predict(
-                        peft_model or merged, tokenizer, task, prompts, rule=cfg.decision
+                        peft_model or merged, tokenizer, task, prompts, rule=cfg.decision, quantile=answer_quantile
                     )
             results[method.name] = statistics(task, predictions, golds)
             kept[method.name] = _kept(user, predictions, probabilities)

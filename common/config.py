@@ -110,6 +110,7 @@ POSITIVE = ("local_epochs", "task_lr", "personal_epochs", "personal_lr")
 PERSONALIZATION_ONLY = (
     "methods", "k", "decision", "peft", "personal_epochs", "personal_lr", "max_history", "history_selection",
     "selection_items", "history_format", "profile_items", "profile_max_tokens", "split", "validation_items",
+    "answer_calibration",
 )
 
 
@@ -170,6 +171,14 @@ class RunConfig:
         "task adaptation's learning rate over the rounds: 'constant' (--task-lr in every round) or 'linear' (round "
         "r of R at --task-lr x (R - r + 1) / R): the last rounds' few users then move the shared LoRA least, so it "
         "does not end at their rating level (docs/quality.md)",
+    )
+    answer_calibration: bool = _opt(
+        True,
+        "rating tasks read by the median rule (others ignore it): before personalization every test user's node "
+        "scores the shared model on its validation items (the latest before its questions, never a question) at "
+        "each answer quantile 0.25-0.75 and sends those errors; the methods without a personal adapter (base, rag, "
+        "pag) then answer at the quantile with the lowest pooled error instead of the median: one number for all "
+        "users, which undoes the shared LoRA's drift in rating level (docs/quality.md, docs/privacy.md)",
     )
     personal_epochs: float = _opt(
         1.0,
@@ -310,6 +319,12 @@ class RunConfig:
     def uses_item_table(self) -> bool:
         """Whether the run sums and reads the training users' item table: --item-statistics on a rating task."""
         return self.item_statistics and get_task(self.task).metric == "regression"
+
+    def calibrates_answers(self) -> bool:
+        """Whether the test users' validation items pick the shared model's answer quantile: --answer-calibration
+        on a rating task read by the median rule."""
+        task = get_task(self.task)
+        return self.answer_calibration and task.metric == "regression" and decision_rule(task, self.decision) == "median"
 
     def takes_server_step(self) -> bool:
         """Whether task adaptation steps on the round's average (FedAvgM) instead of taking it (plain FedAvg)."""

@@ -126,8 +126,10 @@ def expected_rating(labels: Sequence[str], probabilities: Sequence[float]) -> fl
     return sum(float(label) * p for label, p in zip(labels, probabilities)) / sum(probabilities)
 
 
-def decide(labels: Sequence[str], probabilities: Sequence[float], rule: DecisionRule) -> str:
-    """One answer from a distribution over `labels` (numeric labels in ascending order for median/mean)."""
+def decide(labels: Sequence[str], probabilities: Sequence[float], rule: DecisionRule, quantile: float = 0.5) -> str:
+    """One answer from a distribution over `labels` (numeric labels in ascending order for median/mean). The
+    median rule answers the first label whose cumulative probability reaches `quantile` (0.5: the median; a
+    calibrated shared model's methods use another, `answer_quantile`)."""
     if rule == "argmax":  # ties go to the earlier label
         return labels[max(range(len(labels)), key=lambda j: (probabilities[j], -j))]
     if rule == "mean":
@@ -136,6 +138,21 @@ def decide(labels: Sequence[str], probabilities: Sequence[float], rule: Decision
     cumulative = 0.0
     for label, p in zip(labels, probabilities):
         cumulative += p / total
-        if cumulative >= 0.5:
+        if cumulative >= quantile:
             return label
     return labels[-1]
+
+
+# the quantiles a calibration round scores (server/calibration.py): the median and five steps of 0.05 either side
+ANSWER_QUANTILES: tuple[float, ...] = tuple(round(0.25 + 0.05 * i, 2) for i in range(11))
+
+
+def quantile_errors(labels: Sequence[str], probabilities: Sequence[Sequence[float]], golds: Sequence[str]) -> list[float]:
+    """Per quantile of ANSWER_QUANTILES, the mean absolute error of answering at it (numeric labels)."""
+    return [sum(abs(float(decide(labels, row, "median", q)) - float(gold)) for row, gold in zip(probabilities, golds))
+            / len(golds) for q in ANSWER_QUANTILES]
+
+
+def answer_quantile(errors: Sequence[float]) -> float:
+    """The quantile of ANSWER_QUANTILES with the lowest error; among equal errors the one nearest the median."""
+    return min(zip(ANSWER_QUANTILES, errors), key=lambda qe: (round(qe[1], 9), abs(qe[0] - 0.5)))[0]

@@ -32,6 +32,7 @@ ANNOUNCE = "query.announce"
 MODEL_CHUNK = "query.model_chunk"
 ADAPT = "train.adapt"
 PERSONALIZE = "train.personalize"
+CALIBRATE = "evaluate.calibrate"  # a test user's node scores the shared model at each answer quantile
 # Flower's SecAggPlusWorkflow sends plain `train` messages and secaggplus_mod acts on those only
 SECURE_ADAPT = "train"
 
@@ -49,6 +50,7 @@ TASK_ADAPTER_NAMES = "task-adapter-names"  # secure-adapt: the tensor names (Flo
 ROUND_CLIENTS = "round-clients"  # secure-adapt: clients sampled this round (each adds 1/sqrt of the DP noise)
 SECURE_PAYLOAD = "secure-payload"  # secure-adapt: what the masked vector holds (absent: a task-LoRA update)
 ITEM_TABLE = "item-table"  # that payload: the node's item table (--item-statistics, common/item_table.py)
+ANSWER_QUANTILE = "answer-quantile"  # the quantile the shared model's methods answer at (server/calibration.py)
 # --item-statistics: the summed item table, sent with every later message (rated buckets only)
 ITEM_BUCKETS, ITEM_RATINGS = "item-buckets", "item-ratings"
 ITEM_OFFSETS, ITEM_COUNTS = "item-offsets", "item-counts"
@@ -60,6 +62,7 @@ HAS_MODEL = "has-model"
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 ANSWER_FREQUENCIES = "answer-frequencies"  # share of each task label among a training user's answers
+QUANTILE_ERRORS = "quantile-errors"  # a calibrate reply: mean absolute error at each of metrics.ANSWER_QUANTILES
 CHUNK_STORED = "stored"
 
 # chunk keys
@@ -74,6 +77,7 @@ ALLOWED_PERSONALIZE_METRIC = re.compile(
     rf"^({NUM_EXAMPLES}|{_METHOD}/({'|'.join(STATISTIC_NAMES)})|time/[a-z0-9-]+-seconds)$"
 )
 ALLOWED_ADAPT_METRIC = re.compile(rf"^({NUM_EXAMPLES}|{TRAIN_LOSS}|{ANSWER_FREQUENCIES})$")
+ALLOWED_CALIBRATE_METRIC = re.compile(rf"^({NUM_EXAMPLES}|{QUANTILE_ERRORS})$")
 
 # secure-adapt records: Flower's legacy FitIns/FitRes keys and its SecAgg+ config record
 FITINS_ARRAYS, FITINS_CONFIG = "fitins.parameters", "fitins.config"

@@ -32,6 +32,7 @@ from common.model_files import model_hash
 from common.store import atomic_write_json, read_saved_state
 from common.tasks import get_task
 from server.audited_grid import AuditedGrid
+from server.calibration import calibrate_answers
 from server.defenses import task_adaptation_defense
 from server.distribution import announce, send_model
 from server.exchange import exchange
@@ -102,19 +103,29 @@ def adapt_task(
     return result.arrays, record
 
 
-def personalize_and_evaluate(
-    grid: Grid, cfg: RunConfig, opts: ServerOptions, model_sha: str, task_arrays: ArrayRecord, test_nodes: list[int],
-    constant: str | None = None, item_table: ItemTable | None = None,
-) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Every test node personalizes and evaluates; (metric record of each successful node by node id, errors).
-
-    `constant` (the best constant answer, a reference row) travels in the config when task adaptation found one.
-    """
+def shared_model_config(cfg: RunConfig, model_sha: str, task_arrays: ArrayRecord,
+                        item_table: ItemTable | None) -> ConfigRecord:
+    """The config of a message that carries the shared model to test users (calibrate, personalize)."""
     config = _message_config(cfg, model_sha, item_table)
     if len(task_arrays):  # (an empty string would break Flower's ConfigRecord.count_bytes)
         config[p.TASK_ADAPTER_SHA256] = arrays_sha256(task_arrays)
+    return config
+
+
+def personalize_and_evaluate(
+    grid: Grid, cfg: RunConfig, opts: ServerOptions, model_sha: str, task_arrays: ArrayRecord, test_nodes: list[int],
+    constant: str | None = None, item_table: ItemTable | None = None, answer_quantile: float | None = None,
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Every test node personalizes and evaluates; (metric record of each successful node by node id, errors).
+
+    `constant` (the best constant answer, a reference row) travels in the config when task adaptation found one,
+    `answer_quantile` (where the shared model's methods answer) when a calibration round picked one.
+    """
+    config = shared_model_config(cfg, model_sha, task_arrays, item_table)
     if constant is not None:
         config[p.CONSTANT_ANSWER] = constant
+    if answer_quantile is not None:
+        config[p.ANSWER_QUANTILE] = answer_quantile
     content = RecordDict({p.ARRAYS: task_arrays, p.CONFIG: config})
     messages = [Message(content, dst_node_id=node, message_type=p.PERSONALIZE) for node in test_nodes]
     bar = tqdm(total=len(messages), desc="personalize + evaluate (test users)", unit="user", disable=not opts.progress)
@@ -187,11 +198,18 @@ def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
         task_arrays, adaptation = adapt_task(grid, cfg, opts, model_dir, model_sha, train_nodes, item_table)
     timings["task-adaptation-seconds"] = time.perf_counter() - start
     constant = best_constant(task, adaptation.get("answer_frequencies", []), decision_rule(task, cfg.decision))
+    calibration = None
+    if cfg.calibrates_answers():
+        start = time.perf_counter()
+        calibration = calibrate_answers(grid, shared_model_config(cfg, model_sha, task_arrays, item_table),
+                                        task_arrays, test_nodes, opts.run_dir, opts.timeout)
+        timings["calibration-seconds"] = time.perf_counter() - start
 
     start = time.perf_counter()
     unready_test_users = len(errors)
     records, personalize_errors = personalize_and_evaluate(
-        grid, cfg, opts, model_sha, task_arrays, test_nodes, constant, item_table
+        grid, cfg, opts, model_sha, task_arrays, test_nodes, constant, item_table,
+        calibration["answer_quantile"] if calibration else None,
     )
     errors += personalize_errors
     timings["personalize-seconds"] = time.perf_counter() - start
@@ -218,6 +236,7 @@ def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
             "copied_from": adaptation.get("copied_from"),  # the earlier run whose adapter this one reused
         },
         "item_statistics": item_record,  # nodes whose tables were summed, items and ratings (None: off)
+        "calibration": calibration,  # the shared model's answer quantile and its errors (None: the median)
         "decision_rule": decision_rule(task, cfg.decision) if task.labels else None,
         "methods": method_results(task, records.values(), cfg.method_names()),
         # non-LLM predictors from each user's own history (and the training users' best constant)

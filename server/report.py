@@ -200,7 +200,14 @@ def _decision_line(report: Mapping[str, Any]) -> str:
     how = {"median": "the median of the model's label distribution (minimises MAE)",
            "mean": "the mean of the model's label distribution (minimises squared error)",
            "argmax": "the most likely label (argmax, as the paper)"}[rule]
-    return f"Answers read from label probabilities by decision rule `{rule}`: {how}.\n\n"
+    calibration = report.get("calibration")
+    shared = ""
+    if calibration:
+        shared = (f" The methods without a personal adapter answer at quantile {calibration['answer_quantile']:.2f} "
+                  f"of it instead, picked on {calibration['users']} test users' {calibration['items']} validation "
+                  f"items (the latest before their questions; MAE there {min(calibration['mae_by_quantile'].values()):.3f}, "
+                  f"at the median {calibration['mae_by_quantile']['0.50']:.3f}).")
+    return f"Answers read from label probabilities by decision rule `{rule}`: {how}.{shared}\n\n"
 
 
 def _references_line(report: Mapping[str, Any]) -> str:

@@ -5,7 +5,7 @@ Neither side's log is trusted alone: every check reads both. Checks: both logs a
 undecodable or repeated line; a message a client received again in a new worker process, after the worker running it
 died, is a redelivery, not a repeat); no tensor in a reply (as the client sent it or the server received it) is, by
 name or content hash, a personal adapter's; every reply carries only the keys its phase allows (a secure-adapt
-reply no tensor); a test user's node replies only to announce, model transfer and personalize messages; in a
+reply no tensor); a test user's node replies only to announce, model transfer, calibrate and personalize messages; in a
 secure-aggregation run (run.json or a message's run config says so) no clear adapt-phase
 update reaches the server; no planted canary string appears in any payload, and audit/canaries.json lists every canary the node stores hold; the logs agree per
 attempt and message id in both directions (every message one side sent the other side received, with the same
@@ -31,12 +31,12 @@ from common.exit_status import BAD_INPUT, DONE, FAILED
 from common.store import atomic_write_json
 from simulation.node_stores import CANARY
 
-PHASES = {p.ANNOUNCE: "announce", p.MODEL_CHUNK: "transfer", p.ADAPT: "adapt", p.PERSONALIZE: "personalize",
-          p.SECURE_ADAPT: "secure-adapt"}
+PHASES = {p.ANNOUNCE: "announce", p.MODEL_CHUNK: "transfer", p.ADAPT: "adapt", p.CALIBRATE: "calibrate",
+          p.PERSONALIZE: "personalize", p.SECURE_ADAPT: "secure-adapt"}
 ALLOWED_REPLY_CONFIG = {p.ANNOUNCE: {p.ROLE, p.HAS_MODEL}, p.MODEL_CHUNK: {p.CHUNK_STORED},
                         p.SECURE_ADAPT: p.ALLOWED_SECURE_REPLY_CONFIG}
 ALLOWED_REPLY_METRIC = {p.PERSONALIZE: p.ALLOWED_PERSONALIZE_METRIC, p.ADAPT: p.ALLOWED_ADAPT_METRIC,
-                        p.SECURE_ADAPT: p.ALLOWED_SECURE_METRIC}
+                        p.CALIBRATE: p.ALLOWED_CALIBRATE_METRIC, p.SECURE_ADAPT: p.ALLOWED_SECURE_METRIC}
 LOG_FIELDS = ("time", "side", "direction", "src", "dst", "message_id", "run", "message_type", "error", "records",
               "content_sha256")
 SIDES = ("server", "client")
@@ -157,9 +157,10 @@ def reply_violations(entry: dict[str, Any], adapter_names: set[str], adapter_has
     return problems
 
 
-# the phases a test user's node may reply in: it announces, stores the model and sends metric statistics; training
-# (task-LoRA updates, item tables) is the training users' part
-TEST_USER_PHASES = {p.ANNOUNCE, p.MODEL_CHUNK, p.PERSONALIZE}
+# the phases a test user's node may reply in: it announces, stores the model and sends metric statistics (of the
+# shared model at each answer quantile, of every method); training (task-LoRA updates, item tables) is the training
+# users' part
+TEST_USER_PHASES = {p.ANNOUNCE, p.MODEL_CHUNK, p.CALIBRATE, p.PERSONALIZE}
 
 
 def test_user_violations(entries: list[dict[str, Any]]) -> list[str]:

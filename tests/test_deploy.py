@@ -28,7 +28,7 @@ ARGS = ["--num-clients", "1", "--train-clients", "1", "--rounds", "1", "--method
 
 
 # MovieLens, so the item-table round runs too (a SecAgg+ round: secaggplus_mod's state kept by the SuperNode between
-# its stages, each stage a fresh ClientApp process)
+# its stages, each stage a fresh ClientApp process), and the calibration round
 RATING_ARGS = ["--num-clients", "1", "--train-clients", "2", "--rounds", "1", "--methods", "base", "--model",
                "tiny-random", "--split", "validation", "--max-history", "4", "--task-history", "4"]
 
@@ -46,6 +46,8 @@ def test_superlink_and_supernodes_run_the_app_and_pass_the_audit(tmp_path: Path)
     # the two training users' item tables were summed; the test user's node sent none (the audit's check)
     assert report["item_statistics"]["nodes"] == 2 and report["item_statistics"]["ratings"] > 40
     assert {"ref-population", "ref-level-item"} <= set(report["references"])
+    # the test user's node scored the shared model on its 5 items before the validation questions (calibrate)
+    assert (report["calibration"]["users"], report["calibration"]["items"]) == (1, 5)
     assert audit_main([str(first)]) == 0
     summary = json.loads((first / "audit" / "summary.json").read_text())
     assert summary["phases"]["transfer"]["bytes_down"] > 1_000_000

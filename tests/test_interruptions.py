@@ -115,6 +115,13 @@ def _item_round_setups(run_dir: Path) -> int:
     return sum('"stage": "setup"' in line for line in path.read_text().splitlines()) if path.exists() else 0
 
 
+def _calibrate_messages(run_dir: Path) -> int:
+    """The calibrate messages the server sent (one per test node and calibration)."""
+    path = run_dir / "audit" / "server.jsonl"
+    return sum(f'"message_type": "{p.CALIBRATE}"' in line and '"direction": "out"' in line
+               for line in path.read_text().splitlines())
+
+
 def test_a_crash_after_the_item_table_resumes_with_that_table(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     table = run_dir / "server" / "item_table.json"
@@ -131,5 +138,12 @@ def test_a_crash_after_the_item_table_resumes_with_that_table(tmp_path: Path) ->
     assert _item_round_setups(run_dir) == setups  # no second SecAgg+ round of the tables
     report = json.loads((run_dir / "report.json").read_text())
     assert report["users"] == {"test": 2, "evaluated": 2, "failed": 0, "train": 3}
-    assert report["item_statistics"]["nodes"] == 3
+    assert report["item_statistics"]["nodes"] == 3 and report["calibration"]["users"] == 2
     assert audit_main([str(run_dir)]) == 0
+
+    calibrations = _calibrate_messages(run_dir)
+    assert calibrations == 2  # one to each test user's node
+    third = _start(run_dir, "--resume", args=RATING_ARGS)  # a finished run resumed: the saved answer quantile
+    assert third.wait(timeout=600) == 0, third.stderr.read() if third.stderr else ""
+    assert _calibrate_messages(run_dir) == calibrations  # not asked again
+    assert json.loads((run_dir / "report.json").read_text())["calibration"] == report["calibration"]
