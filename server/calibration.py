@@ -10,8 +10,8 @@ scores the shared model at each quantile of ANSWER_QUANTILES on its items just b
 validation items, never a question it is scored on; client/calibration.py) and replies with those 11 mean errors,
 metric statistics as its personalize reply is; the server pools them (weighted by items) and sends the quantile
 with the lowest pooled error, one number for every user, with the personalize messages. A personal adapter
-relearns its user's level, so the methods with one keep the median. Kept in the run directory, keyed by the task
-adapter, so a resumed run answers the same.
+relearns its user's level, so the methods with one keep the median. Kept in the run directory, keyed by the
+message config (run config, task adapter, item table), so a resumed run answers the same.
 """
 
 from __future__ import annotations
