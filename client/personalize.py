@@ -64,7 +64,7 @@ def personalize_user(
 
     `constant` is the best constant answer the server learned from training users (its reference row); `readings`
     the population's reading of each query's item (--item-statistics: two more reference rows); `answer_quantile`
-    where the median rule answers for the methods without a personal adapter (--calibration-users).
+    where the median rule answers for the methods without a personal adapter (--answer-calibration).
     Adapters and predictions are written to the user's node-local store; only the statistics are returned.
     """
     task = get_task(cfg.task)

@@ -324,7 +324,8 @@ class RunConfig:
         """Whether the test users' validation items pick the shared model's answer quantile: --answer-calibration
         on a rating task read by the median rule."""
         task = get_task(self.task)
-        return self.answer_calibration and task.metric == "regression" and decision_rule(task, self.decision) == "median"
+        return (self.answer_calibration and task.metric == "regression"
+                and decision_rule(task, self.decision) == "median")
 
     def takes_server_step(self) -> bool:
         """Whether task adaptation steps on the round's average (FedAvgM) instead of taking it (plain FedAvg)."""

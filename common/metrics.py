@@ -147,7 +147,8 @@ def decide(labels: Sequence[str], probabilities: Sequence[float], rule: Decision
 ANSWER_QUANTILES: tuple[float, ...] = tuple(round(0.25 + 0.05 * i, 2) for i in range(11))
 
 
-def quantile_errors(labels: Sequence[str], probabilities: Sequence[Sequence[float]], golds: Sequence[str]) -> list[float]:
+def quantile_errors(labels: Sequence[str], probabilities: Sequence[Sequence[float]],
+                    golds: Sequence[str]) -> list[float]:
     """Per quantile of ANSWER_QUANTILES, the mean absolute error of answering at it (numeric labels)."""
     return [sum(abs(float(decide(labels, row, "median", q)) - float(gold)) for row, gold in zip(probabilities, golds))
             / len(golds) for q in ANSWER_QUANTILES]

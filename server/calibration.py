@@ -57,7 +57,8 @@ def calibrate_answers(grid: Grid, config: ConfigRecord, task_arrays: ArrayRecord
         metrics = reply.content[p.METRICS]
         scored = int(metrics[p.NUM_EXAMPLES])
         if scored:
-            totals = [t + scored * float(e) for t, e in zip(totals, metrics[p.QUANTILE_ERRORS])]  # type: ignore[arg-type]
+            errors = metrics[p.QUANTILE_ERRORS]
+            totals = [t + scored * float(e) for t, e in zip(totals, errors)]  # type: ignore[arg-type]
             users, items = users + 1, items + scored
     if not items:
         log.warning("calibration: no test user's node scored an item; the shared model answers at the median")

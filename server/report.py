@@ -203,10 +203,11 @@ def _decision_line(report: Mapping[str, Any]) -> str:
     calibration = report.get("calibration")
     shared = ""
     if calibration:
+        errors = calibration["mae_by_quantile"]
         shared = (f" The methods without a personal adapter answer at quantile {calibration['answer_quantile']:.2f} "
                   f"of it instead, picked on {calibration['users']} test users' {calibration['items']} validation "
-                  f"items (the latest before their questions; MAE there {min(calibration['mae_by_quantile'].values()):.3f}, "
-                  f"at the median {calibration['mae_by_quantile']['0.50']:.3f}).")
+                  f"items (the latest before their questions; MAE there {min(errors.values()):.3f}, at the median "
+                  f"{errors['0.50']:.3f}).")
     return f"Answers read from label probabilities by decision rule `{rule}`: {how}.{shared}\n\n"
 
 
