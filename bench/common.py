@@ -12,6 +12,8 @@ import os
 import platform
 import statistics as stats
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,48 @@ def matmul_peak_gflops(dtype: torch.dtype, device: str = "cpu", repeats: int = 2
         best = max(best, 2 * m * k * n / seconds / 1e9)
         if best < 20:  # a dtype without a fast kernel: one shape says enough and the square would take minutes
             break
+    return best
+
+
+MATMUL_OPS = ("aten::mm", "aten::bmm")
+PROFILER_DTYPES = {"float": torch.float32, "c10::BFloat16": torch.bfloat16, "c10::Half": torch.float16}
+
+
+def matmuls_alone(work: Callable[[], object], repeats: int = 5) -> dict[str, float]:
+    """The matrix products `work` runs on the CPU, each timed again alone (same shapes, strides and dtypes).
+
+    Their sum is the floor of the loop at its own shapes: what it would take if every other op (elementwise
+    math, dtype copies, dispatch, autograd bookkeeping) cost nothing. Also returned: the time the products took
+    inside the loop (the profiler's own count, so a little inflated) and the number of calls.
+    """
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        work()
+    calls: Counter[tuple] = Counter()
+    in_loop = 0.0
+    for event in prof.events():
+        if event.name in MATMUL_OPS:
+            operands = tuple(zip(map(tuple, event.input_shapes[:2]), map(tuple, event.structured_input_strides[:2]),
+                                 event.input_dtypes[:2]))
+            calls[(event.name, operands)] += 1
+            in_loop += event.self_cpu_time_total / 1e6
+    tensors: dict[tuple, torch.Tensor] = {}  # one tensor per operand layout: the vocabulary head meets many row counts
+    alone = sum(count * _product_seconds(name, operands, repeats, tensors) for (name, operands), count in calls.items())
+    return {"matmul_seconds_in_loop": in_loop, "matmul_seconds_alone": alone, "matmul_calls": float(sum(calls.values()))}
+
+
+def _product_seconds(name: str, operands: tuple, repeats: int, tensors: dict[tuple, torch.Tensor]) -> float:
+    """Best time of one product on random operands laid out as in the loop (made once per layout)."""
+    for shape, strides, dtype in operands:
+        if (shape, strides, dtype) not in tensors:
+            tensors[shape, strides, dtype] = torch.empty_strided(shape, strides, dtype=PROFILER_DTYPES[dtype]).normal_()
+    a, b = (tensors[spec] for spec in operands)
+    product = torch.mm if name == "aten::mm" else torch.bmm
+    product(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        product(a, b)
+        best = min(best, time.perf_counter() - start)
     return best
 
 

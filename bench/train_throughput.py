@@ -3,6 +3,7 @@
     python -m bench.train_throughput                  # SmolLM2, 2 MovieLens test users, 1 thread
     python -m bench.train_throughput --threads 2 --users 4 --out runs/bench/train.json
     python -m bench.train_throughput --k 0 --batch-tokens 64,128,512    # cost of more, smaller steps
+    python -m bench.train_throughput --batch-tokens 128,256 --floor     # and each loop's matmul floor
 
 Both loops train a fresh LoRA (r=8 on q,v) per user on the same examples (each history item with one
 BM25-retrieved earlier item, the default run's `oppu+rag` adapter), one epoch, from the same base:
@@ -13,7 +14,10 @@ BM25-retrieved earlier item, the default run's `oppu+rag` adapter), one epoch, f
   (multiple of 8), labels -100 on the prompt, the model's own loss over full logits, fp32 (and, where the
   machine picks bf16, also in bf16 on the same base as ours). "x naive" is against the fp32 naive loop.
 MFU is useful model FLOPs per second (`bench.common.training_flops`: padding and prompt logits are not
-counted) over the best matmul rate this script measures at the same thread count.
+counted) over the best matmul rate this script measures at the same thread count. With `--floor`, each of our
+loops runs once more under the profiler and its matrix products are timed again alone at their own shapes,
+strides and dtypes (`bench.common.matmuls_alone`): the share of the loop they are, and the MFU the loop would
+reach if nothing else cost time (CPU only).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from bench.common import (
     finish,
     load_model,
     matmul_peak_gflops,
+    matmuls_alone,
     test_users,
     train_fresh_lora,
     training_flops,
@@ -85,8 +90,11 @@ def user_examples(tokenizer, users: int, items: int, k: int) -> list[list[Exampl
     return [history_examples(user, task, tokenizer, PromptSettings(k=k), max_items=items) for user in test_users(users)]
 
 
-def measure(name: str, run, base: PreTrainedModel, per_user: list[list[Example]], peak: float) -> dict[str, Any]:
-    """Train every user with `run` (after one warm-up user) and sum up tokens, FLOPs, time and MFU."""
+def measure(
+    name: str, run, base: PreTrainedModel, per_user: list[list[Example]], peak: float, floor: bool = False
+) -> dict[str, Any]:
+    """Train every user with `run` (after one warm-up user) and sum up tokens, FLOPs, time and MFU; with `floor`,
+    train them once more under the profiler and time the loop's matrix products alone (`matmuls_alone`)."""
     run(base, per_user[0][:4])  # warm-up: first-call allocations and kernel choices
     seconds = loss = 0.0
     tokens = answer_tokens = steps = 0
@@ -98,11 +106,15 @@ def measure(name: str, run, base: PreTrainedModel, per_user: list[list[Example]]
         tokens += sum(len(e.prompt) + len(e.answer) for e in examples)
         answer_tokens += sum(len(e.answer) for e in examples)
     flops = training_flops(base, tokens, answer_tokens)
-    return {
+    row = {
         "loop": name, "dtype": str(base.dtype).removeprefix("torch."), "seconds": seconds, "tokens": tokens, "steps": steps,
         "tokens_per_s": tokens / seconds, "model_gflops": flops / seconds / 1e9,
         "mfu": flops / seconds / 1e9 / peak, "mean_loss": loss,
     }
+    if floor:
+        row.update(matmuls_alone(lambda: [run(base, examples) for examples in per_user]))
+        row["matmul_floor_mfu"] = flops / row["matmul_seconds_alone"] / 1e9 / peak
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -112,8 +124,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--users", type=int, default=2, help="MovieLens test users (longest histories first)")
     parser.add_argument("--items", type=int, default=32, help="latest history items per user (the default run's)")
     parser.add_argument("--k", type=int, default=1, help="retrieved items in each training prompt")
-    parser.add_argument("--batch-tokens", type=lambda text: [int(v) for v in text.split(",")], default=[128],
-                        help="our token budgets per batch, comma-separated, each measured (default: 128, the run's)")
+    parser.add_argument("--batch-tokens", type=lambda text: [int(v) for v in text.split(",")], default=[256],
+                        help="our token budgets per batch, comma-separated, each measured (default: 256, the run's)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also time each of our loops' matrix products alone (one more pass under the profiler): "
+                             "the loop's floor if every other op were free, and the MFU that floor reaches")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = str(pick_device(args.device))
@@ -130,11 +145,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return lambda m, ex: train_fresh_lora(m, ex, pad, settings, 0)
 
     ours = {budget: ours_at(budget) for budget in args.batch_tokens}
-    rows += [measure(f"ours, {budget} tokens/batch", run, fp32, per_user, peaks["float32"]) for budget, run in ours.items()]
+    rows += [measure(f"ours, {budget} tokens/batch", run, fp32, per_user, peaks["float32"], floor=args.floor)
+             for budget, run in ours.items()]
     if ours_dtype != "float32":  # the naive loop in the same dtype too, to tell the dtype's gain from the loop's
         picked = load_model(args, ours_dtype)[0]
         rows.append(measure("naive (reference settings)", naive, picked, per_user, peaks[ours_dtype]))
-        rows += [measure(f"ours, {budget} tokens/batch", run, picked, per_user, peaks[ours_dtype])
+        rows += [measure(f"ours, {budget} tokens/batch", run, picked, per_user, peaks[ours_dtype], floor=args.floor)
                  for budget, run in ours.items()]
     naive_tokens_per_s = rows[0]["tokens_per_s"]
     for row in rows:
@@ -146,7 +162,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         *(f"| {r['loop']} | {r['dtype']} | {r['tokens']} | {r['steps']} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | "
           f"{r['model_gflops']:.1f} | {r['mfu']:.0%} | {r['speedup_vs_naive']:.2f} | {r['mean_loss']:.3f} |" for r in rows),
     ]
-    settings = {k: getattr(args, k) for k in ("model", "users", "items", "k", "batch_tokens")}
+    floors = [r for r in rows if "matmul_seconds_alone" in r]
+    if floors:
+        table += [
+            "", "Our loops' matrix products, timed alone at the loop's own shapes (the floor if every other op were free):",
+            "| loop | dtype | loop seconds | products in the loop | products alone | share of the loop | floor MFU |",
+            "|---|---|---|---|---|---|---|",
+            *(f"| {r['loop']} | {r['dtype']} | {r['seconds']:.1f} | {r['matmul_seconds_in_loop']:.1f} s "
+              f"({r['matmul_calls']:.0f} calls) | {r['matmul_seconds_alone']:.1f} s | "
+              f"{r['matmul_seconds_alone'] / r['seconds']:.0%} | {r['matmul_floor_mfu']:.0%} |" for r in floors),
+        ]
+    settings = {k: getattr(args, k) for k in ("model", "users", "items", "k", "batch_tokens", "floor")}
     return finish(args, {"settings": settings, "peak_gflops": peaks, "rows": rows}, table)
 
 

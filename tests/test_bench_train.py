@@ -52,3 +52,22 @@ def test_training_flops_count_the_frozen_linear_weights_and_the_scored_head(tiny
     assert body == cfg.num_hidden_layers * per_layer
     assert head == cfg.vocab_size * cfg.hidden_size
     assert training_flops(model, tokens=10, answer_tokens=2) == 4 * body * 10 + 4 * head * 2
+
+
+def test_matmuls_alone_counts_each_product_of_the_work_and_times_it_again() -> None:
+    from bench.common import matmuls_alone
+
+    x, w = torch.randn(16, 32, dtype=torch.bfloat16), torch.randn(48, 32, dtype=torch.bfloat16)
+    batched = torch.randn(2, 8, 8)
+
+    def work() -> None:
+        for _ in range(3):
+            torch.nn.functional.linear(x, w)  # a transposed weight, as every frozen layer's forward
+        x.float() @ w.float().t()
+        torch.bmm(batched, batched)
+        x + 1  # not a product
+
+    floor = matmuls_alone(work)
+    assert floor["matmul_calls"] == 5
+    assert 0 < floor["matmul_seconds_alone"] < 1 and 0 < floor["matmul_seconds_in_loop"] < 1
+    assert matmuls_alone(lambda: (work(), work()))["matmul_calls"] == 10
