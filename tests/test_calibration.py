@@ -56,6 +56,8 @@ def test_calibration_runs_for_rating_tasks_read_by_the_median_only() -> None:
     assert not RunConfig(answer_calibration=False).calibrates_answers()
     assert not RunConfig(decision="mean").calibrates_answers()
     assert not RunConfig(task="LaMP-2M").calibrates_answers()
+    assert not RunConfig(methods="oppu,oppu+rag").calibrates_answers()  # every method answers at the median
+    assert RunConfig(methods="oppu,pag").calibrates_answers()
     assert "answer-calibration" not in RunConfig().task_adaptation_settings()  # the task adapter does not read it
     assert build_parser().parse_args(["--no-answer-calibration"]).answer_calibration is False
 

@@ -32,6 +32,11 @@ def test_task_steps_take_task_batch_tokens_and_follow_batch_tokens_at_0() -> Non
     own = RunConfig(batch_tokens=256, task_batch_tokens=1024)
     assert (own.task_training().max_batch_tokens, own.personal_training().max_batch_tokens) == (1024, 256)
     assert own.task_adaptation_settings()["task-batch-tokens"] == 1024
+    # a task adapter depends on the task steps' budget, whichever flag set it, and not on the personal one
+    assert own.task_adaptation_settings() == RunConfig(batch_tokens=512, task_batch_tokens=1024).task_adaptation_settings()
+    assert follows.task_adaptation_settings()["task-batch-tokens"] == 256
+    assert follows.task_adaptation_settings() != RunConfig(batch_tokens=512, task_batch_tokens=0).task_adaptation_settings()
+    assert "batch-tokens" not in own.task_adaptation_settings()
     with pytest.raises(ValueError, match="task-batch-tokens"):
         RunConfig(task_batch_tokens=-1)
 
