@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = str(pick_device(args.device))
+    if args.floor and torch.device(device).type != "cpu":  # the profiler's CPU times say nothing of GPU kernels
+        parser.error(f"--floor times matrix products on the CPU; this run trains on {device} (use --device cpu)")
     peaks = {"float32": matmul_peak_gflops(torch.float32, device), "bfloat16": matmul_peak_gflops(torch.bfloat16, device)}
     ours_dtype = str(pick_dtype(torch.device(device))).removeprefix("torch.")
     fp32, tokenizer = load_model(args, "float32")
