@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,8 @@ class ServerOptions:
     timeout: float = PHASE_TIMEOUT
     progress: bool = True
     record_view: bool = False  # keep what the server holds of each round (server/view.py: for attacks and tests)
+    # the wait between pulls for replies, at most the seconds given; the simulation's ends when a reply is stored
+    wait_for_reply: Callable[[float], None] = time.sleep
 
 
 def arrays_sha256(arrays: ArrayRecord) -> str:
@@ -158,7 +161,7 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> None:
 
 def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
     """The whole federated OPPU run; returns (and writes) the report."""
-    grid = AuditedGrid(grid, opts.run_dir / "audit")
+    grid = AuditedGrid(grid, opts.run_dir / "audit", opts.wait_for_reply)
     task = get_task(cfg.task)
     timings: dict[str, float] = {}
     start = time.perf_counter()

@@ -5,7 +5,8 @@ Flower has no server-side mods, so the ServerApp talks to nodes through `Audited
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from flwr.app import Message
@@ -17,11 +18,13 @@ from server.exchange import exchange
 
 
 class AuditedGrid(Grid):
-    """Delegates to a real Grid and writes <audit_dir>/server.jsonl."""
+    """Delegates to a real Grid and writes <audit_dir>/server.jsonl; `wait_for_reply` is how `exchange` waits
+    between pulls (ServerOptions.wait_for_reply)."""
 
-    def __init__(self, grid: Grid, audit_dir: Path):
+    def __init__(self, grid: Grid, audit_dir: Path, wait_for_reply: Callable[[float], None] = time.sleep):
         self._grid = grid
         self._audit_dir = audit_dir
+        self.wait_for_reply = wait_for_reply
 
     def set_run(self, run: Run) -> None:
         self._grid.set_run(run)

@@ -17,8 +17,11 @@ def exchange(
 ) -> list[Message]:
     """Push messages, then collect replies as they arrive (calling `on_reply` on each) until all or timeout.
 
-    A node that never answers within the timeout is reported as missing by the caller (no hang).
+    A node that never answers within the timeout is reported as missing by the caller (no hang). Between pulls it
+    waits with the grid's `wait_for_reply(seconds)` where the grid has one (the simulation's returns the moment its
+    engine stores a reply: simulation/waiting.py), else sleeps.
     """
+    pause: Callable[[float], None] = getattr(grid, "wait_for_reply", time.sleep)
     ids = set(grid.push_messages(messages))
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
@@ -32,5 +35,5 @@ def exchange(
                 on_reply(reply)
         if ids:  # waiting is cheap: longer pauses while nothing arrives, short again once something does
             wait = SHORTEST_WAIT if pulled else min(LONGEST_WAIT, wait * 2)
-            time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+            pause(min(wait, max(0.0, deadline - time.monotonic())))
     return replies

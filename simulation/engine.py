@@ -112,14 +112,15 @@ def _run_in(run_dir: Path, cfg: RunConfig, counts: UserCounts, options: Simulati
 
     from client.app import make_client_app
     from server.app import ServerOptions, make_server_app
-    from simulation.waiting import install_patient_extractor
+    from simulation.waiting import install_patient_extractor, wait_for_reply
 
     install_patient_extractor()  # the engine's wait for replies, nearly free (simulation/waiting.py)
     log.info("run directory %s: %d nodes", run_dir, len(nodes))
     if options.cache_dir:  # the nodes' model cache (a simulated node has no node config of its own to say it)
         os.environ["OPPU_CACHE_DIR"] = str(options.cache_dir.resolve())
     opts = ServerOptions(run_dir=run_dir, cache_dir=options.cache_dir, expected_nodes=len(nodes),
-                         timeout=options.timeout, record_view=options.record_server_view)
+                         timeout=options.timeout, record_view=options.record_server_view,
+                         wait_for_reply=wait_for_reply)
     report = run_dir / "report.json"
     report.unlink(missing_ok=True)  # an earlier attempt's: what is there after the engine returns is this one's
     with run_log(run_dir, options.verbose):  # every library's lines, DEBUG and up (the console shows ours)

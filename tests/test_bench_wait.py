@@ -1,4 +1,5 @@
-"""bench.driver_wait on a tiny run: the driver's CPU while it waits for personalization, read from its console."""
+"""bench.driver_wait on a tiny run: the driver's CPU while it waits for personalization, read from its console, and
+how late messages were handled, read from its audit logs."""
 
 from __future__ import annotations
 
@@ -23,3 +24,14 @@ def test_driver_wait_measures_the_personalization_phase(tmp_path: Path) -> None:
     assert 0.8 * report["timings"]["personalize-seconds"] <= results["ray_window_seconds"] <= results["wait_seconds"]
     assert 0 <= results["ray_services_cpu_seconds"] <= 2 * results["ray_window_seconds"]
     assert results["ray_services_share"] == results["ray_services_cpu_seconds"] / results["ray_window_seconds"]
+    # every reply (announce, model, the round, calibration, personalization) read at once: the server's wait ends
+    # when the engine stores a reply (simulation/waiting.py); the one round's 2 updates ran on the 2 workers at once
+    assert results["replies"] >= 6 + 2 + 2 + 2 + 2 and results["reply_delay_max"] < 0.5
+    assert results["rounds"] == 1 and results["round_workers"] == 2
+    assert 0 <= results["round_start_delay_mean"] == results["round_start_delay_max"] < 0.5
+    assert 0 <= results["round_idle_share"] < 0.5
+    analysed = main(["--analyse", str(tmp_path / "run")])
+    assert analysed.pop("machine") == results["machine"]
+    assert analysed == {"run_dir": str(tmp_path / "run"), **{
+        k: results[k] for k in ("replies", "reply_delay_mean", "reply_delay_max", "rounds", "round_start_delay_mean",
+                                "round_start_delay_max", "round_workers", "round_idle_share")}}

@@ -86,6 +86,20 @@ def test_a_server_learning_rate_and_momentum_step_on_the_averaged_updates(tmp_pa
     assert not all(plain)  # not plain FedAvg
 
 
+def test_the_server_reads_each_reply_as_soon_as_its_node_sends_it(federated_run: tuple[Path, dict]) -> None:
+    """The simulation's server waits for replies on the engine's store event (simulation/waiting.py): by the audit
+    logs' clocks each reply is read well within a second of leaving its node (pulls backing off: up to 2 s)."""
+    run_dir, _ = federated_run
+    def times(side: str, direction: str) -> dict[str, float]:
+        lines = (run_dir / "audit" / f"{side}.jsonl").read_text().splitlines()
+        return {e["message_id"]: e["time"] for e in map(json.loads, lines) if e["direction"] == direction}
+
+    sent, read = times("client", "out"), times("server", "in")
+    late = sorted(read[m] - sent[m] for m in read)
+    assert len(late) == len(sent) >= 15  # every phase: announce, model, 2 rounds, calibration, personalization
+    assert late[-1] < 0.5, late[-5:]
+
+
 def test_combined_metrics_equal_central_metrics(federated_run: tuple[Path, dict]) -> None:
     run_dir, report = federated_run
     task = get_task("LaMP-2M")
