@@ -94,8 +94,8 @@ def _audit(run_dir: Path, side: str) -> list[dict[str, Any]]:
 
 def message_delays(run_dir: Path) -> dict[str, float]:
     """Seconds messages waited on the way, by the audit logs (see the module docstring): replies read after leaving
-    their node (mean, max), each task-adaptation round's first message at a node after the push (mean, max), and
-    the rounds' idle share of the workers (those nodes' processes that ran an update)."""
+    their node (mean, max), each task-adaptation round's first message at a node after the push (mean, max), an
+    update's own time on its node (mean), and the rounds' idle share of the workers (the processes that ran one)."""
     server, nodes = _audit(run_dir, "server"), _audit(run_dir, "client")
     received = {e["message_id"]: e for e in nodes if e["direction"] == "in"}
     sent = {e["message_id"]: e for e in nodes if e["direction"] == "out"}
@@ -121,11 +121,13 @@ def message_delays(run_dir: Path) -> dict[str, float]:
     starts = [min(u[1] for u in updates) - min(u[0] for u in updates) for updates in rounds.values()]
     span = sum(max(u[3] for u in updates) - min(u[0] for u in updates) for updates in rounds.values())
     work = sum(u[2] - u[1] for updates in rounds.values() for u in updates)
+    updates = sum(len(updates) for updates in rounds.values())
     return {
         "replies": len(late), "reply_delay_mean": statistics.fmean(late) if late else 0.0,
         "reply_delay_max": max(late, default=0.0),
         "rounds": len(rounds), "round_start_delay_mean": statistics.fmean(starts) if starts else 0.0,
-        "round_start_delay_max": max(starts, default=0.0), "round_workers": workers,
+        "round_start_delay_max": max(starts, default=0.0), "round_workers": workers, "round_updates": updates,
+        "round_update_seconds_mean": work / updates if updates else 0.0,
         "round_idle_share": 1 - work / (span * workers) if span else 0.0,
     }
 
@@ -135,7 +137,8 @@ def delay_lines(delays: dict[str, float]) -> list[str]:
     return [f"replies read after leaving their node: mean {delays['reply_delay_mean']:.2f} s, max "
             f"{delays['reply_delay_max']:.2f} s ({delays['replies']} replies)",
             f"task-adaptation rounds: first message at a node {delays['round_start_delay_mean']:.2f} s after the push "
-            f"(max {delays['round_start_delay_max']:.2f} s); {delays['round_workers']} workers idle "
+            f"(max {delays['round_start_delay_max']:.2f} s); {delays['round_updates']} updates of "
+            f"{delays['round_update_seconds_mean']:.2f} s on average; {delays['round_workers']} workers idle "
             f"{delays['round_idle_share']:.0%} of the rounds ({delays['rounds']} rounds)"]
 
 

@@ -29,9 +29,11 @@ def test_driver_wait_measures_the_personalization_phase(tmp_path: Path) -> None:
     assert results["replies"] >= 6 + 2 + 2 + 2 + 2 and results["reply_delay_max"] < 0.5
     assert results["rounds"] == 1 and results["round_workers"] == 2
     assert 0 <= results["round_start_delay_mean"] == results["round_start_delay_max"] < 0.5
-    assert 0 <= results["round_idle_share"] < 0.5
+    assert 0 <= results["round_idle_share"] < 0.5 and results["round_updates"] == 2
+    assert 0 < results["round_update_seconds_mean"] < results["wait_seconds"]
     analysed = main(["--analyse", str(tmp_path / "run")])
     assert analysed.pop("machine") == results["machine"]
     assert analysed == {"run_dir": str(tmp_path / "run"), **{
         k: results[k] for k in ("replies", "reply_delay_mean", "reply_delay_max", "rounds", "round_start_delay_mean",
-                                "round_start_delay_max", "round_workers", "round_idle_share")}}
+                                "round_start_delay_max", "round_workers", "round_updates", "round_update_seconds_mean",
+                                "round_idle_share")}}
