@@ -21,20 +21,20 @@ no update ran in (the round's span times the workers, less the updates' own time
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
-from collections import defaultdict
 from typing import Any
 
 import psutil
 
 from bench.common import finish
 from common.protocol import ADAPT
+from simulation.privacy_audit import read_log
 
 DEFAULT_FLAGS = ["--num-clients", "4", "--train-clients", "2", "--rounds", "1", "--methods", "base,oppu,oppu+rag",
                  "--task-history", "4"]
@@ -88,15 +88,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                   f"in {ray_window:.0f} s, {ray_cpu / ray_window:.1%} of a core"])
 
 
-def _audit(run_dir: Path, side: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "audit" / f"{side}.jsonl").read_text().splitlines() if line]
-
-
 def message_delays(run_dir: Path) -> dict[str, float]:
     """Seconds messages waited on the way, by the audit logs (see the module docstring): replies read after leaving
     their node (mean, max), each task-adaptation round's first message at a node after the push (mean, max), an
     update's own time on its node (mean), and the rounds' idle share of the workers (the processes that ran one)."""
-    server, nodes = _audit(run_dir, "server"), _audit(run_dir, "client")
+    server, nodes = (read_log(run_dir / "audit" / f"{side}.jsonl")[0] for side in ("server", "client"))
     received = {e["message_id"]: e for e in nodes if e["direction"] == "in"}
     sent = {e["message_id"]: e for e in nodes if e["direction"] == "out"}
     read = [e for e in server if e["direction"] == "in" and e["message_id"] in sent]

@@ -5,7 +5,6 @@ Flower has no server-side mods, so the ServerApp talks to nodes through `Audited
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -21,7 +20,7 @@ class AuditedGrid(Grid):
     """Delegates to a real Grid and writes <audit_dir>/server.jsonl; `wait_for_reply` is how `exchange` waits
     between pulls (ServerOptions.wait_for_reply)."""
 
-    def __init__(self, grid: Grid, audit_dir: Path, wait_for_reply: Callable[[float], None] = time.sleep):
+    def __init__(self, grid: Grid, audit_dir: Path, wait_for_reply: Callable[[float], None]):
         self._grid = grid
         self._audit_dir = audit_dir
         self.wait_for_reply = wait_for_reply
