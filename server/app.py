@@ -119,7 +119,8 @@ def personalize_and_evaluate(
     grid: Grid, cfg: RunConfig, opts: ServerOptions, model_sha: str, task_arrays: ArrayRecord, test_nodes: list[int],
     constant: str | None = None, item_table: ItemTable | None = None, answer_quantile: float | None = None,
 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Every test node personalizes and evaluates; (metric record of each successful node by node id, errors).
+    """Every test node personalizes and evaluates; (metric record of each successful node by node id, in id order;
+    errors).
 
     `constant` (the best constant answer, a reference row) travels in the config when task adaptation found one,
     `answer_quantile` (where the shared model's methods answer) when a calibration round picked one.
@@ -147,7 +148,7 @@ def personalize_and_evaluate(
     bar.close()
     missing = len(messages) - len(records) - len(errors)
     errors += [f"no reply within {opts.timeout:.0f} s"] * missing
-    return records, errors
+    return dict(sorted(records.items(), key=lambda record: int(record[0]))), errors  # (the bootstraps' order)
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float) -> None:

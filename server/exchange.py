@@ -15,7 +15,9 @@ LONGEST_WAIT = 2.0  # while none arrives: a phase's last reply is read at most t
 def exchange(
     grid: Grid, messages: list[Message], timeout: float, on_reply: Callable[[Message], None] | None = None
 ) -> list[Message]:
-    """Push messages, then collect replies as they arrive (calling `on_reply` on each) until all or timeout.
+    """Push messages, then collect replies as they arrive (calling `on_reply` on each) until all or timeout;
+    the replies in order of their node's id, so that nothing a run computes from them (the announced node lists that
+    rounds sample from, FedAvg's sum) depends on which node answered first.
 
     A node that never answers within the timeout is reported as missing by the caller (no hang). Between pulls it
     waits with the grid's `wait_for_reply(seconds)` where the grid has one (the simulation's returns the moment its
@@ -36,4 +38,4 @@ def exchange(
         if ids:  # waiting is cheap: longer pauses while nothing arrives, short again once something does
             wait = SHORTEST_WAIT if pulled else min(LONGEST_WAIT, wait * 2)
             pause(min(wait, max(0.0, deadline - time.monotonic())))
-    return replies
+    return sorted(replies, key=lambda reply: reply.metadata.src_node_id)

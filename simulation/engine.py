@@ -112,9 +112,11 @@ def _run_in(run_dir: Path, cfg: RunConfig, counts: UserCounts, options: Simulati
 
     from client.app import make_client_app
     from server.app import ServerOptions, make_server_app
+    from simulation.node_ids import install_seeded_node_ids
     from simulation.waiting import install_patient_extractor, wait_for_reply
 
     install_patient_extractor()  # the engine's wait for replies, nearly free (simulation/waiting.py)
+    install_seeded_node_ids(cfg.seed)  # the same flags sample the same users (simulation/node_ids.py)
     log.info("run directory %s: %d nodes", run_dir, len(nodes))
     if options.cache_dir:  # the nodes' model cache (a simulated node has no node config of its own to say it)
         os.environ["OPPU_CACHE_DIR"] = str(options.cache_dir.resolve())
