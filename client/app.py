@@ -205,13 +205,14 @@ def _item_table_reply(msg: Message, context: Context) -> Message:
     from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
     from client.item_statistics import contribution
+    from common.secure_update import on_quantization_grid
     from common.tasks import get_task
 
     cfg, _ = _run_config(msg.content[p.FITINS_CONFIG])
     user, role, _ = node_user(context)
     if role != "train":
         raise RuntimeError("the item-table round asked a test user's node: only training users send item tables")
-    vector = contribution(user, get_task(cfg.task)).vector()
+    vector = on_quantization_grid(contribution(user, get_task(cfg.task)).vector())
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vector), 1, {})
     return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 

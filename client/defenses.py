@@ -19,7 +19,7 @@ from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, clip
 
 from common import protocol as p
 from common.config import RunConfig
-from common.secure_update import pack_update
+from common.secure_update import on_quantization_grid, pack_update
 
 
 def local_dp_mod(cfg: RunConfig) -> LocalDpMod | None:
@@ -45,10 +45,11 @@ def clear_reply_metrics(
 
 def secure_vector(cfg: RunConfig, update: list[np.ndarray], loss: float, shares: list[float],
                   round_clients: int) -> list[np.ndarray]:
-    """The one vector secure aggregation sums; with --dp-noise the update clipped to --dp-clip plus this device's
-    share of the Gaussian noise (std noise * clip / sqrt(clients of the round)), so the sum carries it whole."""
+    """The one vector secure aggregation sums, on SecAgg+'s quantization steps (repeatable sums); with --dp-noise
+    the update clipped to --dp-clip plus this device's share of the Gaussian noise (std noise * clip / sqrt(clients
+    of the round)), so the sum carries it whole (the noise is numpy's unseeded draw: never repeatable)."""
     if cfg.dp_noise <= 0:
-        return pack_update(update, loss, shares)
+        return on_quantization_grid(pack_update(update, loss, shares))
     clip_inputs_inplace(update, cfg.dp_clip)
     add_gaussian_noise_inplace(update, cfg.dp_noise * cfg.dp_clip / math.sqrt(round_clients))
-    return pack_update(update, None, [])
+    return on_quantization_grid(pack_update(update, None, []))

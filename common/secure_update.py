@@ -7,15 +7,23 @@ So a client sends its *update* (new task LoRA minus the global one: small, so th
 scales values by w/max_weight before quantization and loses precision). The user's training loss and answer-label
 shares ride in the same vector, so the server learns only their averages too (what FedAvg's metric aggregation
 reports). The sum of n clients' quantized values must stay below MODULUS_RANGE: n <= 2**32 / 2**22 = 1024 per round.
+
+Flower's stochastic rounding draws from numpy's global random state, which nothing seeds, so the same vectors
+summed twice gave sums a few steps apart, and a repeated run differed (simulation/node_ids.py). A client therefore
+rounds its vector onto the quantization steps itself (`on_quantization_grid`), as unbiased as Flower's and with
+bits drawn from the vector's own bytes; Flower's rounding then leaves every value as it is.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 
 CLIPPING_RANGE = 16.0  # covers task-LoRA updates (Adam moves a weight ~lr per step) and training losses < 16
 QUANTIZATION_RANGE = 2**22  # Flower's default
 MODULUS_RANGE = 2**32  # Flower's default (and its maximum)
+QUANTUM = 2 * CLIPPING_RANGE / QUANTIZATION_RANGE  # one quantization step, 2**-17: its multiples stay exact
 SHARES = 1.0  # each client's secrets are shared with every client of the round (a float: a share of the round)
 THRESHOLD = 0.5  # shares needed to unmask: the server must collude with half a round's clients to unmask one
 
@@ -33,6 +41,21 @@ def pack_update(update: list[np.ndarray], loss: float | None, answer_shares: lis
         raise ValueError(f"a value of {largest:.3g} exceeds SecAgg+'s clipping range {CLIPPING_RANGE}: the sum would "
                          "be wrong (a diverged update or loss)")
     return vector
+
+
+def on_quantization_grid(vector: list[np.ndarray]) -> list[np.ndarray]:
+    """`vector` stochastically rounded to multiples of QUANTUM (down or up, with the chance that keeps its mean),
+    the random bits seeded by the vector's bytes: the same vector always rounds the same way, and the server, which
+    never sees it, cannot predict the rounding."""
+    arrays = [np.asarray(a, dtype=np.float64) for a in vector]
+    digest = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    rounded = []
+    for a in arrays:
+        steps = a / QUANTUM  # exact: QUANTUM is a power of two
+        low = np.floor(steps)
+        rounded.append((low + (rng.random(a.shape) < steps - low)) * QUANTUM)
+    return rounded
 
 
 def unpack_update(

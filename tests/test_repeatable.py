@@ -1,6 +1,7 @@
 """A simulation repeated with the same flags is the same run: the same users trained in each round, the same task
 adapter, the same report (simulation/node_ids.py draws node ids from the seed; server/exchange.py reads replies in
-node-id order). On Flower's real engine, with the tiny model and synthetic users."""
+node-id order; common/secure_update.py rounds SecAgg+ vectors repeatably). On Flower's real engine, with the tiny
+model and MovieLens users."""
 
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ FLAGS = [
 
 
 def _run(run_dir: Path, seed: int) -> tuple[dict, dict[int, list[int]], str]:
-    """(report, each round's updating node ids, the task adapter's sha256) of a run with `seed`."""
+    """(report with the item table the SecAgg+ round summed, each round's updating node ids, the task adapter's
+    sha256) of a run with `seed`."""
     assert main([*FLAGS, "--seed", str(seed), "--run-dir", str(run_dir)]) == 0
     report = json.loads((run_dir / "report.json").read_text())
+    report["item_table"] = json.loads((run_dir / "server" / "item_table.json").read_text())
     rounds = {r: sorted(held.updates) for r, held in read_server_view(run_dir).items()}
     adapter = json.loads((run_dir / "server" / "task_adapter.json").read_text())["sha256"]
     return report, rounds, adapter
@@ -47,7 +50,9 @@ def test_the_same_flags_train_the_same_users_into_the_same_adapter(three_runs: l
 def test_the_same_flags_write_the_same_results(three_runs: list) -> None:
     (report, _, _), (report_again, _, _), _ = three_runs
     assert report["users"]["evaluated"] == 2
-    for part in ("methods", "per_user", "comparisons", "item_statistics", "calibration", "task_adaptation"):
+    assert report["item_table"]["item-buckets"]
+    for part in ("item_table", "methods", "per_user", "comparisons", "item_statistics", "calibration",
+                 "task_adaptation"):
         assert report_again[part] == report[part], part
 
 

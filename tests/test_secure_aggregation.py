@@ -11,11 +11,12 @@ import cloudpickle
 import numpy as np
 import pytest
 import secure_clients
+from flwr.common.secure_aggregation.quantization import quantize
 from safetensors.numpy import load_file
 
 from common.audit_log import tensor_sha256
 from common.config import RunConfig
-from common.secure_update import CLIPPING_RANGE, pack_update, unpack_update
+from common.secure_update import CLIPPING_RANGE, QUANTIZATION_RANGE, QUANTUM, on_quantization_grid, pack_update, unpack_update
 from server.view import read_server_view
 from simulation.engine import ClientAppFactory, SimulationOptions, simulate
 from simulation.errors import SetupError
@@ -104,6 +105,25 @@ def test_packed_vector_round_trip_and_clipping_range() -> None:
     assert unpack_update(pack_update(update, None, []), 2)[1:] == (None, [])  # DP: the update goes alone
     with pytest.raises(ValueError, match=f"exceeds SecAgg\\+'s clipping range {CLIPPING_RANGE}"):
         pack_update(update, CLIPPING_RANGE + 1, [])
+
+
+def test_a_vector_on_the_quantization_grid_quantizes_the_same_whatever_numpy_draws() -> None:
+    vector = [np.linspace(-0.01, 0.01, 1001), np.array([2.5, 0.123456789, -15.9999999])]
+    rounded = on_quantization_grid(vector)
+    assert all(np.abs(r - v).max() < QUANTUM for r, v in zip(rounded, vector))
+    assert all(np.array_equal(r, q) for r, q in zip(rounded, on_quantization_grid(vector)))  # the same bytes
+    quantized = []
+    for seed in (0, 1):  # Flower's stochastic rounding draws from numpy's global state
+        np.random.seed(seed)
+        quantized.append(quantize(rounded, CLIPPING_RANGE, QUANTIZATION_RANGE))
+        np.random.seed(seed)
+        assert not all(np.array_equal(a, b) for a, b in zip(quantize(vector, CLIPPING_RANGE, QUANTIZATION_RANGE),
+                                                             quantized[0])) or seed == 0
+    assert all(np.array_equal(a, b) for a, b in zip(*quantized))
+    assert all(np.array_equal((q - QUANTIZATION_RANGE // 2) * QUANTUM, r) for q, r in zip(quantized[0], rounded))
+    # unbiased: a value 0.3 of a step above a multiple rounds up about 30 % of the time
+    share = np.mean(on_quantization_grid([np.full(100_000, 5 * QUANTUM + 0.3 * QUANTUM)])[0] > 5.5 * QUANTUM)
+    assert abs(share - 0.3) < 0.01
 
 
 def test_secure_aggregation_flags_are_checked(tmp_path: Path) -> None:
