@@ -5,8 +5,9 @@ Flower's simulation engine (flwr 1.42, `vce_api._register_nodes`) gives each sim
 seed (server/strategy.py), so with new ids every run trained the shared adapter on other users, and three runs of
 the default flags on the same test users gave `base` 0.766-0.828 MAE (docs/quality.md, session 24). Here the
 engine's registration draws the ids from the seed instead, in partition order, so the same flags sample the same
-users, train the same adapters and write the same report (the server reads replies in node-id order:
-server/exchange.py). A deployment's SuperLink draws its own ids as before.
+users, train the same adapters and write the same report (with the server reading replies in node-id order,
+server/exchange.py, and clients rounding SecAgg+ vectors repeatably, common/secure_update.py). A deployment's
+SuperLink draws its own ids as before.
 
 What the server may learn from it: no message changes, so the privacy audit is unchanged; code that knows the seed
 and the partition rule (test users are the longest histories) could tell which partition a node id holds, much as
