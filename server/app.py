@@ -133,22 +133,21 @@ def personalize_and_evaluate(
     content = RecordDict({p.ARRAYS: task_arrays, p.CONFIG: config})
     messages = [Message(content, dst_node_id=node, message_type=p.PERSONALIZE) for node in test_nodes]
     bar = tqdm(total=len(messages), desc="personalize + evaluate (test users)", unit="user", disable=not opts.progress)
-    records: dict[str, dict[str, Any]] = {}
-    errors: list[str] = []
+    failed = 0
 
     def on_reply(reply: Message) -> None:
+        nonlocal failed
         bar.update(1)
         if reply.has_error():
-            errors.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
-            bar.set_postfix(failed=len(errors))
-        else:
-            records[str(reply.metadata.src_node_id)] = dict(reply.content[p.METRICS])
+            failed += 1
+            bar.set_postfix(failed=failed)
 
-    exchange(grid, messages, opts.timeout, on_reply)
+    replies = exchange(grid, messages, opts.timeout, on_reply)  # in node-id order: the bootstraps' order
     bar.close()
-    missing = len(messages) - len(records) - len(errors)
-    errors += [f"no reply within {opts.timeout:.0f} s"] * missing
-    return dict(sorted(records.items(), key=lambda record: int(record[0]))), errors  # (the bootstraps' order)
+    records = {str(r.metadata.src_node_id): dict(r.content[p.METRICS]) for r in replies if not r.has_error()}
+    errors = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
+    errors += [f"no reply within {opts.timeout:.0f} s"] * (len(messages) - len(replies))
+    return records, errors
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float) -> None:
