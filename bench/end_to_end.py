@@ -12,8 +12,8 @@ and samples every process it starts (driver, Ray's services, client workers) onc
 Phase times come from the run's report.json, bytes per phase from its server-side audit log. Per test user and
 phase: the nodes' own timings (means over users). In-run MFU of each personal adapter kind: the work each node
 recorded beside its adapters (tokens, seconds) over the matmul peak this script measures afterwards on the run's
-device (on a CPU at one thread, a client's share), next to the same training loop on the run's first test user alone
-and, on a CPU, that loop's floor: its matrix products timed alone at their own shapes (`bench.common.matmuls_alone`),
+device (on a CPU at one thread, a client's share), next to the same training loop alone on the examples the run's first test user's node trained
+on (annotated from the run's item table where it has one) and, on a CPU, that loop's floor: its matrix products timed alone at their own shapes (`bench.common.matmuls_alone`),
 the MFU it would reach if every other op were free.
 """
 
@@ -33,13 +33,14 @@ import psutil
 
 from bench.common import finish, load_model, matmul_peak_gflops, matmuls_alone, train_fresh_lora, training_flops
 from client.adapters import TRAINING_RECORD
+from client.app import personal_user
 from client.data import load_oppu
-from client.history import validation_view
 from client.training import history_examples
 from common.config import RunConfig
 from common.methods import parse_variant
 from common.store import UserStore, read_json
 from common.tasks import get_task
+from server.item_statistics import item_table_path
 from simulation.privacy_audit import read_log, traffic
 
 GIB = 2**30
@@ -147,9 +148,8 @@ def in_run_mfu(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     task = get_task(cfg.task)
     nodes = json.loads((run_dir / "nodes.json").read_text())
     store = next(UserStore(run_dir, n["user"]) for n in nodes if n["role"] == "test")
-    user = load_oppu(store.data, task.name)[0]
-    if cfg.split == "validation":
-        user = validation_view(user, task, cfg.validation_items)
+    # the user exactly as its node trained: its view of the split, the items annotated from the run's item table
+    user, _ = personal_user(load_oppu(store.data, task.name)[0], "test", cfg, read_json(item_table_path(run_dir)) or {})
     profile = (read_json(store.profile) or {}).get("profile")  # only the -pag variants' prompts use it
     rows = {}
     for variant, done in work.items():
@@ -165,6 +165,7 @@ def in_run_mfu(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
             **done,
             "in_run_gflops": training_flops(model, done["tokens"], done["answer_tokens"]) / done["seconds"] / 1e9,
             "alone_gflops": alone_flops / alone["seconds"] / 1e9,
+            "alone_tokens": alone["tokens"],
         }
         rows[variant]["in_run_mfu"] = rows[variant]["in_run_gflops"] / peak
         rows[variant]["alone_mfu"] = rows[variant]["alone_gflops"] / peak

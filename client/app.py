@@ -97,6 +97,17 @@ def annotated(user, role: str, cfg: RunConfig, config: ConfigRecord):
     return annotate(user, task, rest), query_readings(user, task, rest)
 
 
+def personal_user(user, role: str, cfg: RunConfig, config: ConfigRecord | dict):
+    """(the user as personal training, retrieval and evaluation see it: `seen_user`, `annotated` and the history
+    `select_history` keeps; the readings of the queries' items). `config` carries the item table under
+    --item-statistics (a message's config, or the run's server/item_table.json for a benchmark)."""
+    from client.history import select_history
+    from common.tasks import get_task
+
+    seen, readings = annotated(seen_user(user, role, cfg), role, cfg, config)
+    return select_history(seen, get_task(cfg.task), cfg), readings
+
+
 def _setup(config: ConfigRecord, context: Context):
     """Run config, base model (the exact one the server announced) and tokenizer for a message's config."""
     from client.device import pick_device
@@ -239,17 +250,15 @@ def calibrate(msg: Message, context: Context) -> Message:
 
 def personalize(msg: Message, context: Context) -> Message:
     """Personal adapters + evaluation of every method on this user's queries; reply with statistics only."""
-    from client.history import select_history
     from client.personalize import personalize_user
     from client.task_adapter import task_adapted_base
     from common.store import UserStore, atomic_write_json, read_saved_state
-    from common.tasks import get_task
 
     config = msg.content[p.CONFIG]
     cfg, model_dir, model_sha, device, pristine, tokenizer = _setup(config, context)
     user, role, user_dir = node_user(context)
-    seen, readings = annotated(seen_user(user, role, cfg), role, cfg, config)
-    store = UserStore(user_dir.parent.parent, seen.user_id)
+    personal, readings = personal_user(user, role, cfg, config)
+    store = UserStore(user_dir.parent.parent, personal.user_id)
     arrays = msg.content[p.ARRAYS]
     task_sha = str(config.get(p.TASK_ADAPTER_SHA256, ""))
     table = [config.get(key) for key in p.ITEM_TABLE_KEYS]
@@ -263,14 +272,13 @@ def personalize(msg: Message, context: Context) -> Message:
     else:
         task_state = arrays.to_torch_state_dict() if len(arrays) else None
         merged = task_adapted_base(model_dir, device, cfg, task_state, task_sha)
-        personal = select_history(seen, get_task(cfg.task), cfg)  # what personal training and retrieval may use
         constant = config.get(p.CONSTANT_ANSWER)
         results, timings = personalize_user(
             cfg, personal, store, merged, pristine, tokenizer, model_sha, task_adapter_sha=task_sha,
             constant=str(constant) if constant is not None else None, readings=readings, answer_quantile=quantile,
         )
         atomic_write_json(store.result, {"key": result_key, "statistics": results, "timings": timings})
-    queries = len(seen.queries)
+    queries = len(personal.queries)
     metrics: dict[str, float | list[float]] = {p.NUM_EXAMPLES: queries}
     for method, stats in results.items():
         for name, value in stats.items():

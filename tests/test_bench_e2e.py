@@ -1,12 +1,17 @@
-"""The end-to-end benchmark's sampler sees the memory and CPU time of a process's descendants too."""
+"""The end-to-end benchmark: its sampler sees the memory and CPU time of a process's descendants too; its loop alone
+trains what the run's first test node trained."""
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import psutil
 
 from bench.end_to_end import run_measured
+from client.adapters import TRAINING_RECORD
+from simulation.cli import main
 
 HOLD_300_MIB_IN_A_GRANDCHILD = (
     "import subprocess, sys; subprocess.run([sys.executable, '-c', "
@@ -25,3 +30,21 @@ def test_tree_memory_counts_a_grandchilds_allocation():
     assert python["processes"] >= 2
     assert python["rss_at_peak_gib"] >= 300 / 1024
     assert python["cpu_seconds"] >= 0.6  # the grandchild's busy loop
+
+
+def test_the_alone_loop_trains_on_the_examples_the_first_test_node_trained_on(tmp_path: Path) -> None:
+    """Under --item-statistics a node trains on its items annotated with the other users' ratings (longer prompts);
+    the benchmark's loop alone must train the same tokens, or its MFU is another workload's."""
+    from bench.end_to_end import in_run_mfu
+
+    run_dir = tmp_path / "run"
+    assert main(["--task", "MovieLens", "--data", "default", "--model", "tiny-random", "--num-clients", "1",
+                 "--train-clients", "8", "--train-per-round", "2", "--rounds", "1", "--methods", "oppu,oppu+rag",
+                 "--task-history", "4", "--max-history", "16", "--item-statistics", "--run-dir", str(run_dir)]) == 0
+    config = json.loads((run_dir / "report.json").read_text())["config"]
+    first = next(n["user"] for n in json.loads((run_dir / "nodes.json").read_text()) if n["role"] == "test")
+    recorded = {record["variant"]: record["training"]["tokens"] for record in (
+        json.loads(path.read_text()) for path in (run_dir / "clients" / first / "adapters").glob(f"*/{TRAINING_RECORD}"))}
+    variants = in_run_mfu(run_dir, config)["variants"]
+    assert set(variants) == set(recorded) == {"k0", "k1"}
+    assert all(variants[v]["alone_tokens"] == recorded[v] for v in recorded)
