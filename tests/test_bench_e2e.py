@@ -4,6 +4,7 @@ trains what the run's first test node trained."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +31,20 @@ def test_tree_memory_counts_a_grandchilds_allocation():
     assert python["processes"] >= 2
     assert python["rss_at_peak_gib"] >= 300 / 1024
     assert python["cpu_seconds"] >= 0.6  # the grandchild's busy loop
+
+
+def test_tree_memory_reads_pss_at_new_rss_peaks_only_between_its_slow_interval() -> None:
+    """The 300 MiB allocation is a new RSS peak (PSS read there, so its peak is seen); the flat seconds after it
+    are not, and with a long `pss_interval` their samples read only the cheap RSS."""
+    from bench.end_to_end import TreeMemory
+
+    process = subprocess.Popen([sys.executable, "-c", "import time; block = bytearray(300 * 2**20); "
+                                "block[::4096] = b'x' * len(block[::4096]); time.sleep(3)"])
+    with TreeMemory(process.pid, interval=0.1, pss_interval=60.0) as memory:
+        process.wait()
+    assert memory.peak_pss >= 300 * 2**20
+    assert memory.samples >= 20 and 1 <= memory.pss_samples <= memory.samples // 3
+    assert 0 < memory.cpu_seconds_self < 2
 
 
 def test_the_alone_loop_trains_on_the_examples_the_first_test_node_trained_on(tmp_path: Path) -> None:
