@@ -11,10 +11,11 @@ and samples every process it starts (driver, Ray's services, client workers) onc
   run really occupies.
 Phase times come from the run's report.json, bytes per phase from its server-side audit log. Per test user and
 phase: the nodes' own timings (means over users). In-run MFU of each personal adapter kind: the work each node
-recorded beside its adapters (tokens, seconds) over the matmul peak this script measures afterwards on the run's
-device (on a CPU at one thread, a client's share), next to the same training loop alone on the examples the run's first test user's node trained
-on (annotated from the run's item table where it has one) and, on a CPU, that loop's floor: its matrix products timed alone at their own shapes (`bench.common.matmuls_alone`),
-the MFU it would reach if every other op were free.
+recorded beside its adapters (tokens, seconds) over the matmul peak on the run's device (on a CPU at one thread, a
+client's share; measured before and after the run, the higher counts), next to the same training loop alone on
+the examples the run's first test node trained on (annotated from the run's item table where it has one) and, on
+a CPU, that loop's floor: its matrix products timed alone at their own shapes (`bench.common.matmuls_alone`), the
+MFU it would reach if every other op were free.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import torch
 
 from bench.common import finish, load_model, matmul_peak_gflops, matmuls_alone, train_fresh_lora, training_flops
 from client.adapters import TRAINING_RECORD
@@ -159,12 +161,21 @@ def recorded_training(run_dir: Path) -> dict[str, dict[str, float]]:
     return totals
 
 
-def in_run_mfu(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+def cpu_peaks_at_one_thread() -> dict[str, float]:
+    """This CPU's bf16 and fp32 matmul peaks at one thread (a client's share), GFLOP/s by dtype name."""
+    torch.set_num_threads(1)
+    return {str(dtype).removeprefix("torch."): matmul_peak_gflops(dtype) for dtype in (torch.bfloat16, torch.float32)}
+
+
+def in_run_mfu(run_dir: Path, config: dict[str, Any], peaks_before: dict[str, float] | None = None) -> dict[str, Any]:
     """In-run MFU per adapter variant beside the same loop run alone on the first test user, on the run's device
-    (a CPU: one thread, a client's share)."""
+    (a CPU: one thread, a client's share). The peak is measured after the run; with `peaks_before` (measured before
+    it, by dtype name) the higher of the two: a shared host's speed drifts by 10 % within an hour."""
     cfg = RunConfig.from_record(config)
     model, tokenizer = load_model(argparse.Namespace(threads=1, model=cfg.model, device=cfg.device), "auto")
-    peak = matmul_peak_gflops(model.dtype, model.device.type)
+    dtype = str(model.dtype).removeprefix("torch.")
+    peak_after = matmul_peak_gflops(model.dtype, model.device.type)
+    peak = max(peak_after, (peaks_before or {}).get(dtype, 0.0))
     work = recorded_training(run_dir)
     task = get_task(cfg.task)
     nodes = json.loads((run_dir / "nodes.json").read_text())
@@ -193,8 +204,8 @@ def in_run_mfu(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
         if model.device.type == "cpu":  # the profiler's CPU times say nothing of GPU kernels
             floor = matmuls_alone(train)["matmul_seconds_alone"]
             rows[variant].update(floor_seconds=floor, floor_mfu=alone_flops / floor / 1e9 / peak)
-    return {"device": model.device.type, "dtype": str(model.dtype).removeprefix("torch."), "peak_gflops": peak,
-            "variants": rows}
+    return {"device": model.device.type, "dtype": dtype, "peak_gflops": peak, "peak_gflops_after": peak_after,
+            "peak_gflops_before": (peaks_before or {}).get(dtype), "variants": rows}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -209,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     executable = Path(sys.executable).with_name("flower-simulation")
     command = [str(executable), "--num-clients", str(args.num_clients), "--run-dir", str(run_dir),
                *args.simulation_flags]
+    peaks_before = None if torch.cuda.is_available() else cpu_peaks_at_one_thread()
     status, wall, memory = run_measured(command)
     report = read_json(run_dir / "report.json")
     if status != 0 or report is None:
@@ -223,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "users": report["users"],
         "methods": report["methods"],
         "user_phase_seconds": user_phase_seconds(run_dir),
-        "training": in_run_mfu(run_dir, report["config"]),
+        "training": in_run_mfu(run_dir, report["config"], peaks_before),
     }
     mfu = results["training"]
     table = [
@@ -242,7 +254,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "", "| per test user | seconds (mean) |", "|---|---|",
         *(f"| {name} | {seconds:.1f} |" for name, seconds in results["user_phase_seconds"].items()),
         "", f"personal training, {mfu['dtype']} on {mfu['device']}, matmul peak {mfu['peak_gflops']:.0f} GFLOP/s"
-        f"{' at one thread' if mfu['device'] == 'cpu' else ''}:",
+        f"{' at one thread' if mfu['device'] == 'cpu' else ''} (after the run {mfu['peak_gflops_after']:.0f}"
+        f"{'' if mfu['peak_gflops_before'] is None else ', before it ' + format(mfu['peak_gflops_before'], '.0f')}):",
         "| adapter | users | steps | tokens | seconds | in-run GFLOP/s | in-run MFU | alone (first user) MFU "
         "| floor MFU (its matmuls alone) |",
         "|---|---|---|---|---|---|---|---|---|",
