@@ -97,10 +97,11 @@ class TreeMemory:
                 sample[process.pid] = (name, rss)
                 self.cpu_seconds[process.pid] = (name, times.user + times.system)
             rss = sum(rss for _, rss in sample.values())
-            if rss > self.peak_rss or time.monotonic() - last_pss >= self.pss_interval:
+            new_peak = rss > self.peak_rss
+            if new_peak or time.monotonic() - last_pss >= self.pss_interval:
                 self.peak_pss = max(self.peak_pss, self._pss(processes))
                 last_pss, self.pss_samples = time.monotonic(), self.pss_samples + 1
-            if rss > self.peak_rss:
+            if new_peak:
                 self.peak_rss, self.rss_at_peak = rss, sample
             self.peak_processes = max(self.peak_processes, len(processes))
             self.samples += 1
@@ -175,7 +176,8 @@ def in_run_mfu(run_dir: Path, config: dict[str, Any], peaks_before: dict[str, fl
     model, tokenizer = load_model(argparse.Namespace(threads=1, model=cfg.model, device=cfg.device), "auto")
     dtype = str(model.dtype).removeprefix("torch.")
     peak_after = matmul_peak_gflops(model.dtype, model.device.type)
-    peak = max(peak_after, (peaks_before or {}).get(dtype, 0.0))
+    peak_before = (peaks_before or {}).get(dtype)
+    peak = max(peak_after, peak_before or 0.0)
     work = recorded_training(run_dir)
     task = get_task(cfg.task)
     nodes = json.loads((run_dir / "nodes.json").read_text())
@@ -205,7 +207,7 @@ def in_run_mfu(run_dir: Path, config: dict[str, Any], peaks_before: dict[str, fl
             floor = matmuls_alone(train)["matmul_seconds_alone"]
             rows[variant].update(floor_seconds=floor, floor_mfu=alone_flops / floor / 1e9 / peak)
     return {"device": model.device.type, "dtype": dtype, "peak_gflops": peak, "peak_gflops_after": peak_after,
-            "peak_gflops_before": (peaks_before or {}).get(dtype), "variants": rows}
+            "peak_gflops_before": peak_before, "variants": rows}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
