@@ -115,7 +115,7 @@ class Scorer:
 
         from client.adapters import attach_fresh
         from client.model_build import resolve_model
-        from client.model_cache import load_fresh
+        from client.model_loading import load_fresh
         from client.task_adapter import task_lora
         from client.training import history_examples
         from common.tasks import get_task

@@ -166,7 +166,7 @@ def load_model(args: argparse.Namespace, dtype: str):
     """(model, tokenizer) of --model in `dtype` ('auto': as a run picks it) on --device, with --threads set first."""
     from client.device import pick_device
     from client.model_build import resolve_model
-    from client.model_cache import load_base
+    from client.model_loading import load_base
 
     torch.set_num_threads(args.threads)
     return load_base(resolve_model(args.model), str(pick_device(args.device)), dtype)

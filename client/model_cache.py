@@ -1,22 +1,15 @@
-"""The node's model cache: where it is, finding a model by its content hash, and loading a base once per process."""
+"""The node's model cache: where it is, and finding an intact model by its content hash.
+
+No torch here: the announce and model-chunk handlers use it, and a SuperNode starts a fresh ClientApp process for
+each message (loading a model is client/model_loading.py).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-from functools import cache
 from pathlib import Path
 
-import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
-
-from client.device import attention_for, resolve_dtype
-from client.quantize import quantization_config
 from common.model_files import MANIFEST, verify_model_dir
 from common.store import read_saved_state
 
@@ -31,37 +24,6 @@ def default_cache_dir() -> Path:
 def model_slug(name: str) -> str:
     """A directory name for a model name or path."""
     return "".join(c if c.isalnum() or c in "-_." else "--" for c in name.strip("/"))
-
-
-def load_base(
-    model_dir: Path, device: str = "cpu", dtype: str = "auto", quantize: str = "none"
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Base model and tokenizer, loaded once per process and shared by every user on this worker."""
-    return _load_base(Path(model_dir).resolve(), device, resolve_dtype(dtype, device), quantize)
-
-
-def load_fresh(model_dir: Path, device: str = "cpu", dtype: str = "auto", quantize: str = "none") -> PreTrainedModel:
-    """An unshared copy of the base."""
-    return _load_base.__wrapped__(Path(model_dir).resolve(), device, resolve_dtype(dtype, device), quantize)[0]
-
-
-@cache
-def _load_base(model_dir: Path, device: str, dtype: str, quantize: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    torch_device = torch.device(device)
-    settings = {"dtype": getattr(torch, dtype), "attn_implementation": attention_for(torch_device, dtype)}
-    if quantize == "none":
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **settings).to(torch_device)
-    else:  # 4-bit weights are placed on the GPU as they are quantized (a quantized model cannot be moved)
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, quantization_config=quantization_config(quantize, device), device_map={"": torch_device.index or 0},
-            **settings,
-        )
-    model.eval()
-    model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
 
 
 def find_model_by_hash(sha256: str, cache_dir: Path | None = None) -> Path | None:

@@ -20,7 +20,7 @@ from client.adapters import (
     peft_config,
 )
 from client.data import User
-from client.model_cache import load_base
+from client.model_loading import load_base
 from client.quantize import dequantized_copy
 from client.training import Example, history_examples, query_examples, train_adapter
 from common.config import PeftSettings, RunConfig

@@ -12,15 +12,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from functools import cache
 from typing import Literal
-
-from rouge_score import rouge_scorer
 
 from common.tasks import TaskSpec
 
 Statistics = dict[str, float | list[float]]
 
-_ROUGE = rouge_scorer.RougeScorer(["rouge1", "rougeL"])
+
+@cache
+def _rouge():
+    """ROUGE-1 and ROUGE-L, made on first use: rouge-score brings nltk and scipy (0.75 s to import), which only
+    generation tasks need, and every process reading a config would pay for them (a SuperNode starts one per
+    message)."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1", "rougeL"])
 
 
 def _parse_rating(text: str, gold: float) -> float:
@@ -55,7 +62,7 @@ def statistics(task: TaskSpec, predictions: Sequence[str], golds: Sequence[str])
     if task.metric == "regression":
         errors = [abs(_parse_rating(p, float(g)) - float(g)) for p, g in zip(predictions, golds)]
         return {"n": n, "abs_error": sum(errors), "sq_error": sum(e * e for e in errors)}
-    scores = [_ROUGE.score(g, p) for p, g in zip(predictions, golds)]
+    scores = [_rouge().score(g, p) for p, g in zip(predictions, golds)]
     return {
         "n": n,
         "rouge1": sum(s["rouge1"].fmeasure for s in scores),

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from client.model_build import resolve_model
-from client.model_cache import load_fresh
+from client.model_loading import load_fresh
 from client.references import best_constant, reference_names
 from client.task_adapter import initial_task_state, save_task_adapter
 from common import protocol as p

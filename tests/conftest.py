@@ -7,7 +7,7 @@ import signal
 import pytest
 
 from client.model_build import resolve_model
-from client.model_cache import load_base
+from client.model_loading import load_base
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -29,7 +29,7 @@ def test_naive_batches_pad_to_a_multiple_of_8_and_label_only_answers(tiny):
 
 
 def test_naive_loss_equals_our_answer_loss_on_the_same_rows(tiny_model_dir):
-    from client.model_cache import load_fresh
+    from client.model_loading import load_fresh
 
     model = load_fresh(tiny_model_dir, "cpu", "float32")
     data = examples(NAIVE_BATCH)

@@ -16,7 +16,7 @@ from client.data import load_oppu
 from client.history import validation_view
 from client.item_statistics import annotate
 from client.model_build import resolve_model
-from client.model_cache import load_base
+from client.model_loading import load_base
 from client.task_adapter import merge_task_state
 from common.config import RunConfig
 from common.item_table import ItemTable

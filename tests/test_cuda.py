@@ -18,7 +18,7 @@ import torch
 from client.adapters import attach_fresh, load_adapter_state
 from client.evaluate import generate, label_probabilities
 from client.forward import answer_logprobs
-from client.model_cache import load_base, load_fresh
+from client.model_loading import load_base, load_fresh
 from client.task_adapter import initial_task_state, remove_adapters, task_adapted_base, task_lora
 from client.training import Example, train_adapter
 from common.config import PeftSettings, RunConfig, TrainingSettings

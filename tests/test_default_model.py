@@ -15,7 +15,8 @@ from client.adapters import attach_fresh
 from client.data import load_movielens
 from client.evaluate import predict, query_prompts
 from client.model_build import DEFAULT_MODEL, TINY_MODEL, resolve_model
-from client.model_cache import cache_problem, find_model_by_hash, load_fresh
+from client.model_cache import cache_problem, find_model_by_hash
+from client.model_loading import load_fresh
 from client.task_adapter import TASK_ADAPTER, task_examples, task_lora
 from client.training import train_adapter
 from common.config import RunConfig, TrainingSettings

@@ -15,7 +15,7 @@ from client.data import synthetic_users
 from client.evaluate import predict, query_prompts
 from client.export import AdapterImportError, export_adapter, import_adapter, main
 from client.model_build import resolve_model
-from client.model_cache import load_fresh
+from client.model_loading import load_fresh
 from client.personalize import personalize_user
 from common.config import RunConfig
 from common.exit_status import BAD_INPUT

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,14 +15,15 @@ import torch
 from client import device
 from client.device import BF16_MIN_SPEEDUP, cpu_bf16_speedup, pick_dtype, resolve_dtype
 from client.model_build import resolve_model
-from client.model_cache import (
-    default_cache_dir,
-    find_model_by_hash,
-    load_base,
-    model_slug,
-)
+from client.model_cache import default_cache_dir, find_model_by_hash, model_slug
+from client.model_loading import load_base
 from client.model_transfer import receive_model_chunk
+from client.partition import load_users, split_users
+from common.config import RunConfig, UserCounts
 from common.model_files import MANIFEST, model_hash, verify_model_dir
+from simulation.node_stores import write_partitions
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_resolve_model_is_cached_and_stable(tiny_model_dir):
@@ -199,6 +202,62 @@ def test_model_with_another_hash_than_announced_is_refused(tiny_model_dir, tmp_p
         for chunk in chunks:
             receive_model_chunk("f" * 64, "tiny-random", *chunk, cache_dir=tmp_path)
     assert not (tmp_path / "models").exists() or not list((tmp_path / "models").iterdir())
+
+
+# what a fresh ClientApp process runs for an announce and for each model chunk (a SuperNode starts one per message)
+HANDLERS_ALONE = """
+import json, sys
+from pathlib import Path
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from client.app import announce, model_chunk
+from common import protocol as p
+
+user_dir, cache, sha, chunks = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+context = Context(run_id=1, node_id=1, node_config={"user-dir": user_dir, "model-cache": cache}, state=RecordDict(),
+                  run_config={})
+
+def send(kind, values):
+    metadata = Metadata(run_id=1, message_id=f"m{len(seen)}", src_node_id=0, dst_node_id=1, reply_to_message_id="",
+                        group_id="", created_at=0.0, ttl=60.0, message_type=kind)
+    handler = announce if kind == p.ANNOUNCE else model_chunk
+    seen.append(dict(handler(Message(RecordDict({p.CONFIG: ConfigRecord(values)}), metadata=metadata), context)
+                     .content[p.CONFIG]))
+
+seen = []
+send(p.ANNOUNCE, {p.MODEL_NAME: "tiny-random", p.MODEL_SHA256: sha})
+for file, offset, data_path, digest, size, last in chunks:
+    send(p.MODEL_CHUNK, {p.MODEL_NAME: "tiny-random", p.MODEL_SHA256: sha, p.CHUNK_FILE: file, p.CHUNK_OFFSET: offset,
+                         p.CHUNK_DATA: Path(data_path).read_bytes(), p.CHUNK_FILE_SHA256: digest,
+                         p.CHUNK_FILE_SIZE: size, p.CHUNK_LAST: last})
+send(p.ANNOUNCE, {p.MODEL_NAME: "tiny-random", p.MODEL_SHA256: sha})
+heavy = sorted(m for m in ("torch", "transformers", "peft", "rouge_score", "nltk", "scipy") if m in sys.modules)
+print(json.dumps({"replies": seen, "heavy": heavy}))
+"""
+
+
+def test_announce_and_model_chunk_handlers_install_a_model_without_loading_torch(tiny_model_dir, tmp_path):
+    """The ClientApp's handlers themselves, in a fresh process as a SuperNode runs each message: the model arrives
+    and is installed, and nothing loads torch, transformers, peft or rouge-score (seconds a message otherwise)."""
+    cfg = RunConfig.from_record({"task": "LaMP-2M", "data": "synthetic", "model": "tiny-random"})
+    node = write_partitions(tmp_path / "run", *split_users(load_users(cfg, 2), UserCounts(1, 1), cfg), {})[0]
+    sha = model_hash(tiny_model_dir)
+    chunks = []
+    for i, (file, offset, data, digest, size, last) in enumerate(_chunks(tiny_model_dir, size=1 << 20)):
+        (tmp_path / f"chunk-{i}").write_bytes(data)
+        chunks.append([file, offset, str(tmp_path / f"chunk-{i}"), digest, size, last])
+    done = subprocess.run(
+        [sys.executable, "-c", HANDLERS_ALONE, str(tmp_path / "run" / "clients" / node["user"]), str(tmp_path / "cache"),
+         sha, json.dumps(chunks)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    replies = result["replies"]
+    assert replies[0] == {"role": "test", "has-model": False}
+    assert [r["stored"] for r in replies[1:-1]] == [False] * (len(chunks) - 1) + [True]
+    assert replies[-1] == {"role": "test", "has-model": True}  # installed, and found by its hash
+    assert verify_model_dir(find_model_by_hash(sha, cache_dir=tmp_path / "cache")) == sha
+    assert result["heavy"] == []
 
 
 @pytest.mark.parametrize("name", ["../evil.py", "sub/config.json", MANIFEST])

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from client.adapters import attach_fresh, load_adapter_state
 from client.data import synthetic_users
 from client.evaluate import predict, query_prompts
-from client.model_cache import load_base, load_fresh
+from client.model_loading import load_base, load_fresh
 from client.personalize import personalize_user
 from client.profile import user_profile
 from client.task_adapter import initial_task_state, task_adapted_base, task_lora

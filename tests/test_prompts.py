@@ -187,7 +187,7 @@ def test_get_task_unknown():
 @pytest.fixture(scope="module")
 def tok():
     from client.model_build import resolve_model
-    from client.model_cache import load_base
+    from client.model_loading import load_base
 
     model_dir = resolve_model("tiny-random")
     _, tokenizer = load_base(model_dir, "cpu")

@@ -13,7 +13,7 @@ from client.adapters import attach_fresh
 from client.data import HistoryItem, User, synthetic_users
 from client.evaluate import generate, label_probabilities
 from client.forward import WIDTH_MULTIPLE, answer_logprobs, left_pad
-from client.model_cache import load_base
+from client.model_loading import load_base
 from client.prompts import HISTORY_HEADER
 from client.training import (
     Example,

@@ -18,7 +18,7 @@ import numpy as np
 
 from client.adapters import attach_fresh, trainable_parameters
 from client.model_build import resolve_model
-from client.model_cache import load_fresh
+from client.model_loading import load_fresh
 from common.config import RunConfig
 from common.methods import method_name, parse_variant
 from common.tasks import TaskSpec, get_task
