@@ -7,7 +7,8 @@ from its `partition-id` before any handler runs. The node's model cache is `mode
 $OPPU_CACHE_DIR, else ~/.cache/oppu-fl.
 
 Each handler imports what only it needs inside itself: a SuperNode starts a fresh ClientApp process per message, and
-an announce or model-chunk message should not pay for loading torch, transformers and peft.
+a message that loads no model (an announce, a model chunk, the item-table round) should not pay for loading torch,
+transformers and peft (tests/test_model.py runs those handlers in a fresh process and checks).
 """
 
 from __future__ import annotations
@@ -189,6 +190,9 @@ def adapt_secure(msg: Message, context: Context) -> Message:
     task adaptation, replied as the legacy FitRes the mod reads, holding one vector (update, loss, answer shares;
     common/secure_update.py) of weight 1; with --dp-noise, clipped and with this device's share of the noise
     (client/defenses.py)."""
+    config = msg.content[p.FITINS_CONFIG]
+    if config.get(p.SECURE_PAYLOAD) == p.ITEM_TABLE:  # before torch: that round loads no model
+        return _item_table_reply(msg, context)
     import numpy as np
     import torch
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
@@ -196,9 +200,6 @@ def adapt_secure(msg: Message, context: Context) -> Message:
 
     from client.defenses import secure_vector
 
-    config = msg.content[p.FITINS_CONFIG]
-    if config.get(p.SECURE_PAYLOAD) == p.ITEM_TABLE:
-        return _item_table_reply(msg, context)
     names = [str(n) for n in config[p.TASK_ADAPTER_NAMES]]  # type: ignore[union-attr]
     global_arrays = [a.numpy() for a in msg.content[p.FITINS_ARRAYS].values()]
     state = {name: torch.from_numpy(array.copy()) for name, array in zip(names, global_arrays, strict=True)}

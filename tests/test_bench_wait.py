@@ -30,7 +30,8 @@ def test_driver_wait_measures_the_personalization_phase(tmp_path: Path) -> None:
     assert results["rounds"] == 1 and results["round_workers"] == 2
     assert 0 <= results["round_start_delay_mean"] == results["round_start_delay_max"] < 0.5
     assert 0 <= results["round_idle_share"] < 0.5 and results["round_updates"] == 2
-    assert 0 < results["round_update_seconds_mean"] < results["wait_seconds"]
+    # an update runs inside its round (a worker's first one also imports torch: an announce no longer does)
+    assert 0 < results["round_update_seconds_mean"] < report["timings"]["task-adaptation-seconds"]
     analysed = main(["--analyse", str(tmp_path / "run")])
     assert analysed.pop("machine") == results["machine"]
     assert analysed == {"run_dir": str(tmp_path / "run"), **{

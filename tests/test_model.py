@@ -204,59 +204,65 @@ def test_model_with_another_hash_than_announced_is_refused(tiny_model_dir, tmp_p
     assert not (tmp_path / "models").exists() or not list((tmp_path / "models").iterdir())
 
 
-# what a fresh ClientApp process runs for an announce and for each model chunk (a SuperNode starts one per message)
+# what a fresh ClientApp process runs for an announce, each model chunk and the item-table round's collect stage (a
+# SuperNode starts one per message)
 HANDLERS_ALONE = """
 import json, sys
 from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
-from client.app import announce, model_chunk
+from client.app import adapt_secure, announce, model_chunk
 from common import protocol as p
 
-user_dir, cache, sha, chunks = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-context = Context(run_id=1, node_id=1, node_config={"user-dir": user_dir, "model-cache": cache}, state=RecordDict(),
-                  run_config={})
+test_dir, train_dir, cache, sha, chunks, run_config = sys.argv[1:5] + [json.loads(a) for a in sys.argv[5:]]
 
-def send(kind, values):
+def send(handler, user_dir, kind, key, values):
+    context = Context(run_id=1, node_id=1, node_config={"user-dir": user_dir, "model-cache": cache},
+                      state=RecordDict(), run_config={})
     metadata = Metadata(run_id=1, message_id=f"m{len(seen)}", src_node_id=0, dst_node_id=1, reply_to_message_id="",
                         group_id="", created_at=0.0, ttl=60.0, message_type=kind)
-    handler = announce if kind == p.ANNOUNCE else model_chunk
-    seen.append(dict(handler(Message(RecordDict({p.CONFIG: ConfigRecord(values)}), metadata=metadata), context)
-                     .content[p.CONFIG]))
+    reply = handler(Message(RecordDict({key: ConfigRecord(values)}), metadata=metadata), context).content
+    seen.append(dict(reply[p.CONFIG]) if p.CONFIG in reply else sorted(reply.keys()))
 
 seen = []
-send(p.ANNOUNCE, {p.MODEL_NAME: "tiny-random", p.MODEL_SHA256: sha})
+send(announce, test_dir, p.ANNOUNCE, p.CONFIG, {p.MODEL_NAME: "tiny-random", p.MODEL_SHA256: sha})
 for file, offset, data_path, digest, size, last in chunks:
-    send(p.MODEL_CHUNK, {p.MODEL_NAME: "tiny-random", p.MODEL_SHA256: sha, p.CHUNK_FILE: file, p.CHUNK_OFFSET: offset,
-                         p.CHUNK_DATA: Path(data_path).read_bytes(), p.CHUNK_FILE_SHA256: digest,
-                         p.CHUNK_FILE_SIZE: size, p.CHUNK_LAST: last})
-send(p.ANNOUNCE, {p.MODEL_NAME: "tiny-random", p.MODEL_SHA256: sha})
+    send(model_chunk, test_dir, p.MODEL_CHUNK, p.CONFIG, {
+        p.MODEL_NAME: "tiny-random", p.MODEL_SHA256: sha, p.CHUNK_FILE: file, p.CHUNK_OFFSET: offset,
+        p.CHUNK_DATA: Path(data_path).read_bytes(), p.CHUNK_FILE_SHA256: digest, p.CHUNK_FILE_SIZE: size,
+        p.CHUNK_LAST: last})
+send(announce, test_dir, p.ANNOUNCE, p.CONFIG, {p.MODEL_NAME: "tiny-random", p.MODEL_SHA256: sha})
+send(adapt_secure, train_dir, "train", p.FITINS_CONFIG,
+     {**run_config, p.MODEL_SHA256: sha, p.SECURE_PAYLOAD: p.ITEM_TABLE})
 heavy = sorted(m for m in ("torch", "transformers", "peft", "rouge_score", "nltk", "scipy") if m in sys.modules)
 print(json.dumps({"replies": seen, "heavy": heavy}))
 """
 
 
-def test_announce_and_model_chunk_handlers_install_a_model_without_loading_torch(tiny_model_dir, tmp_path):
+def test_the_handlers_that_load_no_model_load_no_torch(tiny_model_dir, tmp_path):
     """The ClientApp's handlers themselves, in a fresh process as a SuperNode runs each message: the model arrives
-    and is installed, and nothing loads torch, transformers, peft or rouge-score (seconds a message otherwise)."""
-    cfg = RunConfig.from_record({"task": "LaMP-2M", "data": "synthetic", "model": "tiny-random"})
-    node = write_partitions(tmp_path / "run", *split_users(load_users(cfg, 2), UserCounts(1, 1), cfg), {})[0]
+    and is installed, a training user's item table is replied, and nothing loads torch, transformers, peft or
+    rouge-score (seconds a message otherwise)."""
+    cfg = RunConfig.from_record({"task": "MovieLens", "model": "tiny-random"})
+    nodes = write_partitions(tmp_path / "run", *split_users(load_users(cfg, 2), UserCounts(1, 1), cfg), {})
+    test_dir, train_dir = (str(tmp_path / "run" / "clients" / node["user"]) for node in nodes)
     sha = model_hash(tiny_model_dir)
     chunks = []
     for i, (file, offset, data, digest, size, last) in enumerate(_chunks(tiny_model_dir, size=1 << 20)):
         (tmp_path / f"chunk-{i}").write_bytes(data)
         chunks.append([file, offset, str(tmp_path / f"chunk-{i}"), digest, size, last])
     done = subprocess.run(
-        [sys.executable, "-c", HANDLERS_ALONE, str(tmp_path / "run" / "clients" / node["user"]), str(tmp_path / "cache"),
-         sha, json.dumps(chunks)],
+        [sys.executable, "-c", HANDLERS_ALONE, test_dir, train_dir, str(tmp_path / "cache"), sha, json.dumps(chunks),
+         json.dumps(cfg.to_record())],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.splitlines()[-1])
     replies = result["replies"]
     assert replies[0] == {"role": "test", "has-model": False}
-    assert [r["stored"] for r in replies[1:-1]] == [False] * (len(chunks) - 1) + [True]
-    assert replies[-1] == {"role": "test", "has-model": True}  # installed, and found by its hash
+    assert [r["stored"] for r in replies[1:-2]] == [False] * (len(chunks) - 1) + [True]
+    assert replies[-2] == {"role": "test", "has-model": True}  # installed, and found by its hash
     assert verify_model_dir(find_model_by_hash(sha, cache_dir=tmp_path / "cache")) == sha
+    assert "fitres.parameters" in replies[-1]  # the item table, as the FitRes secaggplus_mod masks
     assert result["heavy"] == []
 
 
