@@ -13,15 +13,18 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from functools import cache
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from common.tasks import TaskSpec
+
+if TYPE_CHECKING:
+    from rouge_score.rouge_scorer import RougeScorer
 
 Statistics = dict[str, float | list[float]]
 
 
 @cache
-def _rouge():
+def _rouge() -> RougeScorer:
     """ROUGE-1 and ROUGE-L, made on first use: rouge-score brings nltk and scipy (0.75 s to import), which only
     generation tasks need, and every process reading a config would pay for them (a SuperNode starts one per
     message)."""
