@@ -14,6 +14,7 @@ import torch
 
 from client import device
 from client.device import BF16_MIN_SPEEDUP, cpu_bf16_speedup, pick_dtype, resolve_dtype
+from client.item_statistics import contribution
 from client.model_build import resolve_model
 from client.model_cache import default_cache_dir, find_model_by_hash, model_slug
 from client.model_loading import load_base
@@ -21,6 +22,8 @@ from client.model_transfer import receive_model_chunk
 from client.partition import load_users, split_users
 from common.config import RunConfig, UserCounts
 from common.model_files import MANIFEST, model_hash, verify_model_dir
+from common.secure_update import on_quantization_grid
+from common.tasks import get_task
 from simulation.node_stores import write_partitions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,6 +213,8 @@ HANDLERS_ALONE = """
 import json, sys
 from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.common import parameters_to_ndarrays
+from flwr.compat.common.recorddict_compat import recorddict_to_fitres
 from client.app import adapt_secure, announce, model_chunk
 from common import protocol as p
 
@@ -218,23 +223,22 @@ test_dir, train_dir, cache, sha, chunks, run_config = sys.argv[1:5] + [json.load
 def send(handler, user_dir, kind, key, values):
     context = Context(run_id=1, node_id=1, node_config={"user-dir": user_dir, "model-cache": cache},
                       state=RecordDict(), run_config={})
-    metadata = Metadata(run_id=1, message_id=f"m{len(seen)}", src_node_id=0, dst_node_id=1, reply_to_message_id="",
+    metadata = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="",
                         group_id="", created_at=0.0, ttl=60.0, message_type=kind)
-    reply = handler(Message(RecordDict({key: ConfigRecord(values)}), metadata=metadata), context).content
-    seen.append(dict(reply[p.CONFIG]) if p.CONFIG in reply else sorted(reply.keys()))
+    return handler(Message(RecordDict({key: ConfigRecord(values)}), metadata=metadata), context).content
 
-seen = []
-send(announce, test_dir, p.ANNOUNCE, p.CONFIG, {p.MODEL_NAME: "tiny-random", p.MODEL_SHA256: sha})
+announced = {p.MODEL_NAME: "tiny-random", p.MODEL_SHA256: sha}
+replies = [dict(send(announce, test_dir, p.ANNOUNCE, p.CONFIG, announced)[p.CONFIG])]
 for file, offset, data_path, digest, size, last in chunks:
-    send(model_chunk, test_dir, p.MODEL_CHUNK, p.CONFIG, {
-        p.MODEL_NAME: "tiny-random", p.MODEL_SHA256: sha, p.CHUNK_FILE: file, p.CHUNK_OFFSET: offset,
-        p.CHUNK_DATA: Path(data_path).read_bytes(), p.CHUNK_FILE_SHA256: digest, p.CHUNK_FILE_SIZE: size,
-        p.CHUNK_LAST: last})
-send(announce, test_dir, p.ANNOUNCE, p.CONFIG, {p.MODEL_NAME: "tiny-random", p.MODEL_SHA256: sha})
-send(adapt_secure, train_dir, "train", p.FITINS_CONFIG,
-     {**run_config, p.MODEL_SHA256: sha, p.SECURE_PAYLOAD: p.ITEM_TABLE})
+    replies.append(dict(send(model_chunk, test_dir, p.MODEL_CHUNK, p.CONFIG, {
+        **announced, p.CHUNK_FILE: file, p.CHUNK_OFFSET: offset, p.CHUNK_DATA: Path(data_path).read_bytes(),
+        p.CHUNK_FILE_SHA256: digest, p.CHUNK_FILE_SIZE: size, p.CHUNK_LAST: last})[p.CONFIG]))
+replies.append(dict(send(announce, test_dir, p.ANNOUNCE, p.CONFIG, announced)[p.CONFIG]))
+table = send(adapt_secure, train_dir, "train", p.FITINS_CONFIG,
+             {**run_config, p.MODEL_SHA256: sha, p.SECURE_PAYLOAD: p.ITEM_TABLE})
+table = [a.tolist() for a in parameters_to_ndarrays(recorddict_to_fitres(table, keep_input=True).parameters)]
 heavy = sorted(m for m in ("torch", "transformers", "peft", "rouge_score", "nltk", "scipy") if m in sys.modules)
-print(json.dumps({"replies": seen, "heavy": heavy}))
+print(json.dumps({"replies": replies, "item_table": table, "heavy": heavy}))
 """
 
 
@@ -243,7 +247,8 @@ def test_the_handlers_that_load_no_model_load_no_torch(tiny_model_dir, tmp_path)
     and is installed, a training user's item table is replied, and nothing loads torch, transformers, peft or
     rouge-score (seconds a message otherwise)."""
     cfg = RunConfig.from_record({"task": "MovieLens", "model": "tiny-random"})
-    nodes = write_partitions(tmp_path / "run", *split_users(load_users(cfg, 2), UserCounts(1, 1), cfg), {})
+    test, train = split_users(load_users(cfg, 2), UserCounts(1, 1), cfg)
+    nodes = write_partitions(tmp_path / "run", test, train, {})
     test_dir, train_dir = (str(tmp_path / "run" / "clients" / node["user"]) for node in nodes)
     sha = model_hash(tiny_model_dir)
     chunks = []
@@ -259,10 +264,12 @@ def test_the_handlers_that_load_no_model_load_no_torch(tiny_model_dir, tmp_path)
     result = json.loads(done.stdout.splitlines()[-1])
     replies = result["replies"]
     assert replies[0] == {"role": "test", "has-model": False}
-    assert [r["stored"] for r in replies[1:-2]] == [False] * (len(chunks) - 1) + [True]
-    assert replies[-2] == {"role": "test", "has-model": True}  # installed, and found by its hash
+    assert [r["stored"] for r in replies[1:-1]] == [False] * (len(chunks) - 1) + [True]
+    assert replies[-1] == {"role": "test", "has-model": True}  # installed, and found by its hash
     assert verify_model_dir(find_model_by_hash(sha, cache_dir=tmp_path / "cache")) == sha
-    assert "fitres.parameters" in replies[-1]  # the item table, as the FitRes secaggplus_mod masks
+    # the training user's item table, as the FitRes secaggplus_mod masks
+    expected = on_quantization_grid(contribution(train[0], get_task(cfg.task)).vector())
+    assert result["item_table"] == [a.tolist() for a in expected] and sum(expected[2]) > 0
     assert result["heavy"] == []
 
 
