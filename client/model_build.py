@@ -10,6 +10,7 @@ Its identity (common/model_files.py) is recorded when the directory is written; 
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -98,9 +99,12 @@ def resolve_model(name: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> P
     problem = cache_problem(target)
     if problem is None:
         return target
-    if target.exists():  # truncated, altered, or left half-made by an older version: made again, in one rename
+    if target.exists():  # truncated, altered, or left half-made by an older version: made again
         log.warning("model cache %s: %s; building it again", target, problem)
-    with atomic_directory(target, replace=True) as staging:
+        shutil.rmtree(target, ignore_errors=True)
+    # a copy that another process (a run or a test started at the same time) installs meanwhile is kept, not swapped
+    # out beneath it while it loads: this one's is then dropped
+    with atomic_directory(target) as staging:
         if name == DEFAULT_MODEL:
             _build_smollm2(staging, cache_dir)
         elif name == TINY_MODEL:

@@ -1,5 +1,6 @@
 """The default model's own path, as `make run` takes it: SmolLM2-135M-Instruct converted from the bundled GGUF into a
-fresh model cache, loaded, trained one step and scored; and a model cache that is damaged, detected and made again."""
+fresh model cache, loaded, trained one step and scored; a model cache that is damaged, detected and made again; and
+one that two processes make at once."""
 
 from __future__ import annotations
 
@@ -102,3 +103,24 @@ def test_an_intact_cache_is_hashed_once_per_process(tmp_path: Path, monkeypatch:
     assert cache_problem(model_dir) is None and calls == []  # remembered while the files' stats hold
     (model_dir / "config.json").touch()  # a new mtime: checked again
     assert cache_problem(model_dir) is None and calls == [model_dir]
+
+
+def test_a_copy_another_process_installs_while_this_one_builds_is_kept(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs (or test workers) started at once on a fresh cache both build the model; the one that finishes
+    second must not swap out the first one's copy, which that run may be loading by then."""
+    import client.model_build as model_build
+
+    build = model_build._build_tiny
+    installed: list[int] = []
+
+    def another_process_finishes_first(staging: Path, cache_dir: Path) -> None:
+        monkeypatch.setattr(model_build, "_build_tiny", build)
+        installed.append((resolve_model(TINY_MODEL, tmp_path) / "model.safetensors").stat().st_ino)
+        build(staging, cache_dir)
+
+    monkeypatch.setattr(model_build, "_build_tiny", another_process_finishes_first)
+    model_dir = resolve_model(TINY_MODEL, tmp_path)
+    assert (model_dir / "model.safetensors").stat().st_ino == installed[0]
+    assert cache_problem(model_dir) is None
+    assert not [p for p in (tmp_path / "models").iterdir() if p.name != TINY_MODEL]  # this one's copy dropped
