@@ -187,7 +187,7 @@ def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
                                f"ready; errors: {errors[:3]}")
         start = time.perf_counter()
         item_table, item_record = sum_item_tables(grid, cfg, _message_config(cfg, model_sha), train_nodes,
-                                                  opts.run_dir, opts.timeout)
+                                                  opts.run_dir, opts.timeout, opts.progress)
         timings["item-statistics-seconds"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -5,7 +5,8 @@ Flower has no server-side mods, so the ServerApp talks to nodes through `Audited
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from flwr.app import Message
@@ -24,6 +25,7 @@ class AuditedGrid(Grid):
         self._grid = grid
         self._audit_dir = audit_dir
         self.wait_for_reply = wait_for_reply
+        self._on_reply: Callable[[Message], None] | None = None
 
     def set_run(self, run: Run) -> None:
         self._grid.set_run(run)
@@ -58,4 +60,14 @@ class AuditedGrid(Grid):
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return exchange(self, list(messages), timeout if timeout is not None else float("inf"))
+        return exchange(self, list(messages), timeout if timeout is not None else float("inf"), self._on_reply)
+
+    @contextmanager
+    def counting_replies(self, on_reply: Callable[[Message], None]) -> Iterator[None]:
+        """Meanwhile `on_reply` sees each reply that one of Flower's workflows (SecAgg+'s stages) collects through
+        `send_and_receive`: how the console shows the progress of a workflow whose loop is Flower's."""
+        self._on_reply = on_reply
+        try:
+            yield
+        finally:
+            self._on_reply = None

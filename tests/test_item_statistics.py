@@ -114,11 +114,12 @@ def test_the_table_needs_two_training_users(tmp_path: Path) -> None:
             check_run_flags(args, run_config_of(args, parser))
 
 
-def test_a_run_sums_the_training_users_tables_under_secagg_and_reports_the_item_rows(tmp_path: Path) -> None:
+def test_a_run_sums_the_training_users_tables_under_secagg_and_reports_the_item_rows(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A real run (tiny model, MovieLens, 3 test and 2 training users): the server's table is the exact sum of the
     two training nodes' tables as each store holds its user, no test user's node sent one, the reference rows built
-    on it are reported, and the audit passes (the tables travelled masked; test nodes replied only to announce,
-    transfer and personalize)."""
+    on it are reported, the console's bar counted every node's reply in SecAgg+'s four stages, and the audit passes
+    (the tables travelled masked; test nodes replied only to announce, transfer and personalize)."""
     run_dir = tmp_path / "run"
     argv = ["--model", "tiny-random", "--num-clients", "3", "--train-clients", "2", "--rounds", "1", "--methods",
             "base", "--split", "validation", "--item-statistics", "--task-history", "4", "--max-history", "4",
@@ -127,6 +128,8 @@ def test_a_run_sums_the_training_users_tables_under_secagg_and_reports_the_item_
     args = parser.parse_args(argv)
     _, report = simulate(run_config_of(args, parser), user_counts(args), SimulationOptions.from_args(args))
     assert report is not None and report["item_statistics"]["nodes"] == 2
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert [line.split("|")[-1].split()[0] for line in bar if "item statistics (SecAgg+ over 2 nodes)" in line][-1] == "8/8"
     expected = ItemTable.empty()
     for data in sorted(run_dir.glob("clients/*/data.json")):
         if json.loads(data.read_text())["role"] == "test":
