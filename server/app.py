@@ -176,7 +176,7 @@ def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
     test_nodes = [n.node_id for n in ready if n.role == "test"]
     errors = [f"node {r.metadata.src_node_id}: announce failed: {r.error.reason}" for r in announce_errors]
     errors += [f"node {n.node_id}: base model could not be installed" for n in nodes if n.role == "test" and n not in ready]
-    log.info("%d node(s): %d training users, %d test users; model sent to %d", len(nodes), len(train_nodes),
+    log.info("%d node(s): %d training user(s), %d test user(s); model sent to %d", len(nodes), len(train_nodes),
              len(test_nodes), len(lacking))
     timings["announce-seconds"] = time.perf_counter() - start
 
