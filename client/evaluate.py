@@ -13,7 +13,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from client.data import User
-from client.forward import WIDTH_MULTIPLE, answer_logprobs, left_pad, next_token_logits
+from client.forward import answer_logprobs, left_pad, next_token_logits
 from client.prompts import build_prompt
 from client.retrieval import HistoryRetriever
 from common.config import PromptSettings
@@ -84,7 +84,7 @@ def generate(
     if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
         batch_size = 1  # virtual tokens precede the padding: batching would shift a row's positions
     for start in range(0, len(prompts), batch_size):
-        ids, mask = left_pad(prompts[start : start + batch_size], tokenizer.pad_token_id, WIDTH_MULTIPLE)
+        ids, mask = left_pad(prompts[start : start + batch_size], tokenizer.pad_token_id)
         generated = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
             do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -12,11 +12,6 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel
 
-WIDTH_MULTIPLE = 8
-"""Batches are padded to a width that is a multiple of this. In bf16 on a CPU, oneDNN keeps about 3 MB of state
-per distinct matmul shape that is never freed: over 50 users of a run a worker grew by hundreds of MB. Rounding
-the width bounds the number of shapes (MovieLens: about 5% more tokens); the reference code pads to 8 too."""
-
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, multiple_of: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, T] token ids and attention mask, padded on the left to a width T that is a multiple of `multiple_of`."""
@@ -42,7 +37,7 @@ def _last_logits(
     Prompt tuning runs row by row: peft puts its virtual tokens before the padding and ignores position
     ids, so a padded row would see its prompt at another distance than when run alone.
     """
-    ids, mask = left_pad(sequences, pad_id, WIDTH_MULTIPLE)
+    ids, mask = left_pad(sequences, pad_id)  # to the longest row: kernels per shape are bounded by client.device
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
     if _uses_prompt_learning(model):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -100,6 +101,48 @@ def test_pick_dtype_follows_the_measured_cpu_speed(monkeypatch, machine, speedup
     speedups are those measured on the machines named (docs/benchmarks.md)."""
     monkeypatch.setattr(device, "cpu_bf16_speedup", lambda: speedup)
     assert pick_dtype(torch.device("cpu")) == dtype
+
+
+KERNELS_KEPT = """
+import ctypes, os, sys
+if sys.argv[1] == "client":
+    import client.device  # noqa: F401
+import torch
+torch.set_num_threads(1)
+libc = ctypes.CDLL("libc.so.6")
+def rss():
+    libc.malloc_trim(0)
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+weight = torch.randn(576, 1536, dtype=torch.bfloat16)
+def products(rows):
+    for m in rows:
+        torch.randn(m, 576, dtype=torch.bfloat16) @ weight
+products(range(8, 136))  # more shapes than the bound: whatever the caches keep, they hold now
+start = rss()
+products(range(136, 264))
+print((rss() - start) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and glibc's malloc_trim")
+def test_a_client_process_keeps_a_bounded_number_of_bf16_matmul_kernels():
+    """oneDNN keeps the kernels it built for each product shape (about 0.6 MB each here); batches as wide as their
+    longest row bring a few dozen shapes a run, so a client process caps the caches (client.device)."""
+    if pick_dtype(torch.device("cpu")) != torch.bfloat16:
+        pytest.skip("this CPU computes in fp32, whose products keep no per-shape kernels")
+
+    def growth_mib(process: str, env: dict[str, str]) -> float:
+        done = subprocess.run([sys.executable, "-c", KERNELS_KEPT, process], capture_output=True, text=True,
+                              timeout=300, cwd=REPO, env=env)
+        assert done.returncode == 0, done.stderr
+        return float(done.stdout)
+
+    env = {k: v for k, v in os.environ.items() if k not in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
+    env["PYTHONPATH"] = str(REPO)
+    unbounded = growth_mib("plain", env)  # torch's defaults: 1024 kernels in each cache
+    if unbounded < 32:
+        pytest.skip(f"this CPU's bf16 products keep little per shape ({unbounded:.0f} MiB for 128 shapes)")
+    assert growth_mib("client", env) < 8, f"128 new shapes grew a client process as much as a plain one ({unbounded:.0f} MiB)"
 
 
 def test_resolve_dtype():
