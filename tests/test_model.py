@@ -16,6 +16,7 @@ import torch
 from client import device
 from client.device import BF16_MIN_SPEEDUP, cpu_bf16_speedup, pick_dtype, resolve_dtype
 from client.item_statistics import contribution
+from client.memory import _libc
 from client.model_build import resolve_model
 from client.model_cache import default_cache_dir, find_model_by_hash, model_slug
 from client.model_loading import load_base
@@ -104,15 +105,16 @@ def test_pick_dtype_follows_the_measured_cpu_speed(monkeypatch, machine, speedup
 
 
 KERNELS_KEPT = """
-import ctypes, os, sys
+import sys
 if sys.argv[1] == "client":
     import client.device  # noqa: F401
+import psutil
 import torch
+from client.memory import return_freed_memory
 torch.set_num_threads(1)
-libc = ctypes.CDLL("libc.so.6")
 def rss():
-    libc.malloc_trim(0)
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return_freed_memory()
+    return psutil.Process().memory_info().rss
 weight = torch.randn(576, 1536, dtype=torch.bfloat16)
 def products(rows):
     for m in rows:
@@ -124,7 +126,7 @@ print((rss() - start) / 2**20)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and glibc's malloc_trim")
+@pytest.mark.skipif(_libc() is None, reason="not glibc: freed heap cannot be handed back, so RSS would not tell")
 def test_a_client_process_keeps_a_bounded_number_of_bf16_matmul_kernels():
     """oneDNN keeps the kernels it built for each product shape (about 0.6 MB each here); batches as wide as their
     longest row bring a few dozen shapes a run, so a client process caps the caches (client.device)."""
