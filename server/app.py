@@ -58,7 +58,6 @@ class ServerOptions:
     cache_dir: Path | None = None
     expected_nodes: int = 1  # wait for this many connected nodes before announcing
     timeout: float = PHASE_TIMEOUT
-    progress: bool = True
     record_view: bool = False  # keep what the server holds of each round (server/view.py: for attacks and tests)
     # the wait between pulls for replies, at most the seconds given; the simulation's ends when a reply is stored
     wait_for_reply: Callable[[float], None] = time.sleep
@@ -132,7 +131,7 @@ def personalize_and_evaluate(
         config[p.ANSWER_QUANTILE] = answer_quantile
     content = RecordDict({p.ARRAYS: task_arrays, p.CONFIG: config})
     messages = [Message(content, dst_node_id=node, message_type=p.PERSONALIZE) for node in test_nodes]
-    bar = tqdm(total=len(messages), desc="personalize + evaluate (test users)", unit="user", disable=not opts.progress)
+    bar = tqdm(total=len(messages), desc="personalize + evaluate (test users)", unit="user")
     failed = 0
 
     def on_reply(reply: Message) -> None:
@@ -187,7 +186,7 @@ def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
                                f"ready; errors: {errors[:3]}")
         start = time.perf_counter()
         item_table, item_record = sum_item_tables(grid, cfg, _message_config(cfg, model_sha), train_nodes,
-                                                  opts.run_dir, opts.timeout, opts.progress)
+                                                  opts.run_dir, opts.timeout)
         timings["item-statistics-seconds"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -45,10 +45,10 @@ def table_key(cfg: RunConfig) -> str:
 
 
 def sum_item_tables(grid: AuditedGrid, cfg: RunConfig, config: ConfigRecord, nodes: list[int], run_dir: Path,
-                    timeout: float, progress: bool = False) -> tuple[ItemTable, dict[str, int]]:
+                    timeout: float) -> tuple[ItemTable, dict[str, int]]:
     """(the sum of `nodes`' item tables, its record: nodes summed and items rated), from the run directory when an
-    interrupted run with the same config already summed them; `progress`: a bar of the nodes' replies (with the
-    default's 941 nodes the round takes about 2 minutes on 2 cores)."""
+    interrupted run with the same config already summed them; a bar counts the nodes' replies (with the default's
+    941 nodes the round takes about 2 minutes on 2 cores)."""
     path = item_table_path(run_dir)
     key = table_key(cfg)
     saved = read_saved_state(path)
@@ -56,7 +56,7 @@ def sum_item_tables(grid: AuditedGrid, cfg: RunConfig, config: ConfigRecord, nod
         log.info("reusing the item table in %s", path)
         return ItemTable.from_config(saved), saved["record"]
     bar = tqdm(total=SECAGG_STAGES * len(nodes), desc=f"item statistics (SecAgg+ over {len(nodes)} nodes)",
-               unit="reply", disable=not progress)
+               unit="reply")
     with bar, grid.counting_replies(lambda _: bar.update(1)):
         average, summed = secure_round(grid, 0, NO_ARRAYS, nodes, {**config, p.SECURE_PAYLOAD: p.ITEM_TABLE},
                                        timeout, NEIGHBOURS if len(nodes) > NEIGHBOURS else 1.0)
