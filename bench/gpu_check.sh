@@ -6,8 +6,9 @@
 #
 #   bench/gpu_check.sh [--wheels DIR] [--out DIR] [--stages LIST] [--budget SECONDS]
 #
-#   --wheels DIR   wheels of what the host may lack (default: ../wheels beside the clone); NAME.part-* files are
-#                  joined into NAME once the join matches NAME.sha256 (a transfer that splits large wheels)
+#   --wheels DIR   wheels of what the host may lack (default: ../wheels beside the clone; `python -m
+#                  bench.offline_wheels` lays them where PyPI is reachable); NAME.part-* files are joined into NAME
+#                  once the join matches NAME.sha256 (a transfer that splits large wheels)
 #   --out DIR      where gpu_check.json and gpu_check.log go (default: runs/gpu-check)
 #   --stages LIST  comma-separated, in order (default: all but fedavg): install, tests, sizes, merge, throughput,
 #                  ceiling, run-bf16, run-nf4; `tests-unit` and `tests-runs` split `tests` (without / with Ray and
@@ -25,7 +26,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --wheels) WHEELS=$2; shift 2 ;; --out) OUT=$2; shift 2 ;; --stages) STAGES=$2; shift 2 ;;
     --budget) BUDGET=$2; shift 2 ;;
-    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
