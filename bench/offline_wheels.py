@@ -38,8 +38,6 @@ HOST_BRINGS = re.compile(r"torch|triton|nvidia-.*|cuda-.*")  # a CUDA host's own
 MANYLINUX = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64")
 MIB = 1 << 20
-
-
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -138,6 +136,10 @@ def download(name: str, version: str, python: str, to: Path) -> None:
         raise RuntimeError(f"{wanted}: no wheel for CPython {python} on x86-64 Linux "
                            f"({binary.stderr.strip().splitlines()[-1:]}) and no build from source "
                            f"({built.stderr.strip().splitlines()[-1:]})")
+    compiled = [wheel.name for wheel in to.glob("*.whl") if not wheel.name.endswith("-none-any.whl")]
+    if compiled:
+        raise RuntimeError(f"{wanted}: no wheel for CPython {python} on PyPI, and its build here is for this "
+                           f"machine's Python only ({', '.join(compiled)})")
 
 
 def split_into_parts(wheel: Path, part_bytes: int) -> list[Path]:
