@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check: run from a clone on a CUDA host with no network, it installs the wheels laid beside the clone whose
-# package the host's Python lacks or has at another version, then runs the CUDA tests, the default 100-client run in bf16 and in nf4 (QLoRA),
-# bench.train_throughput / bench.eval_throughput / bench.gpu_sizes on CUDA and the central task-adapter ceiling, and
-# writes one JSON of figures (gpu_check.json) and one log (gpu_check.log), updated after every stage.
+# package the host's Python lacks or has at another version, then runs the CUDA tests, the default 100-client run in
+# bf16 and in nf4 (QLoRA), bench.train_throughput / bench.eval_throughput / bench.gpu_sizes on CUDA and the central
+# task-adapter ceiling, and writes one JSON of figures (gpu_check.json) and one log (gpu_check.log), updated after
+# every stage.
 #
 #   bench/gpu_check.sh [--wheels DIR] [--out DIR] [--stages LIST] [--budget SECONDS]
 #
@@ -26,7 +27,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --wheels) WHEELS=$2; shift 2 ;; --out) OUT=$2; shift 2 ;; --stages) STAGES=$2; shift 2 ;;
     --budget) BUDGET=$2; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
