@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,10 +92,48 @@ class _LinesToLog(io.TextIOBase):
 
 
 @contextlib.contextmanager
+def _native_stderr_into(path: Path) -> Iterator[None]:
+    """What native code writes straight to file descriptor 2 appended to `path` (Ray's C++ core worker prints an
+    ERROR line there when Flower shuts Ray down while its actors' terminate calls are in flight); Python's sys.stderr
+    (our console lines, the bars, a traceback) keeps the terminal through a copy of the descriptor."""
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    python_writes_fd2 = _fileno(sys.stderr) == 2
+    saved, streams = sys.stderr, []
+    if python_writes_fd2:
+        sys.stderr = open(terminal, "w", buffering=1, encoding=saved.encoding, errors="backslashreplace", closefd=False)
+        streams = [h for h in logging.getLogger().handlers if type(h) is logging.StreamHandler and h.stream is saved]
+        for handler in streams:
+            handler.setStream(sys.stderr)
+    log = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(log, 2)
+    os.close(log)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(terminal, 2)
+        if python_writes_fd2:
+            for handler in streams:
+                handler.setStream(saved)
+            sys.stderr.close()
+            sys.stderr = saved
+        os.close(terminal)
+
+
+def _fileno(stream: io.TextIOBase) -> int:
+    """The stream's descriptor, -1 for one without (pytest's capture)."""
+    try:
+        return stream.fileno()
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return -1
+
+
+@contextlib.contextmanager
 def run_log(run_dir: Path, verbose: bool = False) -> Iterator[Path]:
     """Every library's log lines and warnings, DEBUG and up, appended to <run_dir>/logs/console.log while the run
     lasts (appended: a resumed run keeps the first attempt's lines); unless `verbose`, what is printed to stdout
-    meanwhile goes there too (stdout is for the final table)."""
+    meanwhile goes there too (stdout is for the final table), and so do native lines written to stderr's descriptor."""
     path = run_dir / LOG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
@@ -105,8 +144,11 @@ def run_log(run_dir: Path, verbose: bool = False) -> Iterator[Path]:
     root.setLevel(logging.DEBUG)
     root.addHandler(handler)
     try:
-        quiet = contextlib.redirect_stdout(_LinesToLog(logging.getLogger("stdout")))
-        with contextlib.nullcontext() if verbose else quiet:
+        with contextlib.ExitStack() as quiet:
+            if not verbose:
+                quiet.enter_context(contextlib.redirect_stdout(_LinesToLog(logging.getLogger("stdout"))))
+                handler.flush()
+                quiet.enter_context(_native_stderr_into(path))
             yield path
     finally:
         root.removeHandler(handler)

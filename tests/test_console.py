@@ -82,3 +82,25 @@ def test_rays_own_warnings_go_to_the_run_log_not_the_console(tmp_path: Path) -> 
     assert "object store" not in done.stderr
     log = (tmp_path / "logs" / "console.log").read_text()
     assert "ray._private.services WARNING WARNING: The object store is using /tmp/ray" in log
+
+
+NATIVE = """
+import logging, os, sys
+from pathlib import Path
+from simulation.console import run_log, setup_console
+setup_console(verbose=False)
+with run_log(Path(sys.argv[1])):
+    os.write(2, b"[E 1 2] task_manager.cc:1224: Failed to push error to driver\\n")  # as Ray's C++ core worker does
+    logging.getLogger("oppu").info("our line")
+    print("a traceback's way", file=sys.stderr)
+os.write(2, b"after the run\\n")
+"""
+
+
+def test_lines_native_code_writes_to_stderr_go_to_the_run_log(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", NATIVE, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "task_manager" not in done.stderr
+    assert "our line" in done.stderr and "a traceback's way" in done.stderr and "after the run" in done.stderr
+    log = (tmp_path / "logs" / "console.log").read_text()
+    assert "task_manager.cc:1224: Failed to push error to driver" in log and "oppu INFO our line" in log
