@@ -2,8 +2,9 @@
 
 By default the console gets our loggers' INFO lines (one per phase), the progress bars and any library's ERROR;
 Flower's INFO/DEBUG lines, alembic's, Ray's and Python warnings (FutureWarnings, Flower's deprecation notices) go only
-to <run-dir>/logs/console.log. `--verbose` shows everything on the console as well (Flower's lines through Flower's
-own handler, so none is printed twice) and transformers' progress bars.
+to <run-dir>/logs/console.log, as do native lines written to stderr's descriptor (Ray's C++ core worker). `--verbose`
+shows everything on the console as well (Flower's lines through Flower's own handler, so none is printed twice) and
+transformers' progress bars.
 """
 
 from __future__ import annotations
