@@ -32,6 +32,8 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
+from common.store import atomic_write_bytes, atomic_write_text
+
 PROJECT = "oppu-fl"
 PROJECT_EXTRAS = ("gpu",)
 HOST_BRINGS = re.compile(r"torch|triton|nvidia-.*|cuda-.*")  # a CUDA host's own torch stack
@@ -143,14 +145,14 @@ def download(name: str, version: str, python: str, to: Path) -> None:
 
 
 def split_into_parts(wheel: Path, part_bytes: int) -> list[Path]:
-    """`wheel` as NAME.part-000, ... and NAME.sha256 (the whole wheel's digest), the wheel itself removed."""
+    """`wheel` as NAME.part-000, ... and NAME.sha256 (the whole wheel's digest, written last), the wheel removed."""
     data = wheel.read_bytes()
-    (wheel.parent / f"{wheel.name}.sha256").write_text(hashlib.sha256(data).hexdigest())
     parts = []
     for index, start in enumerate(range(0, len(data), part_bytes)):
         part = wheel.parent / f"{wheel.name}.part-{index:03d}"
-        part.write_bytes(data[start:start + part_bytes])
+        atomic_write_bytes(part, data[start:start + part_bytes])
         parts.append(part)
+    atomic_write_text(wheel.parent / f"{wheel.name}.sha256", hashlib.sha256(data).hexdigest())
     wheel.unlink()
     return parts
 

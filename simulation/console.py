@@ -148,7 +148,6 @@ def run_log(run_dir: Path, verbose: bool = False) -> Iterator[Path]:
         with contextlib.ExitStack() as quiet:
             if not verbose:
                 quiet.enter_context(contextlib.redirect_stdout(_LinesToLog(logging.getLogger("stdout"))))
-                handler.flush()
                 quiet.enter_context(_native_stderr_into(path))
             yield path
     finally:
