@@ -8,13 +8,21 @@ from pathlib import Path
 
 import psutil
 
-DEFAULT_SESSION_LOGS = Path("/tmp/ray/session_latest/logs")  # Ray's default temp dir: the latest session's logs
+RAY_TEMP = Path("/tmp/ray")  # Ray's default temp dir: a folder per session
 
 
-def logged_addresses(logs: Path = DEFAULT_SESSION_LOGS) -> set[str]:
+def logged_addresses(logs: Path) -> set[str]:
     """Every IPv4 address that appears as HOST:PORT in the session's .out/.log/.err files."""
     return {ip for path in logs.glob("*.*") if path.suffix in (".out", ".log", ".err")
             for ip in re.findall(r"(\d+\.\d+\.\d+\.\d+):\d+", path.read_text(errors="replace"))}
+
+
+def session_logs(driver_pid: int) -> Path:
+    """The logs of the Ray session that the process `driver_pid` started (Ray names its folder after that pid; the
+    newest such folder, should an earlier process have had the same pid)."""
+    found = list(RAY_TEMP.glob(f"session_*_{driver_pid}/logs"))
+    assert found, f"no Ray session started by pid {driver_pid} in {RAY_TEMP}"
+    return max(found, key=lambda logs: logs.stat().st_mtime)
 
 
 def processes_naming(path: Path) -> list[psutil.Process]:

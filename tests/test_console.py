@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from run_traces import logged_addresses
+from run_traces import logged_addresses, session_logs
 
 ARGS = ["--num-clients", "4", "--train-clients", "2", "--rounds", "1", "--task", "LaMP-2M", "--data", "synthetic",
         "--model", "tiny-random", "--methods", "base,oppu", "--batch-tokens", "256", "--personal-epochs", "1",
@@ -17,37 +17,42 @@ ARGS = ["--num-clients", "4", "--train-clients", "2", "--rounds", "1", "--task",
 NOISE = ("DEBUG", "FutureWarning", "DeprecationWarning", "DEPRECATED", "alembic", "(raylet)", "Loading weights")
 
 
-def _run(run_dir: Path, *extra: str) -> tuple[list[str], list[str]]:
-    done = subprocess.run([sys.executable, "-m", "simulation.cli", *ARGS, "--run-dir", str(run_dir), *extra],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    console = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip()]
+Quiet = tuple[Path, list[str], list[str], int]  # run directory, console lines, stdout, the driver's pid
+
+
+def _run(run_dir: Path, *extra: str) -> tuple[list[str], list[str], int]:
+    with subprocess.Popen([sys.executable, "-m", "simulation.cli", *ARGS, "--run-dir", str(run_dir), *extra],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as driver:
+        stdout, stderr = driver.communicate(timeout=600)
+    assert driver.returncode == 0, stderr[-3000:]
+    console = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
     # a progress bar redraws itself: keep our lines and one line per bar
     lines = [line for line in console if "%|" not in line]
-    return lines, done.stdout.splitlines()
+    return lines, stdout.splitlines(), driver.pid
 
 
 @pytest.fixture(scope="module")
-def quiet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], list[str]]:
+def quiet(tmp_path_factory: pytest.TempPathFactory) -> Quiet:
     run_dir = tmp_path_factory.mktemp("console") / "run"
     return run_dir, *_run(run_dir)
 
 
-def test_the_console_shows_one_line_per_phase_and_the_table(quiet: tuple[Path, list[str], list[str]]) -> None:
-    _, lines, stdout = quiet
+def test_the_console_shows_one_line_per_phase_and_the_table(quiet: Quiet) -> None:
+    run_dir, lines, stdout, _ = quiet
     assert [line.split(" ", 1)[1].split(":")[0] for line in lines] == [
-        f"run directory {quiet[0]}", "6 node(s)", "task adaptation round 1"], "\n".join(lines)
+        f"run directory {run_dir}", "6 node(s)", "task adaptation round 1"], "\n".join(lines)
     assert stdout[0] == "# OPPU-FL report: LaMP-2M (personalized movie tagging)"
     assert not [line for line in lines + stdout if any(word in line for word in NOISE)]
     assert len(set(lines)) == len(lines)
 
 
-
-def test_the_local_ray_cluster_talks_over_loopback_only(quiet: tuple[Path, list[str], list[str]]) -> None:
-    addresses = logged_addresses()  # of the session the run just used
+def test_the_local_ray_cluster_talks_over_loopback_only(quiet: Quiet) -> None:
+    # the session this run's driver started, not Ray's latest: another test file may have started one since
+    addresses = logged_addresses(session_logs(quiet[3]))
     assert addresses and all(ipaddress.ip_address(ip).is_loopback for ip in addresses), addresses
 
-def test_every_library_line_is_in_the_run_log(quiet: tuple[Path, list[str], list[str]]) -> None:
+
+def test_every_library_line_is_in_the_run_log(quiet: Quiet) -> None:
     log = (quiet[0] / "logs" / "console.log").read_text()
     assert "The `run_simulation` function is deprecated" in log  # Flower's warning, kept out of the console
     assert "flwr INFO [ROUND 1/1]" in log and "flwr DEBUG" in log
@@ -56,7 +61,7 @@ def test_every_library_line_is_in_the_run_log(quiet: tuple[Path, list[str], list
 
 
 def test_verbose_shows_the_libraries_lines_once(tmp_path: Path) -> None:
-    lines, _ = _run(tmp_path / "run", "--verbose")
+    lines, _, _ = _run(tmp_path / "run", "--verbose")
     assert sum("[ROUND 1/1]" in line for line in lines) == 1  # Flower's handler only, not ours as well
     assert any("DEPRECATED FEATURE" in line for line in lines)
     assert sum("task adaptation round 1: 2 of 2" in line for line in lines) == 1
