@@ -51,20 +51,30 @@ def pick_dtype(device: torch.device) -> torch.dtype:
 
 
 @cache
-def cpu_bf16_speedup(rows: int = 128, width: int = 576, repeats: int = 3) -> float:
-    """bf16 over fp32 matmul rate on a layer-sized product at the current thread count (13 ms on a Zen 5)."""
+def cpu_bf16_speedup(rows: int = 128, width: int = 576, repeats: int = 7) -> float:
+    """bf16 over fp32 matmul rate of one core on a layer-sized product (20-50 ms on a Zen 4).
 
-    def best_seconds(dtype: torch.dtype) -> float:
-        a, b = torch.randn(rows, width, dtype=dtype), torch.randn(width, width, dtype=dtype)
-        a @ b  # first call: kernel choice and allocation
-        times = []
+    One thread, whatever the process uses: the kernels are what differ between the dtypes, and a thread the
+    scheduler preempts swings the ratio. At 2 threads beside two busy processes a Zen 4 measured anything from 0.05
+    to 27, so processes of one run computed in different dtypes. Alternating the dtypes spreads any load over both;
+    each keeps its fastest time.
+    """
+    operands = {dtype: (torch.randn(rows, width, dtype=dtype), torch.randn(width, width, dtype=dtype))
+                for dtype in (torch.float32, torch.bfloat16)}
+    fastest = dict.fromkeys(operands, float("inf"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for a, b in operands.values():
+            a @ b  # first call: kernel choice and allocation
         for _ in range(repeats):
-            start = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    return best_seconds(torch.float32) / best_seconds(torch.bfloat16)
+            for dtype, (a, b) in operands.items():
+                start = time.perf_counter()
+                a @ b
+                fastest[dtype] = min(fastest[dtype], time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return fastest[torch.float32] / fastest[torch.bfloat16]
 
 
 def resolve_dtype(dtype: str, device: str) -> str:

@@ -93,6 +93,18 @@ def test_the_bf16_speedup_is_measured_once_per_process():
     assert cpu_bf16_speedup() == speedup
 
 
+def test_the_bf16_speedup_measurement_gives_the_process_its_thread_count_back():
+    """It measures at one thread (a preempted thread of several swung the ratio by orders of magnitude, so processes
+    of one run picked different dtypes), then the process computes at its own count again."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert device.cpu_bf16_speedup.__wrapped__(repeats=1) > 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize(("machine", "speedup", "dtype"), [
     ("AVX2-only Zen 3", 0.01, torch.float32), ("Intel AVX512-bf16 without AMX", 0.5, torch.float32),
     ("just below the bar", BF16_MIN_SPEEDUP - 0.01, torch.float32), ("at the bar", BF16_MIN_SPEEDUP, torch.bfloat16),
