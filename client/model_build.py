@@ -81,15 +81,35 @@ class UnknownModelError(ValueError):
 
 
 def _build_from_transformers(name: str, staging: Path) -> None:
+    def unknown(why: str) -> UnknownModelError:
+        return UnknownModelError(
+            f"--model {name!r}: expected {DEFAULT_MODEL}, {TINY_MODEL}, a model directory or a reachable hub id ({why})"
+        )
+
+    if not Path(name).is_dir() and (unreachable := _hub_unreachable()):
+        raise unknown(unreachable)
     try:
         model, tokenizer = AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
     except OSError as e:  # transformers: neither a model directory nor a hub id it could fetch
-        raise UnknownModelError(
-            f"--model {name!r}: expected {DEFAULT_MODEL}, {TINY_MODEL}, a model directory or a reachable hub id "
-            f"({str(e).splitlines()[0]})"
-        ) from None
+        raise unknown(str(e).splitlines()[0]) from None
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+
+
+def _hub_unreachable() -> str | None:
+    """Why the model hub does not answer, from one request; None where it answers or offline mode is on (transformers
+    then refuses at once). Without it a mistyped name on a machine with no network took 52 s: huggingface_hub retries
+    a failed connection 5 times for each file it asks for."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        get_session().head(constants.ENDPOINT, timeout=10)
+    except Exception as e:  # no answer: the library's HTTP client raises its own name, connection or timeout errors
+        return f"{constants.ENDPOINT} is unreachable: {e}"
+    return None
 
 
 def resolve_model(name: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> Path:

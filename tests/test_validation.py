@@ -325,6 +325,20 @@ def test_an_unknown_model_is_refused_before_ray_starts(tmp_path, capsys, monkeyp
     assert "usage:" not in err and not list((tmp_path / "cache").rglob("*.json"))  # nothing half-built is kept
 
 
+def test_a_hub_id_is_refused_at_once_where_the_hub_does_not_answer(tmp_path, capsys, monkeypatch):
+    """One request, not huggingface_hub's 5 retries per file (52 s for a mistyped name on a machine without
+    network); the hub stands at a closed loopback port."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.2:9")
+    err = refused(["--task", "LaMP-2M", "--data", "synthetic", "--model", "someone/no-such-model",
+                   "--cache-dir", str(tmp_path / "cache")], capsys, tmp_path / "run",
+                  "flower-simulation: --model 'someone/no-such-model': expected smollm2, tiny-random, a model "
+                  "directory or a reachable hub id (http://127.0.0.2:9 is unreachable: ")
+    assert len(err.splitlines()) == 1 and "Retrying" not in err
+
+
 def test_deploy_refuses_bad_data_with_exit_2(tmp_path, capsys):
     data = write_json(tmp_path / "users.json", OPPU_CASES["history tag outside the tag list"][1])
     run_dir = tmp_path / "run"
