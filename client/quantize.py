@@ -42,23 +42,24 @@ def quantization_config(quantize: str, device: str) -> BitsAndBytesConfig:
 
 
 def dequantized_copy(model: PreTrainedModel, targets: tuple[str, ...]) -> PreTrainedModel:
-    """A copy of a 4-bit `model` whose `targets` layers are plain bf16 linears holding the dequantized weights
-    (what a 4-bit layer computes with); every other tensor is shared with `model`."""
+    """A copy of a 4-bit `model` whose `targets` layers are plain linears holding the dequantized weights (what a
+    4-bit layer computes with) in the dtype of the model's activations (`model.dtype`, that of its unquantized
+    weights: bf16, or fp32 under --dtype float32); every other tensor is shared with `model`."""
     import bitsandbytes as bnb
 
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     result = copy.deepcopy(model, memo=shared)
     for name, module in list(result.named_modules()):
         if name.rsplit(".", 1)[-1] in targets and isinstance(module, bnb.nn.Linear4bit):
-            result.set_submodule(name, _dequantized(module))
+            result.set_submodule(name, _dequantized(module, model.dtype))
     return result
 
 
 @torch.no_grad()
-def _dequantized(layer: torch.nn.Module) -> torch.nn.Linear:
-    """The linear a 4-bit layer computes, read through its own forward on the identity (bitsandbytes' CPU backend
-    repacks weights at the first forward, after which its dequantize_4bit no longer reads them right)."""
-    dtype = layer.compute_dtype or torch.bfloat16
+def _dequantized(layer: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Linear:
+    """The linear a 4-bit layer computes, as a `dtype` layer, read through its own forward on the identity (which
+    returns its input's dtype; bitsandbytes' CPU backend repacks weights at the first forward, after which its
+    dequantize_4bit no longer reads them right)."""
     weight = layer(torch.eye(layer.in_features, device=layer.weight.device, dtype=dtype))  # [in, out]: W^T + bias
     linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                              device=weight.device, dtype=dtype)

@@ -92,14 +92,16 @@ def test_greedy_generation_on_cuda_equals_the_cpu(tiny_model_dir):
     assert len(generate(load_base(tiny_model_dir, "cuda", "bfloat16")[0], tokenizer, PROMPTS, max_new_tokens=8)) == 3
 
 
-def test_task_lora_merges_into_a_dequantized_copy_not_into_4_bit_weights(tiny_model_dir):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_task_lora_merges_into_a_dequantized_copy_not_into_4_bit_weights(tiny_model_dir, dtype):
     """The merged 4-bit base answers like the unmerged task LoRA on the 4-bit base (what training users trained), far
-    closer than peft's merge into 4-bit weights (dequantize, add, quantize again); other layers stay shared."""
+    closer than peft's merge into 4-bit weights (dequantize, add, quantize again); other layers stay shared. The
+    merged layers take the activations' dtype (a bf16 layer in an fp32 model refused its input)."""
     _quantized("nf4")
     import bitsandbytes as bnb
 
-    cfg = RunConfig(task="LaMP-2M", device="cuda", dtype="bfloat16", quantize="nf4")
-    base = load_base(tiny_model_dir, "cuda", "bfloat16", "nf4")[0]
+    cfg = RunConfig(task="LaMP-2M", device="cuda", dtype=dtype, quantize="nf4")
+    base = load_base(tiny_model_dir, "cuda", dtype, "nf4")[0]
     state = {k: v + 0.05 for k, v in initial_task_state(base, cfg).items()}
     ids = torch.tensor([PROMPTS[0]], device="cuda")
     unmerged = attach_fresh(base, task_lora(cfg), "task", 0)
@@ -109,7 +111,7 @@ def test_task_lora_merges_into_a_dequantized_copy_not_into_4_bit_weights(tiny_mo
     remove_adapters(unmerged)
 
     merged = task_adapted_base(tiny_model_dir, "cuda", cfg, state, "test-state")
-    requantized = attach_fresh(load_fresh(tiny_model_dir, "cuda", "bfloat16", "nf4"), task_lora(cfg), "task", 0)
+    requantized = attach_fresh(load_fresh(tiny_model_dir, "cuda", dtype, "nf4"), task_lora(cfg), "task", 0)
     load_adapter_state(requantized, "task", state)
     requantized = requantized.merge_and_unload()
     with torch.no_grad():
@@ -120,7 +122,7 @@ def test_task_lora_merges_into_a_dequantized_copy_not_into_4_bit_weights(tiny_mo
     base_params = dict(base.named_parameters())
     for name, module in merged.named_modules():
         if name.rsplit(".", 1)[-1] in targets:
-            assert type(module) is torch.nn.Linear and module.weight.dtype == torch.bfloat16, name
+            assert type(module) is torch.nn.Linear and module.weight.dtype == getattr(torch, dtype), name
         elif isinstance(module, bnb.nn.Linear4bit):
             assert module.weight.data_ptr() == base_params[f"{name}.weight"].data_ptr(), f"{name} was copied"
 
