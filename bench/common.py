@@ -165,14 +165,15 @@ def test_users(count: int) -> list:
     return split_users(load_users(cfg, count), UserCounts(count, 0), cfg)[0]
 
 
-def load_model(args: argparse.Namespace, dtype: str):
-    """(model, tokenizer) of --model in `dtype` ('auto': as a run picks it) on --device, with --threads set first."""
+def load_model(args: argparse.Namespace, dtype: str, quantize: str = "none"):
+    """(model, tokenizer) of --model in `dtype` ('auto': as a run picks it) on --device, with --threads set first;
+    `quantize` as a run's --quantize."""
     from client.device import pick_device
     from client.model_build import resolve_model
     from client.model_loading import load_base
 
     torch.set_num_threads(args.threads)
-    return load_base(resolve_model(args.model), str(pick_device(args.device)), dtype)
+    return load_base(resolve_model(args.model), str(pick_device(args.device)), dtype, quantize)
 
 
 def train_fresh_lora(base: nn.Module, examples: list, pad_id: int, settings, seed: int) -> dict[str, float]:

@@ -173,7 +173,8 @@ def in_run_mfu(run_dir: Path, config: dict[str, Any], peaks_before: dict[str, fl
     (a CPU: one thread, a client's share). The peak is measured after the run; with `peaks_before` (measured before
     it, by dtype name) the higher of the two: a shared host's speed drifts by 10 % within an hour."""
     cfg = RunConfig.from_record(config)
-    model, tokenizer = load_model(argparse.Namespace(threads=1, model=cfg.model, device=cfg.device), "auto")
+    model, tokenizer = load_model(argparse.Namespace(threads=1, model=cfg.model, device=cfg.device), cfg.dtype,
+                                  cfg.quantize)  # the base the run's clients trained on
     dtype = str(model.dtype).removeprefix("torch.")
     peak_after = matmul_peak_gflops(model.dtype, model.device.type)
     peak_before = (peaks_before or {}).get(dtype)

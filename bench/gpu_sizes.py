@@ -16,6 +16,7 @@ peft's merge into the 4-bit weights. Needs CUDA (and bitsandbytes for nf4); says
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import sys
 import time
@@ -57,6 +58,7 @@ def random_model(config: LlamaConfig, quantize: str) -> nn.Module:
                 layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4").to("cuda")
                 model.set_submodule(name, layer)
                 del module
+        model.is_loaded_in_4bit = True  # as transformers' 4-bit loader marks it: peft then wraps its 4-bit LoRA layers
         torch.cuda.empty_cache()
     return model.eval().requires_grad_(False)
 
@@ -69,6 +71,7 @@ def decoder_weights(model: nn.Module) -> int:
 
 def measure_size(name: str, quantize: str, batch_tokens: int, steps: int, peak_tflops: float) -> dict[str, Any]:
     """Memory, clients per GPU, tokens/s and MFU of one client's personal LoRA training at this size."""
+    gc.collect()  # an earlier size's model, held in a reference cycle, would count in this one's memory
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()

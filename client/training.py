@@ -145,6 +145,8 @@ def train_adapter(
                 after_step(batch, losses[-1])
     finally:
         model.eval()  # the shared base is in eval mode between users, also after a failure
+    if params[0].is_cuda:  # the last step's backward and update may still be queued on the GPU: count them
+        torch.cuda.synchronize(params[0].device)
     return {
         "loss": sum(losses) / len(losses),
         "final_loss": losses[-1],

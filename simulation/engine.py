@@ -34,22 +34,24 @@ WORKER_FAULT_TOLERANCE = {"max_restarts": -1, "max_task_retries": 1}
 LOCAL_RAY_ADDRESS = "127.0.0.2"
 
 
-def client_resources(cpus_per_client: float, gpus_per_client: str | float, device: str, gpus: int, cpus: int) -> dict:
+def client_resources(cpus_per_client: float, gpus_per_client: str | float, device: str, gpus: int, cpus: int,
+                     quantize: str = "none") -> dict:
     """Ray resources of one simulated client.
 
     Ray hides every GPU from an actor that asks for none, so clients told to use CUDA (or 'auto' on a GPU
-    host) need a share; 'auto' splits the visible GPUs evenly among the clients that run at once.
+    host) need a share, and so do clients of a 4-bit base (`quantize`: CUDA only); 'auto' splits the visible GPUs
+    evenly among the clients that run at once.
     """
     if gpus_per_client == "auto":
         concurrent = max(1, int(cpus // cpus_per_client))
         share = min(1.0, gpus / concurrent) if device != "cpu" and gpus else 0.0
     else:
         share = float(gpus_per_client)
-    if device.startswith("cuda") and not share:
-        raise SetupError(
-            f"--device {device} needs a GPU, but none is visible" if not gpus
-            else f"--device {device} with --gpus-per-client 0: Ray would hide the GPU from every client"
-        )
+    on_gpu = (f"--device {device}" if device.startswith("cuda")
+              else f"--quantize {quantize}" if quantize != "none" else "")  # what asks for a GPU
+    if on_gpu and not share:
+        raise SetupError(f"{on_gpu} needs a GPU, but none is visible" if not gpus
+                         else f"{on_gpu} with --gpus-per-client 0: Ray would hide the GPU from every client")
     return {"num_cpus": cpus_per_client, "num_gpus": math.floor(share * 1e4) / 1e4}  # Ray counts in 1e-4 units
 
 
@@ -85,7 +87,7 @@ def simulate(
     """
     resources = client_resources(
         options.cpus_per_client, options.gpus_per_client, cfg.device, torch.cuda.device_count(),
-        len(os.sched_getaffinity(0)),
+        len(os.sched_getaffinity(0)), cfg.quantize,
     )
     if options.task_adapter_from and options.resume:
         raise SetupError("--task-adapter-from: a resumed run keeps its own task adapter; give one of the two")

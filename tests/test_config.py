@@ -105,6 +105,12 @@ def test_cuda_without_a_gpu_share_is_a_setup_error() -> None:
         client_resources(1.0, "auto", "cuda", gpus=0, cpus=2)
     with pytest.raises(SetupError, match="--gpus-per-client 0: Ray would hide the GPU"):
         client_resources(1.0, 0.0, "cuda:0", gpus=1, cpus=2)
+    # a 4-bit base is CUDA only: with --device auto on a GPU host the share must not be 0 either
+    assert client_resources(1.0, "auto", "auto", gpus=1, cpus=16, quantize="nf4")["num_gpus"] == 0.0625
+    with pytest.raises(SetupError, match="--quantize nf4 with --gpus-per-client 0: Ray would hide the GPU"):
+        client_resources(1.0, 0.0, "auto", gpus=1, cpus=16, quantize="nf4")
+    with pytest.raises(SetupError, match="--quantize nf4 needs a GPU, but none is visible"):
+        client_resources(1.0, "auto", "auto", gpus=0, cpus=2, quantize="nf4")
 
 
 def test_gpus_per_client_flag_takes_auto_or_a_share(capsys: pytest.CaptureFixture[str]) -> None:
