@@ -85,6 +85,7 @@ install_missing() {  # a venv over the host's Python; a wheel goes in where its 
   # the host's packages stay visible, also where its python3 is itself a venv's (--system-site-packages misses them)
   python3 -c "import site; print('\n'.join(site.getsitepackages()))" > \
     "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/host-site-packages.pth"
+  "$PY" -m pip --version >/dev/null 2>&1 || "$PY" -m ensurepip --default-pip || return 1  # a host venv without pip (uv)
   if [ -d "$WHEELS" ]; then
     for sum in "$WHEELS"/*.sha256; do  # NAME.sha256 beside NAME.part-*: joined once every part is there
       [ -e "$sum" ] || continue

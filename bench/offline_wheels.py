@@ -35,7 +35,7 @@ from packaging.utils import canonicalize_name
 from common.store import atomic_write_bytes, atomic_write_text
 
 PROJECT = "oppu-fl"
-PROJECT_EXTRAS = ("gpu",)
+PROJECT_EXTRAS = ("gpu", "dev")  # QLoRA, and pytest: the GPU check runs the CUDA tests
 HOST_BRINGS = re.compile(r"torch|triton|nvidia-.*|cuda-.*")  # a CUDA host's own torch stack
 MANYLINUX = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64")
@@ -178,8 +178,11 @@ def into_batches(folder: Path, batch_bytes: int) -> list[list[Path]]:
 
 def wheels_to_lay(python: str, had: dict[str, str | None], leave_out: list[str]) -> tuple[dict[str, str], int]:
     """(name -> version of every package to lay, how many this project needs in all besides the clone itself)."""
-    roots = [f"{PROJECT}[{','.join(PROJECT_EXTRAS)}]", *build_requirements(REPO / "pyproject.toml")]
-    lay, needed = packages_to_lay(roots, python, had)
+    build = build_requirements(REPO / "pyproject.toml")
+    lay, needed = packages_to_lay([f"{PROJECT}[{','.join(PROJECT_EXTRAS)}]", *build], python, had)
+    for name in (canonicalize_name(Requirement(line).name) for line in build):
+        if name in had and had[name] is None:  # a bare host name hides whether the build's floor is met: laid anyway
+            lay[name] = distribution(name).version  # (setuptools, 1.2 MiB; a failed build would stop the whole check)
     for name in (canonicalize_name(asset) for asset in makefile_assets(REPO / "Makefile")):
         needed.add(name)  # installed --no-deps: no requirements
         if name not in had:

