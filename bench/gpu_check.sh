@@ -11,23 +11,24 @@
 #                  bench.offline_wheels` lays them where PyPI is reachable); NAME.part-* files are joined into NAME
 #                  once the join matches NAME.sha256 (a transfer that splits large wheels)
 #   --out DIR      where gpu_check.json and gpu_check.log go (default: runs/gpu-check)
-#   --stages LIST  comma-separated, in order (default: all but fedavg): install, tests, sizes, merge, throughput,
-#                  ceiling, run-bf16, run-nf4; `tests-unit` and `tests-runs` split `tests` (without / with Ray and
-#                  SuperNodes); `fedavg` (bench.task_fedavg: the central curve beside 20 rounds of the run's FedAvg
-#                  schedule, then 60 rounds of a quarter of the clients with 4 local epochs of 1024-token steps,
-#                  then 256 rounds of 5 clients x 1 local epoch with the user's level in every prompt)
+#   --stages LIST  comma-separated, in order (default: all but fedavg, what the GPU issue needs first): install,
+#                  tests-unit, run-bf16, run-nf4, tests-runs (the CUDA tests without / with Ray and SuperNodes;
+#                  `tests`: both), throughput, merge, sizes, ceiling; `fedavg` (bench.task_fedavg: the central curve
+#                  beside 20 rounds of the run's FedAvg schedule, then 60 rounds of a quarter of the clients with 4
+#                  local epochs of 1024-token steps, then 256 rounds of 5 clients x 1 local epoch with the user's
+#                  level in every prompt)
 #   --budget S     seconds for the whole check (default 480); a stage gets what is left, and one that cannot start
 #                  in time is skipped with that reason
 # A stage that cannot run here (no CUDA, no bitsandbytes, no MovieLens) is skipped and the JSON says why.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
-WHEELS="$REPO/../wheels" OUT="runs/gpu-check" STAGES="install,tests,sizes,merge,throughput,ceiling,run-bf16,run-nf4" BUDGET=480
+WHEELS="$REPO/../wheels" OUT="runs/gpu-check" STAGES="install,tests-unit,run-bf16,run-nf4,tests-runs,throughput,merge,sizes,ceiling" BUDGET=480
 while [ $# -gt 0 ]; do
   case "$1" in
     --wheels) WHEELS=$2; shift 2 ;; --out) OUT=$2; shift 2 ;; --stages) STAGES=$2; shift 2 ;;
     --budget) BUDGET=$2; shift 2 ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
