@@ -115,10 +115,12 @@ def add_run_flags(
             method.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
 
 
-def check_run_flags(args: argparse.Namespace, cfg: RunConfig, run_dir: Path | None = None) -> None:
+def check_run_flags(args: argparse.Namespace, cfg: RunConfig, run_dir: Path | None = None,
+                    clients_here: bool = True) -> None:
     """What RunConfig cannot judge alone, checked before the run writes anything or any process starts; the base
     model is resolved here (built into the model cache on first use, as the server would), so an unknown --model
-    stops the run before Ray does."""
+    stops the run before Ray does. `clients_here` False: the clients run on other machines (`oppu-deploy run`),
+    whose GPUs this one cannot see, so --quantize is theirs to refuse."""
     counts = user_counts(args)
     training = counts.training(cfg)  # (None: every user outside the test users, counted when the data is read)
     per_round = cfg.nodes_per_round(training)
@@ -136,7 +138,7 @@ def check_run_flags(args: argparse.Namespace, cfg: RunConfig, run_dir: Path | No
                            ("node_caches", "a directory for the nodes' model caches")):
         if getattr(args, flag, None):
             _check_directory_flag(f"--{flag.replace('_', '-')}", getattr(args, flag), expected)
-    quantization = quantization_problem(cfg.quantize, cfg.device)
+    quantization = quantization_problem(cfg.quantize, cfg.device) if clients_here else None
     if quantization:
         raise SetupError(quantization)
     modules = linear_module_names(cfg.model, getattr(args, "cache_dir", None))

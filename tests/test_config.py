@@ -154,6 +154,12 @@ def test_quantize_nf4_without_cuda_exits_2_with_one_line(capsys: pytest.CaptureF
     lines = capsys.readouterr().err.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["oppu-deploy", "oppu-study"]  # one line each
     assert all("--quantize nf4 loads the base with bitsandbytes on a CUDA GPU" in line for line in lines)
+    # `oppu-deploy run` sends the run to SuperNodes on other machines: their GPUs, not this one's, decide
+    from simulation.flags import build_parser, check_run_flags, run_config_of
+
+    parser = build_parser()
+    args = parser.parse_args([*tiny, "--train-clients", "2"])
+    check_run_flags(args, run_config_of(args, parser), clients_here=False)
     with pytest.raises(ValueError, match="quantize must be one of none, nf4, got 'int8'"):
         RunConfig(quantize="int8")
     with pytest.raises(ValueError, match="quantize nf4 runs on CUDA only"):

@@ -184,7 +184,7 @@ def _run_role(args: argparse.Namespace, parser: argparse.ArgumentParser, prog: s
     if args.role == "partition":
         return partition(args)
     cfg = run_config_of(args, parser)
-    check_run_flags(args, cfg)
+    check_run_flags(args, cfg, clients_here=args.role == "local")
     counts = user_counts(args)
     run_dir = args.run_dir or _default_run_dir(cfg)
     if args.role == "local":
