@@ -86,7 +86,7 @@ def _build_from_transformers(name: str, staging: Path) -> None:
             f"--model {name!r}: expected {DEFAULT_MODEL}, {TINY_MODEL}, a model directory or a reachable hub id ({why})"
         )
 
-    if not Path(name).is_dir() and (unreachable := _hub_unreachable()):
+    if not Path(name).is_dir() and (unreachable := _hub_unreachable(name)):
         raise unknown(unreachable)
     try:
         model, tokenizer = AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
@@ -96,13 +96,18 @@ def _build_from_transformers(name: str, staging: Path) -> None:
     tokenizer.save_pretrained(staging)
 
 
-def _hub_unreachable() -> str | None:
-    """Why the model hub does not answer, from one request; None where it answers or offline mode is on (transformers
-    then refuses at once). Without it a mistyped name on a machine with no network took 52 s: huggingface_hub retries
-    a failed connection 5 times for each file it asks for."""
+def _hub_unreachable(name: str) -> str | None:
+    """Why the model hub does not answer, from one request; None where it answers, where offline mode is on, or where
+    `name` is no hub id (a path that is no directory): transformers then refuses at once, without a request. Without
+    it a mistyped name on a machine with no network took 52 s: huggingface_hub retries a failed connection 5 times
+    for each file it asks for."""
     from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
+    from huggingface_hub.utils import HFValidationError, get_session, validate_repo_id
 
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
     if constants.HF_HUB_OFFLINE:
         return None
     try:

@@ -317,12 +317,18 @@ def test_a_bad_value_is_one_line_not_the_usage_text(tmp_path, capsys):
 
 
 def test_an_unknown_model_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    """A path that is no directory is no hub id either: refused without asking the hub (which stands at a closed
+    loopback port here, so a request would show in the message)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.2:9")
     missing = str(tmp_path / "no-such-model")
     err = refused(["--task", "LaMP-2M", "--data", "synthetic", "--model", missing, "--cache-dir", str(tmp_path / "cache")],
                   capsys, tmp_path / "run", f"flower-simulation: --model {missing!r}: expected smollm2, tiny-random, "
                   "a model directory or a reachable hub id (")
     assert "usage:" not in err and not list((tmp_path / "cache").rglob("*.json"))  # nothing half-built is kept
+    assert "unreachable" not in err and "127.0.0.2" not in err
 
 
 def test_a_hub_id_is_refused_at_once_where_the_hub_does_not_answer(tmp_path, capsys, monkeypatch):
