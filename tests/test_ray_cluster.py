@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
+import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -16,7 +19,7 @@ from pathlib import Path
 import psutil
 from run_traces import command_lines, logged_addresses
 
-from simulation.deploy.processes import free_port, running, stop_trees
+from simulation.deploy.processes import running, stop_trees
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--num-clients", "1", "--train-clients", "1", "--rounds", "1", "--methods", "base,oppu", "--task", "LaMP-2M",
@@ -25,26 +28,58 @@ ARGS = ["--num-clients", "1", "--train-clients", "1", "--rounds", "1", "--method
 HOST = "127.0.0.2"  # loopback
 
 
-def _ray_head(temp_dir: Path, port: int, log: Path) -> subprocess.Popen:
-    """A one-machine Ray cluster in the foreground (--block), every port of its own chosen free."""
-    ports = {flag: str(free_port()) for flag in (
-        "--ray-client-server-port", "--node-manager-port", "--object-manager-port", "--metrics-export-port",
-        "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port")}
-    low = free_port()
+def _distinct_free_ports(count: int) -> list[int]:
+    """`count` ports on HOST that nothing listens on, held open together while chosen, so no two are the same."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((HOST, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _worker_port_block(count: int) -> int:
+    """The first of `count` consecutive free ports below the kernel's ephemeral range: `bind(HOST, 0)` (the other
+    ports here) and outgoing connections never take one of them, so Ray's workers cannot collide with its own
+    components (CI once had the GCS port inside a block chosen from the ephemeral range)."""
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(50):
+        low = rng.randrange(20000, ephemeral_low - count)
+        try:
+            with contextlib.ExitStack() as held:
+                for port in range(low, low + count):
+                    held.enter_context(socket.socket()).bind((HOST, port))
+            return low
+        except OSError:
+            continue
+    raise RuntimeError(f"no {count} consecutive free ports below {ephemeral_low} on {HOST}")
+
+
+def _ray_head(temp_dir: Path, log: Path) -> tuple[subprocess.Popen, int]:
+    """A one-machine Ray cluster in the foreground (--block), every port of its own chosen free and distinct, and
+    the port of its GCS (the address to join)."""
+    flags = ("--port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port",
+             "--metrics-export-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+             "--runtime-env-agent-port")
+    ports = dict(zip(flags, map(str, _distinct_free_ports(len(flags)))))
+    low = _worker_port_block(41)
     with open(log, "wb") as out:
         return subprocess.Popen(
             [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", HOST,
-             "--port", str(port), "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard=false",
+             "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard=false",
              "--disable-usage-stats", "--temp-dir", str(temp_dir), "--min-worker-port", str(low),
              "--max-worker-port", str(low + 40), *(x for pair in ports.items() for x in pair)],
             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        ), int(ports["--port"])
 
 
 def test_simulation_joins_a_ray_cluster(tmp_path: Path) -> None:
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    port, head_log = free_port(), tmp_path / "ray-head.log"
-    head = _ray_head(temp_dir, port, head_log)
+    head_log = tmp_path / "ray-head.log"
+    head, port = _ray_head(temp_dir, head_log)
     tree: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 90
