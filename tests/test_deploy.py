@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from run_traces import command_lines, processes_naming
 from client.model_cache import find_model_by_hash
 from common.model_files import verify_model_dir
 from simulation.deploy.cli import main as deploy_main
-from simulation.deploy.processes import running
+from simulation.deploy.processes import free_ports, running
 from simulation.outcome import INTERRUPTED
 from simulation.privacy_audit import main as audit_main
 
@@ -31,6 +32,16 @@ ARGS = ["--num-clients", "1", "--train-clients", "1", "--rounds", "1", "--method
 # its stages, each stage a fresh ClientApp process), and the calibration round
 RATING_ARGS = ["--num-clients", "1", "--train-clients", "2", "--rounds", "1", "--methods", "base", "--model",
                "tiny-random", "--split", "validation", "--max-history", "4", "--task-history", "4"]
+
+
+def test_ports_for_processes_started_together_are_all_different_and_free() -> None:
+    """SuperNodes start one after another before any listens: one kernel choice at a time, 200 ports would repeat
+    one in 35 of 50 tries here (the kernel gives bind(HOST, 0) one of ~14,000 even ports)."""
+    ports = free_ports(200)
+    assert len(set(ports)) == 200
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
 
 
 def test_superlink_and_supernodes_run_the_app_and_pass_the_audit(tmp_path: Path) -> None:

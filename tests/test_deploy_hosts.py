@@ -24,7 +24,7 @@ from run_traces import command_lines, processes_naming
 
 from simulation.deploy.cli import main as deploy_main
 from simulation.deploy.keys import make_tls
-from simulation.deploy.processes import free_port, running
+from simulation.deploy.processes import free_ports, running
 from simulation.privacy_audit import main as audit_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def test_superlink_on_another_address_supernodes_from_their_own_directories(tmp_
     assert sorted(n["role"] for n in nodes) == ["test", "test", "train"]
     users = [n["user"] for n in nodes]
 
-    port = free_port(COORDINATOR_IP)
+    [port] = free_ports(1, COORDINATOR_IP)
     hosts = tmp_path / "hosts"
     hosts.write_text(f"127.0.0.1 localhost\n{COORDINATOR_IP} {HOSTNAME}\n")
     started: list[subprocess.Popen] = []

@@ -19,25 +19,13 @@ from pathlib import Path
 import psutil
 from run_traces import command_lines, logged_addresses
 
-from simulation.deploy.processes import running, stop_trees
+from simulation.deploy.processes import free_ports, running, stop_trees
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--num-clients", "1", "--train-clients", "1", "--rounds", "1", "--methods", "base,oppu", "--task", "LaMP-2M",
         "--data", "synthetic", "--model", "tiny-random", "--batch-tokens", "256", "--personal-epochs", "1",
         "--max-history", "8", "--task-history", "4"]
 HOST = "127.0.0.2"  # loopback
-
-
-def _distinct_free_ports(count: int) -> list[int]:
-    """`count` ports on HOST that nothing listens on, held open together while chosen, so no two are the same."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind((HOST, 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _worker_port_block(count: int) -> int:
@@ -64,7 +52,7 @@ def _ray_head(temp_dir: Path, log: Path) -> tuple[subprocess.Popen, int]:
     flags = ("--port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port",
              "--metrics-export-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
              "--runtime-env-agent-port")
-    ports = dict(zip(flags, map(str, _distinct_free_ports(len(flags)))))
+    ports = dict(zip(flags, map(str, free_ports(len(flags), HOST))))
     low = _worker_port_block(41)
     with open(log, "wb") as out:
         return subprocess.Popen(

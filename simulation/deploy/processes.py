@@ -4,6 +4,7 @@ them."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -20,11 +21,14 @@ from simulation.deploy.diagnosis import why_exited
 REPO = Path(__file__).resolve().parents[2]
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on `host` that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` different TCP ports on `host` that nothing listens on now: held open together while the kernel
+    chooses, so that processes started one after another, none yet listening, never get the same port."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen) -> None:

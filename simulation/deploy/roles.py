@@ -31,7 +31,7 @@ from simulation.deploy.commands import (
 )
 from simulation.deploy.diagnosis import log_tail
 from simulation.deploy.keys import make_node_keys, make_tls
-from simulation.deploy.processes import Processes, free_port, wait_for_exit, wait_for_port
+from simulation.deploy.processes import Processes, free_ports, wait_for_exit, wait_for_port
 from simulation.errors import SetupError
 from simulation.flags import user_counts
 from simulation.node_stores import CANARY, partition_users, plant_canaries, write_partitions
@@ -51,14 +51,14 @@ def deploy(run_dir: Path, cfg: RunConfig, counts: UserCounts, node_caches: Path 
     nodes = write_partitions(run_dir, test, train, {})
     counts = UserCounts(len(test), len(train))  # (--train-clients all: the federation's node count, now known)
     ca, cert, key = make_tls(deploy_dir / "tls", ["localhost", "127.0.0.1"])
-    port = free_port()
+    port, *node_ports = free_ports(1 + len(nodes))
     flwr_home = deploy_dir / "flwr-home"
     write_connection(flwr_home, f"127.0.0.1:{port}", ca)
     with Processes(deploy_dir / "logs", launcher_env(flwr_home)) as processes:
         superlink = processes.start("superlink", superlink_command("127.0.0.1", port, (ca, cert, key),
                                                                    deploy_dir / "superlink.db"))
         wait_for_port("127.0.0.1", port, 60, superlink)
-        for i, node in enumerate(nodes):
+        for i, (node, node_port) in enumerate(zip(nodes, node_ports)):
             node_dir = deploy_dir / "nodes" / str(i)
             private, public = make_node_keys(node_dir)
             processes.run(f"register-{i}", register_command(public), 120)
@@ -66,7 +66,7 @@ def deploy(run_dir: Path, cfg: RunConfig, counts: UserCounts, node_caches: Path 
                 "user-dir": run_dir / "clients" / node["user"],
                 "model-cache": (node_caches / str(i)) if node_caches else node_dir / "cache",
                 "audit-dir": run_dir / "audit",
-            }, free_port()))
+            }, node_port))
         return wait_for_exit(processes.start("flwr-run", flwr_run_command(cfg, counts, run_dir)), "flwr run", timeout)
 
 
@@ -167,12 +167,12 @@ def serve_supernodes(superlink: str, ca: Path, machine_dir: Path, data_files: li
         return DONE
     with Processes(machine_dir / "logs", launcher_env(machine_dir / "flwr-home")) as processes:
         watched = {}
-        for node in nodes:
+        for node, node_port in zip(nodes, free_ports(len(nodes))):
             watched[f"supernode-{node.user}"] = processes.start(f"supernode-{node.user}", supernode_command(
                 superlink, ca.resolve(), node.directory / "node_key",
                 {"user-dir": node.store.root, "model-cache": node.directory / "cache",
                  "audit-dir": node.directory / "audit"},
-                free_port()), cwd=machine_dir)
+                node_port), cwd=machine_dir)
         print(f"{len(nodes)} SuperNode(s) joining {superlink}: " + ", ".join(f"{n.user} ({n.role})" for n in nodes)
               + f"; logs: {processes.log_dir}; audit one node with `oppu-audit --side client {machine_dir}/<user>`. "
               "Stop with Ctrl-C.", flush=True)
