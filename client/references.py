@@ -41,10 +41,6 @@ DESCRIPTIONS = {
 }
 
 
-def is_reference(name: str) -> bool:
-    return name.startswith(PREFIX)
-
-
 def _format_number(value: float) -> str:
     return f"{value:g}"
 

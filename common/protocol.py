@@ -79,11 +79,9 @@ ALLOWED_PERSONALIZE_METRIC = re.compile(
 ALLOWED_ADAPT_METRIC = re.compile(rf"^({NUM_EXAMPLES}|{TRAIN_LOSS}|{ANSWER_FREQUENCIES})$")
 ALLOWED_CALIBRATE_METRIC = re.compile(rf"^({NUM_EXAMPLES}|{QUANTILE_ERRORS})$")
 
-# secure-adapt records: Flower's legacy FitIns/FitRes keys and its SecAgg+ config record
+# secure-adapt records: Flower's legacy FitIns/FitRes keys
 FITINS_ARRAYS, FITINS_CONFIG = "fitins.parameters", "fitins.config"
-FITRES_ARRAYS, FITRES_WEIGHT, FITRES_METRICS, FITRES_STATUS = (
-    "fitres.parameters", "fitres.num_examples", "fitres.metrics", "fitres.status")
-SECAGG_CONFIG = "secaggplus_configs"  # flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS
+FITRES_ARRAYS, FITRES_METRICS = "fitres.parameters", "fitres.metrics"
 # what a secure-adapt reply's config records may hold: SecAgg+'s stage outputs, and FitRes's status
 ALLOWED_SECURE_REPLY_CONFIG = {"pk1", "pk2", "dsts", "ctxts", "masked_params", "nids", "shares", "code", "message"}
 ALLOWED_SECURE_METRIC = re.compile(r"^num_examples$")  # FitRes's weight: 1 under secure aggregation
