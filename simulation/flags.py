@@ -40,6 +40,16 @@ def gpu_share(text: str) -> str | float:
     return share
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default after its help, where it tells something: not 'None' or 'False' (an unset path, an off
+    switch), and not twice where the help text already says the default in its own words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(simulation: bool = True) -> argparse.ArgumentParser:
     """Flags: the run's own plus one per RunConfig field, with its help text and default.
 
@@ -50,7 +60,7 @@ def build_parser(simulation: bool = True) -> argparse.ArgumentParser:
         description="Federated OPPU (One PEFT Per User) on Flower's simulation engine: every user is one node; "
         "task adaptation by FedAvg over training users, then each test user trains private adapters "
         "on-device and sends back metric statistics only.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     add_run_flags(parser, simulation)
     return parser

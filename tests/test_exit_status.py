@@ -63,3 +63,19 @@ def test_every_help_page_prints_and_exits_done(main, argv: list[str], capsys: py
         main([*argv, "--help"])
     assert stop.value.code == DONE
     assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("main", "argv", "says_its_default"), [
+    (simulation_main, [], "--cache-dir CACHE_DIR"), (deploy_main, ["local"], "--node-caches NODE_CACHES"),
+    (study_main, ["activity"], "--study-dir STUDY_DIR")])
+def test_help_gives_each_default_once_and_only_a_real_one(main, argv: list[str], says_its_default: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """The run's flags say their default after the help: a value (--rounds 40, --dp-noise 0.0), never 'None' or
+    'False', and not twice where the help text already says it in its own words."""
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: 40)" in text and "(default: 0.0)" in text
+    own_words = text.split(f"{says_its_default} ")[1].split(" --")[0]
+    assert own_words.count("default") == 1, own_words

@@ -32,7 +32,9 @@ from simulation.deploy.roles import (
     start_run,
 )
 from simulation.errors import SetupError
-from simulation.flags import add_run_flags, check_run_flags, run_config_of, train_clients, user_counts
+from simulation.flags import (
+    DefaultsHelpFormatter, add_run_flags, check_run_flags, run_config_of, train_clients, user_counts,
+)
 from simulation.outcome import exit_status, setup_failure
 
 ROLES = ("local", "superlink", "register", "supernode", "partition", "run")
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         "runs `superlink` and `run`, device machines run `supernode` with their users' files from `partition`.",
     )
     roles = parser.add_subparsers(dest="role", metavar="ROLE", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = DefaultsHelpFormatter
 
     local = roles.add_parser("local", formatter_class=fmt, help="everything on 127.0.0.1 (the quick path)",
                              description="One SuperLink and one SuperNode per user on 127.0.0.1 (TLS, SuperNode "

@@ -19,7 +19,7 @@ from common.exit_status import DONE, FAILED
 from common.store import read_saved_state
 from simulation.engine import SimulationOptions, simulate
 from simulation.errors import SetupError
-from simulation.flags import add_run_flags, check_run_flags, run_config_of, user_counts
+from simulation.flags import DefaultsHelpFormatter, add_run_flags, check_run_flags, run_config_of, user_counts
 from simulation.outcome import run_failures, setup_failure, stop_now
 from simulation.run_dir import RUNS_DIR, read_run_state, run_settings
 from simulation.console import setup_console
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     subcommands = parser.add_subparsers(dest="study", required=True, metavar="STUDY")
     for study in STUDIES.values():
         sub = subcommands.add_parser(study.name, help=study.help, description=study.help,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=DefaultsHelpFormatter)
         add_run_flags(sub, one_run=False, fixed=study.fixed)
         sub.add_argument("--study-dir", type=Path, default=None,
                          help="where the arms' runs and the study's files go (default: runs/<time>-study-<name>)")
