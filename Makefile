@@ -25,4 +25,4 @@ run: venv
 	$(VENV)/bin/flower-simulation $(ARGS)
 
 test: venv
-	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
