@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from common.config import PHASE_TIMEOUT, RunConfig, UserCounts
 from common.store import atomic_write_json, read_json
 from simulation.console import run_log
-from simulation.errors import SetupError
+from simulation.errors import EngineStopped, SetupError
 from simulation.node_stores import partition_users, plant_canaries, write_partitions
 from simulation.ray_cluster import join_ray_cluster
 from simulation.run_dir import copy_task_adapter, hold_run_dir, prepare_run_dir, read_run_state, run_settings
@@ -127,16 +127,26 @@ def _run_in(run_dir: Path, cfg: RunConfig, counts: UserCounts, options: Simulati
                          wait_for_reply=wait_for_reply)
     report = run_dir / "report.json"
     report.unlink(missing_ok=True)  # an earlier attempt's: what is there after the engine returns is this one's
-    with run_log(run_dir, options.verbose):  # every library's lines, DEBUG and up (the console shows ours)
-        run_simulation(
-            server_app=make_server_app(cfg, opts),
-            client_app=(client_app or make_client_app)(run_dir),  # nodes find their store in run_dir by partition id
-            num_supernodes=len(nodes),
-            backend_config={
-                "client_resources": {**resources, **WORKER_FAULT_TOLERANCE},
-                # the workers' own output (progress bars, warnings) reaches the console only with --verbose
-                "init_args": {"logging_level": logging.WARNING, "log_to_driver": options.verbose,
-                              **({} if options.ray_address else {"_node_ip_address": LOCAL_RAY_ADDRESS})},
-            },
-        )
+    with run_log(run_dir, options.verbose) as log_file:  # every library's lines, DEBUG and up (the console: ours)
+        try:
+            run_simulation(
+                server_app=make_server_app(cfg, opts),
+                # nodes find their store in run_dir by partition id
+                client_app=(client_app or make_client_app)(run_dir),
+                num_supernodes=len(nodes),
+                backend_config={
+                    "client_resources": {**resources, **WORKER_FAULT_TOLERANCE},
+                    # the workers' own output (progress bars, warnings) reaches the console only with --verbose
+                    "init_args": {"logging_level": logging.WARNING, "log_to_driver": options.verbose,
+                                  **({} if options.ray_address else {"_node_ip_address": LOCAL_RAY_ADDRESS})},
+                },
+            )
+        except Exception as e:  # Flower's "An error was encountered. Ending simulation.": the cause is beneath
+            cause: BaseException = e
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            raise EngineStopped(
+                f"Flower's simulation engine stopped ({cause}); each client asked Ray for "
+                f"{resources['num_cpus']:g} CPU(s) (--cpus-per-client) and {resources['num_gpus']:g} GPU(s) "
+                f"(--gpus-per-client); log: {log_file}") from e
     return read_json(report)

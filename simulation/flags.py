@@ -27,6 +27,17 @@ def train_clients(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected a number of training users or 'all', got {text!r}") from None
 
 
+def cpu_share(text: str) -> float:
+    """--cpus-per-client: cores > 0 (a fraction runs more clients than cores at once; 0 would divide by zero)."""
+    try:
+        share = float(text)
+    except ValueError:
+        share = 0.0
+    if not (math.isfinite(share) and share > 0):
+        raise argparse.ArgumentTypeError(f"expected a number of cores > 0, got {text!r}")
+    return share
+
+
 def gpu_share(text: str) -> str | float:
     """--gpus-per-client: 'auto' or a share >= 0."""
     if text == "auto":
@@ -93,7 +104,7 @@ def add_run_flags(
                              "and evaluation settings may differ, e.g. --personal-lr, --max-history, --split)")
         run.add_argument("--cache-dir", type=Path, default=None,
                          help="model cache (default: $OPPU_CACHE_DIR or ~/.cache/oppu-fl)")
-        run.add_argument("--cpus-per-client", type=float, default=1.0, help="CPU cores per simulated client (Ray)")
+        run.add_argument("--cpus-per-client", type=cpu_share, default=1.0, help="CPU cores per simulated client (Ray)")
         run.add_argument("--gpus-per-client", type=gpu_share, default="auto",
                          help="GPU share per simulated client (Ray): a number, or 'auto': the visible GPUs shared "
                          "evenly by the clients that run at once (--device auto or cuda; 0 without a GPU)")

@@ -7,29 +7,39 @@ import logging
 import os
 import sys
 import traceback
-from pathlib import Path
 from typing import NoReturn
 
 from common.config import UserCounts
 from common.exit_status import BAD_INPUT, DONE, FAILED, INTERRUPTED
-from simulation.errors import SetupError
+from simulation.errors import EngineStopped, SetupError
 
 
-def stop_now(prog: str, run_dir: Path | None) -> NoReturn:
-    """Ctrl-C: Flower's engine has already stopped its workers, but its ServerApp thread would wait out the reply
-    timeout for answers that will not come, and Python waits for that thread before it exits. So Ray is shut down
-    and the process ends at once with 130 (128 + SIGINT, as shells report it); every finished user's result is
-    already on disk (atomic writes), and --resume continues from there."""
-    import ray  # only on Ctrl-C, by which time the engine has loaded it
+def stop_now(prog: str, to_continue: str) -> NoReturn:
+    """Ctrl-C: 130 (128 + SIGINT, as shells report it), at once (_end_process); every finished user's result is
+    already on disk (atomic writes), and `to_continue` (the command's way to resume) goes on from there."""
+    print(f"{prog}: interrupted; finished users are kept: {to_continue}", file=sys.stderr, flush=True)
+    _end_process(INTERRUPTED)
 
-    where = f" --run-dir {run_dir}" if run_dir else ""
-    print(f"{prog}: interrupted; finished users are kept: run again with --resume{where} to continue",
-          file=sys.stderr, flush=True)
+
+def engine_stopped(prog: str, to_continue: str, error: EngineStopped) -> NoReturn:
+    """Flower's engine raised under the run: 1 at once (_end_process), with one line saying why; finished users'
+    results are kept, to go on from once the cause is fixed."""
+    print(f"{prog}: {error}; finished users are kept: fix the cause, then {to_continue}", file=sys.stderr,
+          flush=True)
+    _end_process(FAILED)
+
+
+def _end_process(status: int) -> NoReturn:
+    """Flower's engine has stopped its workers, but its ServerApp thread would wait out the reply timeout for answers
+    that will not come, and Python waits for that thread before it exits. So Ray is shut down and the process ends
+    now."""
+    import ray  # only here, by which time the engine has loaded it
+
     if ray.is_initialized():
         ray.shutdown()
     logging.shutdown()
     sys.stdout.flush()
-    os._exit(INTERRUPTED)
+    os._exit(status)
 
 
 def setup_failure(prog: str, error: SetupError, verbose: bool) -> int:

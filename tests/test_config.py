@@ -123,6 +123,17 @@ def test_gpus_per_client_flag_takes_auto_or_a_share(capsys: pytest.CaptureFixtur
         assert f"expected 'auto' or a number >= 0, got '{bad}'" in capsys.readouterr().err
 
 
+def test_cpus_per_client_flag_takes_cores_above_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    """0 divided by zero in the GPU share, a negative count left the run waiting for clients Ray never started."""
+    assert build_parser().parse_args([]).cpus_per_client == 1.0
+    assert build_parser().parse_args(["--cpus-per-client", "0.5"]).cpus_per_client == 0.5
+    for bad in ("0", "-1", "two", "nan", "inf"):
+        with pytest.raises(SystemExit) as stopped:
+            build_parser().parse_args(["--cpus-per-client", bad])
+        assert stopped.value.code == 2
+        assert f"expected a number of cores > 0, got '{bad}'" in capsys.readouterr().err
+
+
 def test_train_clients_flag_takes_all_or_a_number(capsys: pytest.CaptureFixture[str]) -> None:
     """The simulation draws on every user outside the test users by default; a deployment, whose SuperNodes are
     started per user, on a number (flwr run's)."""

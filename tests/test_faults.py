@@ -4,13 +4,18 @@ user run again; a failed training-user update is counted, shown and fails the ru
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 import cloudpickle
 import faulty_client
 import numpy as np
+import psutil
 import pytest
+from run_traces import command_lines
 from safetensors.numpy import load_file
 
 from common import protocol as p
@@ -19,12 +24,16 @@ from server.view import read_server_view
 from simulation.engine import ClientAppFactory, SimulationOptions, simulate
 from simulation.flags import build_parser, run_config_of, user_counts
 from simulation.outcome import exit_status
+from simulation.deploy.processes import running
 from simulation.privacy_audit import main as audit_main
 
 cloudpickle.register_pickle_by_value(faulty_client)  # Ray workers cannot import from tests/
 
 TINY_ARGS = ["--task", "LaMP-2M", "--data", "synthetic", "--model", "tiny-random", "--methods", "base,oppu",
              "--batch-tokens", "256", "--personal-epochs", "1", "--max-history", "8", "--task-history", "4"]
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _simulate(argv: list[str], client_app: ClientAppFactory | None) -> tuple[UserCounts, Path, dict | None]:
@@ -117,3 +126,33 @@ def test_a_message_that_kills_every_worker_fails_its_user_alone(tmp_path: Path) 
     assert len(list(victims.iterdir())) == 2  # the first worker and its one retry (max_task_retries=1)
     assert len(report["errors"]) == 1
     assert exit_status("flower-simulation", report, counts, False) == 1
+
+
+def test_an_engine_that_cannot_place_a_client_ends_the_run_at_once_saying_why(tmp_path: Path) -> None:
+    """Clients that ask Ray for more cores than any machine has: Flower's engine stops at once, and its ServerApp
+    thread would then wait out the 6-hour reply timeout (the process hung). The run ends with 1, one line naming
+    the cause and the flag, every process of it gone."""
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as stderr_file:  # a file, not a pipe nobody reads while the run goes on
+        run = subprocess.Popen([sys.executable, "-m", "simulation.cli", "--num-clients", "1", "--train-clients", "2",
+                                "--rounds", "1", "--cpus-per-client", "1000", *TINY_ARGS, "--run-dir",
+                                str(tmp_path / "r")], cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr_file)
+    tree: dict[int, psutil.Process] = {}
+    deadline = time.monotonic() + 120
+    while run.poll() is None and time.monotonic() < deadline:
+        for child in psutil.Process(run.pid).children(recursive=True):  # Ray's processes, while they run
+            tree.setdefault(child.pid, child)
+        time.sleep(0.2)
+    if run.poll() is None:
+        run.kill()
+    run.wait()
+    stderr = err.read_text()
+    assert run.returncode == 1, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("flower-simulation: Flower's simulation engine stopped (ActorPool is empty"), last
+    assert "1000 CPU(s) (--cpus-per-client)" in last and f"--resume --run-dir {tmp_path / 'r'}" in last, last
+    assert tree, "Ray was started"
+    deadline = time.monotonic() + 15
+    while (alive := running(list(tree.values()))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive, command_lines(alive)

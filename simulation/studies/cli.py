@@ -18,9 +18,9 @@ from typing import Any
 from common.exit_status import DONE, FAILED
 from common.store import read_saved_state
 from simulation.engine import SimulationOptions, simulate
-from simulation.errors import SetupError
+from simulation.errors import EngineStopped, SetupError
 from simulation.flags import DefaultsHelpFormatter, add_run_flags, check_run_flags, run_config_of, user_counts
-from simulation.outcome import run_failures, setup_failure, stop_now
+from simulation.outcome import engine_stopped, run_failures, setup_failure, stop_now
 from simulation.run_dir import RUNS_DIR, read_run_state, run_settings
 from simulation.console import setup_console
 from simulation.studies.arms import STUDIES, Arm
@@ -90,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             report = run_arm(args, arm, run_dir)
         except SetupError as e:
             return setup_failure("oppu-study", e, args.verbose)
+        except EngineStopped as e:
+            engine_stopped("oppu-study", f"run the same command again with --study-dir {study_dir}", e)
         except KeyboardInterrupt:
-            stop_now("oppu-study", study_dir)
+            stop_now("oppu-study", f"run the same command again with --study-dir {study_dir}")
         if _complete(report, args):
             runs[arm.name] = run_dir
         else:
