@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import sys
 from pathlib import Path
 
@@ -34,6 +35,20 @@ def _sees(path: str, token: str) -> str | None:
     return None
 
 
+def _unreachable(address: str, timeout: float = 10) -> str | None:
+    """Why nothing answers at HOST:PORT, else None: ray.init retries an address without a GCS for minutes
+    (measured: still waiting after 120 s), so one TCP connection is tried first. Other forms (`auto`, `ray://`)
+    are left to Ray."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        return e.strerror or str(e) or type(e).__name__
+    return None
+
+
 def join_ray_cluster(address: str, run_dir: Path, cache_dir: Path | None) -> None:
     """Connect this driver to the Ray cluster at `address` and check, on every alive node, that the run directory
     (and `cache_dir`) are the shared ones; a SetupError says what is missing where.
@@ -49,6 +64,9 @@ def join_ray_cluster(address: str, run_dir: Path, cache_dir: Path | None) -> Non
     env = {"PYTHONPATH": os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])}
     if cache_dir:
         env["OPPU_CACHE_DIR"] = str(cache_dir.resolve())
+    if why := _unreachable(address):
+        raise SetupError(f"--ray-address {address}: no Ray cluster answers there ({why}); expected the address "
+                         "that `ray start --head` printed (HOST:PORT)")
     try:
         ray.init(address=address, runtime_env={"env_vars": env}, logging_level=logging.WARNING, log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as e:

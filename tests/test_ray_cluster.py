@@ -102,3 +102,19 @@ def test_simulation_joins_a_ray_cluster(tmp_path: Path) -> None:
     assert not alive, command_lines(alive)
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(temp_dir) in " ".join(p.info["cmdline"] or [])]
 
+
+
+def test_an_address_where_no_cluster_answers_is_refused_at_once(tmp_path: Path) -> None:
+    """ray.init kept retrying such an address for minutes; the run now exits 2 in seconds, having written nothing."""
+    [port] = free_ports(1, HOST)  # nothing listens there
+    start = time.monotonic()
+    driver = subprocess.run(
+        [sys.executable, "-m", "simulation.cli", *ARGS, "--run-dir", str(tmp_path / "run"), "--ray-address",
+         f"{HOST}:{port}"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        timeout=120)
+    assert driver.returncode == 2, driver.stderr[-3000:]
+    assert driver.stderr.strip().splitlines()[-1] == (
+        f"flower-simulation: --ray-address {HOST}:{port}: no Ray cluster answers there (Connection refused); expected "
+        "the address that `ray start --head` printed (HOST:PORT)")
+    assert time.monotonic() - start < 60
+    assert not (tmp_path / "run").exists()
