@@ -191,3 +191,15 @@ def test_superlink_on_another_address_supernodes_from_their_own_directories(tmp_
     while (alive := running(processes_naming(tmp_path))) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive, command_lines(alive)
+
+
+def test_run_against_a_superlink_that_does_not_answer_says_what_flwr_run_said(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ca, _, _ = make_tls(tmp_path / "tls", [COORDINATOR_IP])
+    [port] = free_ports(1, COORDINATOR_IP)  # nothing listens there
+    status = deploy_main(["run", "--superlink", f"{COORDINATOR_IP}:{port}", "--ca-cert", str(ca), *RUN_ARGS,
+                          "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert status == 1, err
+    assert err.startswith(f"oppu-deploy run: the run failed (flwr run exit 1, no {tmp_path / 'run' / 'report.json'})")
+    assert "flwr run said:" in err and "Connection to the SuperLink is unavailable" in err, err

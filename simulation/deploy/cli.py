@@ -22,7 +22,9 @@ from cryptography import x509
 
 from common.config import RUN_KEYS, RunConfig, UserCounts
 from common.exit_status import FAILED, INTERRUPTED
+from simulation.deploy.diagnosis import why_exited
 from simulation.deploy.roles import (
+    FLWR_RUN,
     PARTITION_FIELDS,
     deploy,
     partition,
@@ -168,8 +170,10 @@ def _report(prog: str, run_dir: Path, status: int, counts: UserCounts, allow_fai
     """Exit status of a finished `flwr run`: its report printed and judged (as flower-simulation does)."""
     report = run_dir / "report.json"
     if status != 0 or not report.exists():
-        print(f"{prog}: the run failed (flwr run exit {status}, no {report}); logs: {run_dir / 'deploy' / 'logs'}",
-              file=sys.stderr)
+        logs = run_dir / "deploy" / "logs"
+        why = why_exited(logs / f"{FLWR_RUN}.log")
+        print(f"{prog}: the run failed (flwr run exit {status}, no {report}); logs: {logs}"
+              + (f"; flwr run said:\n    {why}" if why else ""), file=sys.stderr)
         return FAILED
     print((run_dir / "report.md").read_text())
     return exit_status(prog, json.loads(report.read_text()), counts, allow_failed_updates)

@@ -37,6 +37,7 @@ from simulation.flags import user_counts
 from simulation.node_stores import CANARY, partition_users, plant_canaries, write_partitions
 
 PARTITION_FIELDS = ("task", "data", "max_text_chars", "max_user_history", "num_queries", "seed", "rounds")
+FLWR_RUN = "flwr-run"  # the `flwr run` process; its output: deploy/logs/flwr-run.log
 
 
 def deploy(run_dir: Path, cfg: RunConfig, counts: UserCounts, node_caches: Path | None = None,
@@ -67,7 +68,7 @@ def deploy(run_dir: Path, cfg: RunConfig, counts: UserCounts, node_caches: Path 
                 "model-cache": (node_caches / str(i)) if node_caches else node_dir / "cache",
                 "audit-dir": run_dir / "audit",
             }, node_port))
-        return wait_for_exit(processes.start("flwr-run", flwr_run_command(cfg, counts, run_dir)), "flwr run", timeout)
+        return wait_for_exit(processes.start(FLWR_RUN, flwr_run_command(cfg, counts, run_dir)), "flwr run", timeout)
 
 
 def serve_superlink(directory: Path, host: str, port: int, names: list[str]) -> int:
@@ -201,7 +202,7 @@ def start_run(superlink: str, ca: Path, cfg: RunConfig, counts: UserCounts, run_
     flwr_home = run_dir / "deploy" / "flwr-home"
     write_connection(flwr_home, superlink, ca)
     with Processes(run_dir / "deploy" / "logs", launcher_env(flwr_home)) as processes:
-        return wait_for_exit(processes.start("flwr-run", flwr_run_command(cfg, counts, run_dir)), "flwr run", timeout)
+        return wait_for_exit(processes.start(FLWR_RUN, flwr_run_command(cfg, counts, run_dir)), "flwr run", timeout)
 
 
 def partition(args: argparse.Namespace) -> int:
