@@ -4,14 +4,14 @@ violation.
 Neither side's log is trusted alone: every check reads both. Checks: both logs are whole (no missing file, no
 undecodable or repeated line; a message a client received again in a new worker process, after the worker running it
 died, is a redelivery, not a repeat); no tensor in a reply (as the client sent it or the server received it) is, by
-name or content hash, a personal adapter's; every reply carries only the keys its phase allows (a secure-adapt
-reply no tensor); a test user's node replies only to announce, model transfer, calibrate and personalize messages; in a
-secure-aggregation run (run.json or a message's run config says so) no clear adapt-phase
-update reaches the server; no planted canary string appears in any payload, and audit/canaries.json lists every canary the node stores hold; the logs agree per
-attempt and message id in both directions (every message one side sent the other side received, with the same
-content hash and node). An attempt is one Flower run (its run id is on every line): an interrupted attempt that a
-resumed one followed may leave messages sent but never received, nothing else. Writes <run>/audit/summary.json and
-prints a summary.
+name or content hash, a personal adapter's; every reply carries only the keys its phase allows (a secure-adapt reply
+no tensor); a test user's node replies only to announce, model transfer, calibrate and personalize messages; in a
+secure-aggregation run (run.json or a message's run config says so) no clear adapt-phase update reaches the server;
+no planted canary string appears in any payload, and audit/canaries.json lists every canary the node stores hold;
+the logs agree per attempt and message id in both directions (every message one side sent the other side received,
+with the same content hash and node). An attempt is one Flower run (its run id is on every line): an interrupted
+attempt that a resumed one followed may leave messages sent but never received, nothing else. Writes
+<run>/audit/summary.json and prints a summary.
 """
 
 from __future__ import annotations
@@ -317,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.run_dir.is_dir():
         print(f"oppu-audit: {args.run_dir}: no such run directory", file=sys.stderr)
         return BAD_INPUT
+    if not (args.run_dir / "run.json").is_file() and not (args.run_dir / "audit").is_dir():
+        print(f"oppu-audit: {args.run_dir}: neither run.json nor audit/ there; expected a run directory written by "
+              "flower-simulation or oppu-deploy (with --side client, a node's own directory)", file=sys.stderr)
+        return BAD_INPUT  # and nothing written into a directory that is no run's
     summary = audit(args.run_dir, SIDES if args.side == "both" else (args.side,))
     atomic_write_json(args.run_dir / "audit" / "summary.json", summary)
     print(f"audit of {args.run_dir} ({' and '.join(summary['sides'])} side{'s' * (len(summary['sides']) - 1)}): "

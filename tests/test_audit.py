@@ -249,3 +249,12 @@ def test_a_test_users_node_that_trains_fails_the_audit(honest_run: Path, tmp_pat
     violations = _summary(run_dir)["checks"]["test-users-send-metrics-only"]["violations"]
     assert len(violations) == 4  # 2 training users' replies, in both logs
     assert all(f"{p.ADAPT} message" in v and "a test user's node replies in phase adapt" in v for v in violations)
+
+
+def test_a_directory_that_is_no_run_is_refused_and_left_as_it_was(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It was audited (every check on empty logs) and got an audit/summary.json written into it."""
+    (tmp_path / "notes.txt").write_text("not a run")
+    assert audit_main([str(tmp_path)]) == 2
+    assert "neither run.json nor audit/ there; expected a run directory" in capsys.readouterr().err
+    assert [path.name for path in tmp_path.iterdir()] == ["notes.txt"]
