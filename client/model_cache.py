@@ -16,6 +16,9 @@ from common.store import read_saved_state
 log = logging.getLogger(__name__)
 
 
+CACHE_DIR_HELP = "model cache (default: $OPPU_CACHE_DIR, else ~/.cache/oppu-fl)"  # --cache-dir, as below
+
+
 def default_cache_dir() -> Path:
     """Model cache: $OPPU_CACHE_DIR, else ~/.cache/oppu-fl."""
     return Path(os.environ.get("OPPU_CACHE_DIR", Path.home() / ".cache" / "oppu-fl"))

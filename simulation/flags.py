@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from client.model_build import UnknownModelError, linear_module_names, resolve_model
+from client.model_cache import CACHE_DIR_HELP
 from client.quantize import quantization_problem
 from common.config import PHASE_TIMEOUT, RUN_KEYS, RunConfig, UserCounts
 from common.exit_status import BAD_INPUT
@@ -102,8 +103,7 @@ def add_run_flags(
                              help="reuse the task adapter of this earlier run instead of training one: its "
                              "task-adaptation settings and user counts must be this run's (only personalization "
                              "and evaluation settings may differ, e.g. --personal-lr, --max-history, --split)")
-        run.add_argument("--cache-dir", type=Path, default=None,
-                         help="model cache (default: $OPPU_CACHE_DIR or ~/.cache/oppu-fl)")
+        run.add_argument("--cache-dir", type=Path, default=None, help=CACHE_DIR_HELP)
         run.add_argument("--cpus-per-client", type=cpu_share, default=1.0, help="CPU cores per simulated client (Ray)")
         run.add_argument("--gpus-per-client", type=gpu_share, default="auto",
                          help="GPU share per simulated client (Ray): a number, or 'auto': the visible GPUs shared "
