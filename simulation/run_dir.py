@@ -25,6 +25,17 @@ def run_settings(cfg: RunConfig, counts: UserCounts) -> dict:
     return {"config": cfg.to_record(), "num_clients": counts.test, "train_clients": counts.train}
 
 
+def settings_differences(earlier: dict, settings: dict) -> str:
+    """The run settings (run_settings) that differ, named as their flags: 'rounds 1 there, 2 here; ...' (empty:
+    none)."""
+    def flat(saved: dict) -> dict:
+        return {**saved.get("config", {}), **{k.replace("_", "-"): v for k, v in saved.items() if k != "config"}}
+
+    theirs, ours = flat(earlier), flat(settings)
+    return "; ".join(f"{key} {theirs.get(key)!r} there, {ours.get(key)!r} here"
+                     for key in [*ours, *(k for k in theirs if k not in ours)] if theirs.get(key) != ours.get(key))
+
+
 def _latest_run() -> Path | None:
     runs = sorted(p for p in RUNS_DIR.glob("*") if (p / "run.json").exists()) if RUNS_DIR.is_dir() else []
     return runs[-1] if runs else None
@@ -38,8 +49,8 @@ def prepare_run_dir(cfg: RunConfig, counts: UserCounts, run_dir: Path | None, re
         if found is None or not (found / "run.json").exists():
             raise SetupError(f"--resume: no earlier run found in {run_dir or RUNS_DIR}")
         run_dir = found
-        if read_run_state(run_dir / "run.json") != settings:
-            raise SetupError(f"--resume: {run_dir} was run with other settings ({run_dir / 'run.json'})")
+        if differ := settings_differences(read_run_state(run_dir / "run.json"), settings):
+            raise SetupError(f"--resume: {run_dir} was run with other settings ({run_dir / 'run.json'}): {differ}")
         return run_dir
     run_dir = run_dir or RUNS_DIR / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.task}"
     if (run_dir / "run.json").exists():

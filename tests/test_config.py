@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from common.config import RUN_KEYS, RunConfig, UserCounts, flwr_run_settings
 from simulation.engine import client_resources
 from simulation.errors import SetupError
 from simulation.flags import build_parser
+from simulation.run_dir import prepare_run_dir, run_settings
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -175,3 +177,15 @@ def test_quantize_nf4_without_cuda_exits_2_with_one_line(capsys: pytest.CaptureF
         RunConfig(quantize="int8")
     with pytest.raises(ValueError, match="quantize nf4 runs on CUDA only"):
         RunConfig(quantize="nf4", device="cpu")
+
+
+def test_a_resume_under_other_settings_names_each_difference(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps(run_settings(RunConfig(rounds=1), UserCounts(2, 4))))
+    assert prepare_run_dir(RunConfig(rounds=1), UserCounts(2, 4), run_dir, resume=True) == run_dir
+    with pytest.raises(SetupError) as refused:
+        prepare_run_dir(RunConfig(rounds=2, personal_lr=5e-3), UserCounts(2, 5), run_dir, resume=True)
+    assert str(refused.value).endswith(
+        f"was run with other settings ({run_dir / 'run.json'}): rounds 1 there, 2 here; personal-lr "
+        f"{RunConfig().personal_lr!r} there, 0.005 here; train-clients 4 there, 5 here")

@@ -116,7 +116,7 @@ def test_a_finished_study_is_reused_and_other_settings_are_refused(
     assert study_main([*DEPTH_STUDY, "--study-dir", str(depth_study)]) == 0
     assert "reusing the finished run" in capsys.readouterr().out
     assert study_main([*DEPTH_STUDY, "--study-dir", str(depth_study), "--seed", "1"]) == 2
-    assert "was run with other settings; pass another --study-dir" in capsys.readouterr().err
+    assert "was run with other settings (seed 0 there, 1 here); pass another --study-dir" in capsys.readouterr().err
 
 
 def test_activity_buckets_read_from_the_node_stores(depth_study: Path, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from simulation.engine import SimulationOptions, simulate
 from simulation.errors import EngineStopped, SetupError
 from simulation.flags import DefaultsHelpFormatter, add_run_flags, check_run_flags, run_config_of, user_counts
 from simulation.outcome import engine_stopped, run_failures, setup_failure, stop_now
-from simulation.run_dir import RUNS_DIR, read_run_state, run_settings
+from simulation.run_dir import RUNS_DIR, read_run_state, run_settings, settings_differences
 from simulation.console import setup_console
 from simulation.studies.arms import STUDIES, Arm
 
@@ -58,8 +58,9 @@ def run_arm(args: argparse.Namespace, arm: Arm, run_dir: Path) -> dict[str, Any]
     options = dataclasses.replace(SimulationOptions.from_args(args), run_dir=run_dir, resume=False)
     earlier = read_run_state(run_dir / "run.json") if (run_dir / "run.json").exists() else None
     if earlier is not None:
-        if earlier != run_settings(arm.config, counts):
-            raise SetupError(f"--study-dir: {run_dir} was run with other settings; pass another --study-dir")
+        if differ := settings_differences(earlier, run_settings(arm.config, counts)):
+            raise SetupError(f"--study-dir: {run_dir} was run with other settings ({differ}); pass another "
+                             "--study-dir")
         report = read_saved_state(run_dir / "report.json")
         if _complete(report, args):
             print(f"  reusing the finished run in {run_dir}", flush=True)
