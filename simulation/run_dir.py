@@ -112,14 +112,11 @@ def copy_task_adapter(source: Path, run_dir: Path, cfg: RunConfig, counts: UserC
     if earlier is None or saved is None:
         raise SetupError(f"{flag}: expected a run directory whose task adaptation finished "
                          "(run.json and server/task_adapter.json)")
-    theirs = RunConfig.from_record(earlier["config"]).task_adaptation_settings()
-    ours = cfg.task_adaptation_settings()
-    differ = [f"{key} {theirs.get(key)!r} there, {value!r} here" for key, value in ours.items() if theirs.get(key) != value]
-    differ += [f"{key} {earlier[key]} there, {ours_count} here" for key, ours_count in
-               (("num_clients", counts.test), ("train_clients", counts.train)) if earlier[key] != ours_count]
+    theirs = {**earlier, "config": RunConfig.from_record(earlier["config"]).task_adaptation_settings()}
+    differ = [settings_differences(theirs, {**run_settings(cfg, counts), "config": cfg.task_adaptation_settings()})]
     if canaries or planted:
         differ.append("canaries (planted strings are drawn per run)")
-    if differ:
+    if differ := [d for d in differ if d]:
         raise SetupError(f"{flag}: its task adapter was made under other task-adaptation settings: "
                          + "; ".join(differ))
     target = run_dir / "server" / "task_adapter"

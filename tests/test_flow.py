@@ -308,7 +308,8 @@ def test_task_adapter_from_reuses_an_earlier_runs_adapter_and_refuses_other_sett
     for changed, key in ((["--task-lr", "1e-3"], "task-lr"), (["--methods", "base,oppu+rag-k2"], "retrieval-depths")):
         refused = tmp_path / key
         assert main([*base, "--run-dir", str(refused), *changed]) == 2
-        assert key in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "made under other task-adaptation settings: " + key in err and " there, " in err, err
         assert not (refused / "server" / "task_adapter").exists() and not (refused / "run.json").exists()
 
 
