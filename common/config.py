@@ -243,7 +243,8 @@ class RunConfig:
     )
     item_statistics: bool = _opt(
         True,
-        "rating tasks (label tasks ignore it): before task adaptation every training user's node adds its ratings "
+        "rating tasks whose items users share (MovieLens; LaMP-3, whose items are each user's own reviews, and the "
+        "label tasks ignore it): before task adaptation every training user's node adds its ratings "
         "and their offsets from its own mean into a hashed item table, summed under SecAgg+ (the server learns only "
         "the sum; test users send none); every question then says how other users rate its item "
         "(docs/privacy.md, docs/quality.md)",
@@ -320,8 +321,10 @@ class RunConfig:
         return self.train_per_round if training is None else min(training, self.train_per_round)
 
     def uses_item_table(self) -> bool:
-        """Whether the run sums and reads the training users' item table: --item-statistics on a rating task."""
-        return self.item_statistics and get_task(self.task).metric == "regression"
+        """Whether the run sums and reads the training users' item table: --item-statistics on a rating task whose
+        items users share."""
+        task = get_task(self.task)
+        return self.item_statistics and task.metric == "regression" and task.shared_items
 
     def calibrates_answers(self) -> bool:
         """Whether the test users' validation items pick the shared model's answer quantile: --answer-calibration

@@ -44,6 +44,9 @@ class TaskSpec:
     item_answers_are_labels: bool = True  # history answers come from `labels` (LaMP-1's are paper titles)
     query_marker: str = ""  # text after this marker in a query input is what BM25 searches with
     max_new_tokens: int = 8
+    # items name what many users rate (a movie's title), so the population's item table (--item-statistics) can say
+    # how others rate a question's item; LaMP-3's items are each user's own review texts, which no one else has
+    shared_items: bool = False
 
     def item_text(self, item_fields: dict[str, str]) -> str:
         """The history item as it appears in a prompt's retrieved-history part."""
@@ -195,6 +198,7 @@ TASKS: dict[str, TaskSpec] = {
             metric="regression",
             labels=RATINGS,
             query_marker="movie:",
+            shared_items=True,
         ),
     )
 }

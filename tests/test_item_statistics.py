@@ -144,3 +144,12 @@ def test_a_run_sums_the_training_users_tables_under_secagg_and_reports_the_item_
     assert np.allclose(table.offsets, expected.offsets, atol=1e-3)
     assert {"ref-population", "ref-level-item"} <= set(report["references"])
     assert audit_main([str(run_dir)]) == 0
+
+
+def test_the_item_table_is_summed_only_where_users_share_items() -> None:
+    """LaMP-3's items are each user's own reviews: hashed, millions of them would fill every bucket with unrelated
+    reviews, and every question would read "other users rate it ..." of nothing; its SecAgg+ round is skipped."""
+    assert RunConfig(task="MovieLens").uses_item_table()
+    assert not RunConfig(task="MovieLens", item_statistics=False).uses_item_table()
+    assert not RunConfig(task="LaMP-3").uses_item_table()
+    assert not RunConfig(task="LaMP-2M").uses_item_table()
