@@ -142,6 +142,7 @@ def _run_in(run_dir: Path, cfg: RunConfig, counts: UserCounts, options: Simulati
                 },
             )
         except Exception as e:  # Flower's "An error was encountered. Ending simulation.": the cause is beneath
+            log.debug("Flower's engine raised", exc_info=True)  # the whole traceback, into the run's log file
             cause: BaseException = e
             while cause.__cause__ is not None:
                 cause = cause.__cause__
