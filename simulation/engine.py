@@ -141,13 +141,22 @@ def _run_in(run_dir: Path, cfg: RunConfig, counts: UserCounts, options: Simulati
                                   **({} if options.ray_address else {"_node_ip_address": LOCAL_RAY_ADDRESS})},
                 },
             )
-        except Exception as e:  # Flower's "An error was encountered. Ending simulation.": the cause is beneath
+        except Exception as e:
             log.debug("Flower's engine raised", exc_info=True)  # the whole traceback, into the run's log file
-            cause: BaseException = e
-            while cause.__cause__ is not None:
-                cause = cause.__cause__
-            raise EngineStopped(
-                f"Flower's simulation engine stopped ({cause}); each client asked Ray for "
-                f"{resources['num_cpus']:g} CPU(s) (--cpus-per-client) and {resources['num_gpus']:g} GPU(s) "
-                f"(--gpus-per-client); log: {log_file}") from e
+            raise EngineStopped(why_stopped(e, resources, log_file)) from e
     return read_json(report)
+
+
+FLOWER_ENGINE_ERROR = "An error was encountered. Ending simulation."  # run_simulation's wrapper of its engine's error
+
+
+def why_stopped(error: Exception, resources: dict, log_file: Path) -> str:
+    """What stopped `run_simulation`: its engine (Ray: the root cause, with the resources each client asked for) or
+    the ServerApp (its error, which Flower raises as it was)."""
+    if str(error) != FLOWER_ENGINE_ERROR:
+        return f"the ServerApp stopped ({type(error).__name__}: {error}); log: {log_file}"
+    cause: BaseException = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    return (f"Flower's simulation engine stopped ({cause}); each client asked Ray for {resources['num_cpus']:g} "
+            f"CPU(s) (--cpus-per-client) and {resources['num_gpus']:g} GPU(s) (--gpus-per-client); log: {log_file}")

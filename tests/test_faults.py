@@ -21,7 +21,7 @@ from safetensors.numpy import load_file
 from common import protocol as p
 from common.config import UserCounts
 from server.view import read_server_view
-from simulation.engine import ClientAppFactory, SimulationOptions, simulate
+from simulation.engine import FLOWER_ENGINE_ERROR, ClientAppFactory, SimulationOptions, simulate, why_stopped
 from simulation.flags import build_parser, run_config_of, user_counts
 from simulation.outcome import exit_status
 from simulation.deploy.processes import running
@@ -156,3 +156,21 @@ def test_an_engine_that_cannot_place_a_client_ends_the_run_at_once_saying_why(tm
     while (alive := running(list(tree.values()))) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive, command_lines(alive)
+
+
+def test_what_stopped_the_run_is_told_apart() -> None:
+    """Flower wraps its engine's error (Ray's) in one message; the ServerApp's own error comes as it was raised."""
+    resources, log_file = {"num_cpus": 4.0, "num_gpus": 0.0}, Path("run/logs/console.log")
+    try:
+        try:
+            raise ValueError("ActorPool is empty.")
+        except ValueError as root:
+            raise RuntimeError("Simulation Runtime crashed.") from root
+    except RuntimeError as middle:
+        engine = RuntimeError(FLOWER_ENGINE_ERROR)
+        engine.__cause__ = middle
+    assert why_stopped(engine, resources, log_file) == (
+        "Flower's simulation engine stopped (ActorPool is empty.); each client asked Ray for 4 CPU(s) "
+        "(--cpus-per-client) and 0 GPU(s) (--gpus-per-client); log: run/logs/console.log")
+    assert why_stopped(KeyError("phase"), resources, log_file) == (
+        "the ServerApp stopped (KeyError: 'phase'); log: run/logs/console.log")

@@ -53,3 +53,15 @@ def test_under_flwr_run_a_node_writes_only_its_own_partition(tmp_path: Path) -> 
 def test_a_node_with_neither_user_dir_nor_partition_is_told_what_to_give(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="neither 'user-dir' nor 'partition-id'"):
         _node_config(node_config_mod(tmp_path), {})
+
+
+def test_task_adaptation_without_a_training_user_is_refused_before_any_node_starts() -> None:
+    """It was found only by the ServerApp, after every node had started."""
+    cfg = RunConfig.from_record(CFG)
+    users = load_users(cfg, 5)
+    with pytest.raises(ValueError, match=r"^--rounds 1: task adaptation needs training users, but --num-clients 5 "
+                                         r"takes all 5 users of the data as test users; lower --num-clients, or skip"):
+        split_users(users, UserCounts(5, None), cfg)
+    no_rounds = RunConfig.from_record({**CFG, "rounds": 0})
+    assert [len(part) for part in split_users(users, UserCounts(5, None), no_rounds)] == [5, 0]
+    assert [len(part) for part in split_users(users, UserCounts(4, None), cfg)] == [4, 1]
