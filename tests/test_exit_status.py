@@ -30,12 +30,13 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[str, object, list[str], str]]:
         ("oppu-study", study_main, ["activity", "--buckets", "0", *TINY, "--study-dir", str(tmp_path / "c")],
          "--buckets"),
         ("oppu-study", study_main, ["similarity", missing, "--variant", "k0-nonsense"], "--variant"),
+        ("oppu-study", study_main, ["similarity", missing], f"{missing}: need personal adapters"),
         ("oppu-audit", audit_main, [missing], missing),
         ("oppu-adapter", adapter_main, ["export", missing, "someone", str(tmp_path / "d")], missing),
     ]
 
 
-@pytest.mark.parametrize("case", range(7))  # the cases of _bad_inputs
+@pytest.mark.parametrize("case", range(8))  # the cases of _bad_inputs
 def test_bad_input_exits_bad_input_with_one_line(case: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     prog, main, argv, named = _bad_inputs(tmp_path)[case]
     try:

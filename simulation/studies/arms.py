@@ -35,7 +35,7 @@ from simulation.studies.report import (
     build_table,
     write_study,
 )
-from simulation.studies.similarity import write_similarity
+from simulation.studies.similarity import similarity_inputs, write_similarity
 
 
 @dataclass(frozen=True)
@@ -246,7 +246,13 @@ def _variant_method(variant: str) -> str:
 
 def _similarity_arms(cfg: RunConfig, args: argparse.Namespace) -> list[Arm]:
     method = _variant_method(args.variant)
-    return [] if args.run else [Arm("run", dataclasses.replace(cfg, methods=method))]
+    if args.run:  # an existing run: its adapters are checked before anything is written
+        try:
+            similarity_inputs(args.run, args.variant)
+        except ValueError as error:
+            raise SetupError(f"similarity: {error}") from None
+        return []
+    return [Arm("run", dataclasses.replace(cfg, methods=method))]
 
 
 def _similarity_finish(cfg: RunConfig, runs: dict[str, Path], args: argparse.Namespace, study_dir: Path) -> Path:

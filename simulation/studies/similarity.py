@@ -53,14 +53,20 @@ def _mean_tensor_cosine(states: list[dict[str, torch.Tensor]], users: list[str])
     return total / len(names)
 
 
-def adapter_similarity(run_dir: Path, variant: str = "k0") -> dict[str, Any]:
-    """Pairwise similarity of the users' personal `variant` adapters, with a summary over distinct pairs."""
+def similarity_inputs(run_dir: Path, variant: str = "k0") -> dict[str, Path]:
+    """Each user's `variant` adapter file in the run's node stores; a ValueError unless two users have one."""
     files = _adapter_files(Path(run_dir), variant)
     if len(files) < 2:
         raise ValueError(
             f"{run_dir}: need personal adapters of variant {variant!r} from at least two users, found {len(files)} "
             f"(looked for clients/<user>/adapters/{personal_adapter_name('<user>', variant)}/{ADAPTER_FILE})"
         )
+    return files
+
+
+def adapter_similarity(run_dir: Path, variant: str = "k0") -> dict[str, Any]:
+    """Pairwise similarity of the users' personal `variant` adapters, with a summary over distinct pairs."""
+    files = similarity_inputs(run_dir, variant)
     users = list(files)
     matrix = _mean_tensor_cosine([load_file(path) for path in files.values()], users)
     pairs = matrix[torch.triu_indices(len(users), len(users), offset=1).unbind()]
