@@ -21,6 +21,7 @@ from client.adapters import TRAINING_RECORD, personal_adapter_name
 from client.model_build import UnknownModelError, resolve_model
 from client.model_cache import CACHE_DIR_HELP
 from common.exit_status import BAD_INPUT, DONE
+from common.methods import parse_variant
 from common.model_files import file_sha256, model_hash
 from common.store import (
     JsonFileError,
@@ -41,10 +42,18 @@ class AdapterImportError(ValueError):
 
 def export_adapter(run_dir: Path, user_id: str, out_dir: Path, variant: str = "k0") -> dict[str, Any]:
     """Copy one personal adapter out of the user's store with a manifest; returns the manifest."""
-    source = UserStore(run_dir, user_id).adapter(personal_adapter_name(user_id, variant))
+    store = UserStore(run_dir, user_id)
+    if not store.root.is_dir():
+        users = sorted(p.name for p in (Path(run_dir) / "clients").glob("*") if p.is_dir())
+        raise FileNotFoundError(f"{run_dir}: no user {user_id!r} there (expected one of {len(users)} users in "
+                                f"clients/: {', '.join(users[:10])}{', ...' if len(users) > 10 else ''})")
+    source = store.adapter(personal_adapter_name(user_id, variant))
     record = read_json(source / TRAINING_RECORD)
     if record is None:
-        raise FileNotFoundError(f"{source}: no trained adapter (expected {TRAINING_RECORD} beside peft's files)")
+        prefix = personal_adapter_name(user_id) + "-"
+        trained = sorted(p.parent.name.removeprefix(prefix) for p in source.parent.glob(f"*/{TRAINING_RECORD}"))
+        raise FileNotFoundError(f"{source}: no trained adapter (expected {TRAINING_RECORD} beside peft's files); "
+                                f"this user's trained variants: {', '.join(trained) or 'none'}")
     files = sorted(p.name for p in source.iterdir() if p.is_file() and p.name != TRAINING_RECORD)
     config = record.get("config", {})
     model = _shared_name(str(config.get("model", "")))
@@ -128,6 +137,15 @@ def import_adapter(export_dir: Path, target: Path, base_model_dir: Path) -> dict
     return manifest
 
 
+def _variant(text: str) -> str:
+    """--variant: a personal adapter's variant name (common/methods.py's grammar)."""
+    try:
+        parse_variant(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="oppu-adapter", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("run_dir", type=Path, help="a run directory (flower-simulation's or oppu-deploy's)")
     export.add_argument("user", help="the user's id, as in RUN_DIR/clients/<user>/")
     export.add_argument("out_dir", type=Path, help="where the export goes (a new directory)")
-    export.add_argument("--variant", default="k0", help="which of the user's adapters: k0 (method oppu), k1 "
+    export.add_argument("--variant", type=_variant, default="k0", help="which of the user's adapters: k0 (method oppu), k1 "
                         "(oppu+rag-k1), k0-pag (oppu+pag), ... (default: k0)")
     imp = commands.add_parser("import", help="verify an exported adapter against a base model and copy it")
     imp.add_argument("export_dir", type=Path, help="a directory written by `oppu-adapter export`")

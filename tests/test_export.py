@@ -81,8 +81,18 @@ def test_import_verifies_hashes_and_base(tiny_model_dir, trained, tmp_path: Path
 def test_cli_reports_errors(trained, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir, user = trained
     assert main(["export", str(run_dir), user.user_id, str(tmp_path / "a")]) == 0
+    capsys.readouterr()
     assert main(["export", str(run_dir), "nobody", str(tmp_path / "b")]) == BAD_INPUT
-    assert "no trained adapter" in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"oppu-adapter: {run_dir}: no user 'nobody' there (expected one of 1 users in "
+                                       f"clients/: {user.user_id})\n")
+    assert main(["export", str(run_dir), user.user_id, str(tmp_path / "c"), "--variant", "k5"]) == BAD_INPUT
+    assert capsys.readouterr().err.endswith("no trained adapter (expected oppu-adapter.json beside peft's files); "
+                                            "this user's trained variants: k0\n")
+    with pytest.raises(SystemExit) as refused:
+        main(["export", str(run_dir), user.user_id, str(tmp_path / "d"), "--variant", "bogus"])
+    assert refused.value.code == BAD_INPUT
+    assert "adapter variant 'bogus': expected k<N> or k<N>-pag" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in "bcd")
 
 
 @pytest.fixture(scope="module")
