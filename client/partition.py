@@ -47,7 +47,7 @@ def split_users(users: list[User], counts: UserCounts, cfg: RunConfig) -> tuple[
     ranked = sorted(users, key=lambda u: (-len(u.history), u.user_id))
     test, rest = ranked[:counts.test], ranked[counts.test:]
     train = random.Random(cfg.seed).sample(rest, counts.training(cfg, len(rest)) or 0)
-    if cfg.rounds and not train:  # (the server would find no training node to adapt with, after starting them all)
+    if cfg.rounds and counts.train != 0 and not rest:  # (the server would find no training node, after starting all)
         raise ValueError(f"--rounds {cfg.rounds}: task adaptation needs training users, but --num-clients "
                          f"{counts.test} takes all {len(users)} users of the data as test users; lower --num-clients, "
                          "or skip task adaptation with --rounds 0")

@@ -145,6 +145,9 @@ def check_run_flags(args: argparse.Namespace, cfg: RunConfig, run_dir: Path | No
     counts = user_counts(args)
     training = counts.training(cfg)  # (None: every user outside the test users, counted when the data is read)
     per_round = cfg.nodes_per_round(training)
+    if cfg.rounds and training == 0:
+        raise SetupError(f"--train-clients 0: task adaptation (--rounds {cfg.rounds}) needs training users; give "
+                         "--train-clients 1 or more, or skip task adaptation with --rounds 0")
     if cfg.secure_aggregation and cfg.rounds and per_round < 2:
         raise SetupError(f"--secure-aggregation: SecAgg+ needs 2 or more training users per round, got {per_round} "
                          "(--train-clients, --train-per-round)")

@@ -65,3 +65,4 @@ def test_task_adaptation_without_a_training_user_is_refused_before_any_node_star
     no_rounds = RunConfig.from_record({**CFG, "rounds": 0})
     assert [len(part) for part in split_users(users, UserCounts(5, None), no_rounds)] == [5, 0]
     assert [len(part) for part in split_users(users, UserCounts(4, None), cfg)] == [4, 1]
+    assert [len(part) for part in split_users(users, UserCounts(3, 0), cfg)] == [3, 0]  # none asked for (benches)

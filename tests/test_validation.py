@@ -403,3 +403,10 @@ def test_the_generated_cases_are_valid_without_their_change(tmp_path):
     questions, outputs = _lamp_2m()
     q, o = write_json(tmp_path / "q.json", questions), write_json(tmp_path / "o.json", outputs)
     assert len(load_lamp(q, o, "LaMP-2M")) == 2
+
+
+def test_task_adaptation_without_training_users_is_refused(tmp_path, capsys):
+    """The ServerApp found it only after every node had started."""
+    refused(["--task", "LaMP-2M", "--data", "synthetic", "--model", "tiny-random", "--train-clients", "0", "--rounds",
+             "1"], capsys, tmp_path / "run", "flower-simulation: --train-clients 0: task adaptation (--rounds 1) needs "
+            "training users; give --train-clients 1 or more, or skip task adaptation with --rounds 0")
