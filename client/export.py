@@ -154,15 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("run_dir", type=Path, help="a run directory (flower-simulation's or oppu-deploy's)")
     export.add_argument("user", help="the user's id, as in RUN_DIR/clients/<user>/")
     export.add_argument("out_dir", type=Path, help="where the export goes (a new directory)")
-    export.add_argument("--variant", type=_variant, default="k0", help="which of the user's adapters: k0 (method oppu), k1 "
-                        "(oppu+rag-k1), k0-pag (oppu+pag), ... (default: k0)")
+    export.add_argument("--variant", type=_variant, default="k0",
+                        help="which of the user's adapters: k0 (method oppu), k1 (oppu+rag-k1), k0-pag (oppu+pag), "
+                        "... (default: k0)")
     imp = commands.add_parser("import", help="verify an exported adapter against a base model and copy it")
     imp.add_argument("export_dir", type=Path, help="a directory written by `oppu-adapter export`")
     imp.add_argument("target_dir", type=Path, help="where the verified copy goes (a new directory)")
     imp.add_argument("--model", default="smollm2",
                      help="the base model here (name, path or hub id; default: smollm2)")
-    imp.add_argument("--cache-dir", type=Path, default=None,
-                     help=CACHE_DIR_HELP)
+    imp.add_argument("--cache-dir", type=Path, default=None, help=CACHE_DIR_HELP)
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
