@@ -4,9 +4,12 @@ session's processes used (tests keep Ray on loopback)."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import psutil
+
+from simulation.deploy.processes import running
 
 RAY_TEMP = Path("/tmp/ray")  # Ray's default temp dir: a folder per session
 
@@ -40,3 +43,10 @@ def command_lines(processes: list[psutil.Process]) -> list[str]:
         except psutil.NoSuchProcess:
             lines.append(f"pid {process.pid} (ended meanwhile)")
     return lines
+
+
+def still_running(processes: list[psutil.Process], deadline: float) -> list[psutil.Process]:
+    """Those of `processes` still running at `deadline` (time.monotonic()); [] as soon as every one has ended."""
+    while (alive := running(processes)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from run_traces import command_lines, processes_naming
+from run_traces import command_lines, processes_naming, still_running
 
 from client.model_cache import find_model_by_hash
 from common.model_files import verify_model_dir
 from simulation.deploy.cli import main as deploy_main
-from simulation.deploy.processes import free_ports, running
+from simulation.deploy.processes import free_ports
 from simulation.outcome import INTERRUPTED
 from simulation.privacy_audit import main as audit_main
 
@@ -97,8 +97,7 @@ def test_a_stopped_oppu_deploy_leaves_no_process_behind_within_seconds(tmp_path:
         hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
         stopped_at = time.monotonic()
         deploy.send_signal(how)
-        while (alive := running(tree)) and time.monotonic() - stopped_at < STOP_WITHIN:
-            time.sleep(0.2)
+        alive = still_running(tree, stopped_at + STOP_WITHIN)
     finally:
         for process in [*hogs, *([deploy] if deploy.poll() is None else [])]:
             process.kill()

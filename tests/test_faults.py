@@ -15,7 +15,7 @@ import faulty_client
 import numpy as np
 import psutil
 import pytest
-from run_traces import command_lines
+from run_traces import command_lines, still_running
 from safetensors.numpy import load_file
 
 from common import protocol as p
@@ -24,7 +24,6 @@ from server.view import read_server_view
 from simulation.engine import FLOWER_ENGINE_ERROR, ClientAppFactory, SimulationOptions, simulate, why_stopped
 from simulation.flags import build_parser, run_config_of, user_counts
 from simulation.outcome import exit_status
-from simulation.deploy.processes import running
 from simulation.privacy_audit import main as audit_main
 
 cloudpickle.register_pickle_by_value(faulty_client)  # Ray workers cannot import from tests/
@@ -152,23 +151,15 @@ def test_an_engine_that_cannot_place_a_client_ends_the_run_at_once_saying_why(tm
     assert last.startswith("flower-simulation: Flower's simulation engine stopped (ActorPool is empty"), last
     assert "1000 CPU(s) (--cpus-per-client)" in last and f"--resume --run-dir {tmp_path / 'r'}" in last, last
     assert tree, "Ray was started"
-    deadline = time.monotonic() + 15
-    while (alive := running(list(tree.values()))) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    alive = still_running(list(tree.values()), time.monotonic() + 15)
     assert not alive, command_lines(alive)
 
 
 def test_what_stopped_the_run_is_told_apart() -> None:
     """Flower wraps its engine's error (Ray's) in one message; the ServerApp's own error comes as it was raised."""
     resources, log_file = {"num_cpus": 4.0, "num_gpus": 0.0}, Path("run/logs/console.log")
-    try:
-        try:
-            raise ValueError("ActorPool is empty.")
-        except ValueError as root:
-            raise RuntimeError("Simulation Runtime crashed.") from root
-    except RuntimeError as middle:
-        engine = RuntimeError(FLOWER_ENGINE_ERROR)
-        engine.__cause__ = middle
+    middle, engine = RuntimeError("Simulation Runtime crashed."), RuntimeError(FLOWER_ENGINE_ERROR)
+    middle.__cause__, engine.__cause__ = ValueError("ActorPool is empty."), middle
     assert why_stopped(engine, resources, log_file) == (
         "Flower's simulation engine stopped (ActorPool is empty.); each client asked Ray for 4 CPU(s) "
         "(--cpus-per-client) and 0 GPU(s) (--gpus-per-client); log: run/logs/console.log")

@@ -16,10 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
-from run_traces import command_lines
+from run_traces import command_lines, still_running
 
 from common import protocol as p
-from simulation.deploy.processes import running
 from simulation.privacy_audit import main as audit_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,9 +61,7 @@ def _interrupt(run: subprocess.Popen, how: signal.Signals) -> None:
     tree = [psutil.Process(run.pid), *psutil.Process(run.pid).children(recursive=True)]
     os.killpg(run.pid, how)
     run.wait(timeout=STOP_WITHIN)
-    deadline = time.monotonic() + STOP_WITHIN
-    while (alive := running(tree)) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    alive = still_running(tree, time.monotonic() + STOP_WITHIN)
     assert not alive, command_lines(alive)
 
 

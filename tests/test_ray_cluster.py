@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import psutil
-from run_traces import command_lines, logged_addresses
+from run_traces import command_lines, logged_addresses, still_running
 
-from simulation.deploy.processes import free_ports, running, stop_trees
+from simulation.deploy.processes import free_ports, stop_trees
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--num-clients", "1", "--train-clients", "1", "--rounds", "1", "--methods", "base,oppu", "--task", "LaMP-2M",
@@ -96,9 +96,7 @@ def test_simulation_joins_a_ray_cluster(tmp_path: Path) -> None:
         stop_trees([psutil.Process(head.pid)] if head.poll() is None else [], grace=15)
         head.wait(30)
         shutil.rmtree(temp_dir, ignore_errors=True)
-    deadline = time.monotonic() + 15
-    while (alive := running(tree)) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    alive = still_running(tree, time.monotonic() + 15)
     assert not alive, command_lines(alive)
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(temp_dir) in " ".join(p.info["cmdline"] or [])]
 
