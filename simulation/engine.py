@@ -4,13 +4,15 @@ ServerApp and ClientApp under `flwr.simulation.run_simulation`; the report the s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 from flwr.clientapp import ClientApp
@@ -29,9 +31,11 @@ ClientAppFactory = Callable[[Path], ClientApp]  # run directory -> the ClientApp
 # restarted, and the message it was running is run once more on its replacement (a message that kills every
 # worker it runs on then fails alone). Retries cover system failures only: an exception in our code is not retried.
 WORKER_FAULT_TOLERANCE = {"max_restarts": -1, "max_task_retries": 1}
-# A local Ray cluster's address: loopback, so its traffic never leaves the machine (Ray replaces 127.0.0.1 itself by
-# the machine's network address, not 127.0.0.2)
-LOCAL_RAY_ADDRESS = "127.0.0.2"
+# Ray's switch for its local-only mode (the default on macOS and Windows): node address 127.0.0.1, servers bound to
+# loopback. On Linux Ray otherwise replaces 127.0.0.1 by the machine's network address and binds its GCS, raylets and
+# workers to every interface, with no authentication: anyone who reaches the machine could run code beside the
+# users' stores. Read by Ray at import, in the driver (ray_constants) and in every process Ray starts (environment).
+RAY_LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def client_resources(cpus_per_client: float, gpus_per_client: str | float, device: str, gpus: int, cpus: int,
@@ -127,8 +131,8 @@ def _run_in(run_dir: Path, cfg: RunConfig, counts: UserCounts, options: Simulati
                          wait_for_reply=wait_for_reply)
     report = run_dir / "report.json"
     report.unlink(missing_ok=True)  # an earlier attempt's: what is there after the engine returns is this one's
-    with run_log(run_dir, options.verbose) as log_file:  # every library's lines, DEBUG and up (the console: ours)
-        try:
+    with run_log(run_dir, options.verbose) as log_file, ray_on_loopback(not options.ray_address):
+        try:  # (run_log: every library's lines, DEBUG and up, to the log file; the console gets ours)
             run_simulation(
                 server_app=make_server_app(cfg, opts),
                 # nodes find their store in run_dir by partition id
@@ -137,14 +141,28 @@ def _run_in(run_dir: Path, cfg: RunConfig, counts: UserCounts, options: Simulati
                 backend_config={
                     "client_resources": {**resources, **WORKER_FAULT_TOLERANCE},
                     # the workers' own output (progress bars, warnings) reaches the console only with --verbose
-                    "init_args": {"logging_level": logging.WARNING, "log_to_driver": options.verbose,
-                                  **({} if options.ray_address else {"_node_ip_address": LOCAL_RAY_ADDRESS})},
+                    "init_args": {"logging_level": logging.WARNING, "log_to_driver": options.verbose},
                 },
             )
         except Exception as e:
             log.debug("Flower's engine raised", exc_info=True)  # the whole traceback, into the run's log file
             raise EngineStopped(why_stopped(e, resources, log_file)) from e
     return read_json(report)
+
+
+@contextlib.contextmanager
+def ray_on_loopback(local: bool) -> Iterator[None]:
+    """While Flower's engine starts and runs a local Ray cluster (`local`), Ray's local-only mode (RAY_LOCAL_ONLY):
+    every Ray process listens on 127.0.0.1 only. Undone afterwards, so a later run in this process can join a cluster
+    (--ray-address), which needs the machine's network address."""
+    if not local:
+        yield
+        return
+    from ray._private import ray_constants  # (the engine imports Ray anyway, a moment later)
+
+    with mock.patch.dict(os.environ, {RAY_LOCAL_ONLY: "0"}), \
+            mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False):
+        yield
 
 
 FLOWER_ENGINE_ERROR = "An error was encountered. Ending simulation."  # run_simulation's wrapper of its engine's error

@@ -1,8 +1,9 @@
 """What a run leaves behind that tests check: the processes still running for it, and the addresses its Ray
-session's processes used (tests keep Ray on loopback)."""
+session's processes used and listened on (tests keep Ray on loopback)."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import time
 from pathlib import Path
@@ -18,6 +19,30 @@ def logged_addresses(logs: Path) -> set[str]:
     """Every IPv4 address that appears as HOST:PORT in the session's .out/.log/.err files."""
     return {ip for path in logs.glob("*.*") if path.suffix in (".out", ".log", ".err")
             for ip in re.findall(r"(\d+\.\d+\.\d+\.\d+):\d+", path.read_text(errors="replace"))}
+
+
+def listening_addresses(pid: int) -> set[tuple[str, str]]:
+    """(process name, address) of every TCP socket that the process `pid` and its descendants (Ray's GCS, raylet and
+    workers) listen on now."""
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return set()
+    found = set()
+    for process in tree:
+        try:
+            found |= {(process.name(), c.laddr.ip) for c in process.net_connections("tcp")
+                      if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def is_loopback(ip: str) -> bool:
+    """127.0.0.0/8 or ::1, also written as IPv4 in IPv6 (::ffff:127.0.0.1, as Ray's gRPC servers listen)."""
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
 def session_logs(driver_pid: int) -> Path:

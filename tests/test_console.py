@@ -3,13 +3,13 @@ go to <run-dir>/logs/console.log, and reach the console only with --verbose, eac
 
 from __future__ import annotations
 
-import ipaddress
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from run_traces import logged_addresses, session_logs
+from run_traces import is_loopback, listening_addresses, logged_addresses, session_logs
 
 ARGS = ["--num-clients", "4", "--train-clients", "2", "--rounds", "1", "--task", "LaMP-2M", "--data", "synthetic",
         "--model", "tiny-random", "--methods", "base,oppu", "--batch-tokens", "256", "--personal-epochs", "1",
@@ -17,18 +17,26 @@ ARGS = ["--num-clients", "4", "--train-clients", "2", "--rounds", "1", "--task",
 NOISE = ("DEBUG", "FutureWarning", "DeprecationWarning", "DEPRECATED", "alembic", "(raylet)", "Loading weights")
 
 
-Quiet = tuple[Path, list[str], list[str], int]  # run directory, console lines, stdout, the driver's pid
+# run directory, console lines, stdout, the driver's pid, the addresses its processes listened on
+Quiet = tuple[Path, list[str], list[str], int, set[tuple[str, str]]]
 
 
-def _run(run_dir: Path, *extra: str) -> tuple[list[str], list[str], int]:
+def _run(run_dir: Path, *extra: str) -> tuple[list[str], list[str], int, set[tuple[str, str]]]:
+    listening, deadline = set(), time.monotonic() + 600
     with subprocess.Popen([sys.executable, "-m", "simulation.cli", *ARGS, "--run-dir", str(run_dir), *extra],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as driver:
-        stdout, stderr = driver.communicate(timeout=600)
+        while True:
+            try:
+                stdout, stderr = driver.communicate(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:  # (communicate keeps what it read so far for the next call)
+                assert time.monotonic() < deadline, "the run took over 600 s"
+                listening |= listening_addresses(driver.pid)
     assert driver.returncode == 0, stderr[-3000:]
     console = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
     # a progress bar redraws itself: keep our lines and one line per bar
     lines = [line for line in console if "%|" not in line]
-    return lines, stdout.splitlines(), driver.pid
+    return lines, stdout.splitlines(), driver.pid, listening
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +46,7 @@ def quiet(tmp_path_factory: pytest.TempPathFactory) -> Quiet:
 
 
 def test_the_console_shows_one_line_per_phase_and_the_table(quiet: Quiet) -> None:
-    run_dir, lines, stdout, _ = quiet
+    run_dir, lines, stdout, _, _ = quiet
     assert [line.split(" ", 1)[1].split(":")[0] for line in lines] == [
         f"run directory {run_dir}", "6 node(s)", "task adaptation round 1"], "\n".join(lines)
     assert stdout[0] == "# OPPU-FL report: LaMP-2M (personalized movie tagging)"
@@ -49,7 +57,15 @@ def test_the_console_shows_one_line_per_phase_and_the_table(quiet: Quiet) -> Non
 def test_the_local_ray_cluster_talks_over_loopback_only(quiet: Quiet) -> None:
     # the session this run's driver started, not Ray's latest: another test file may have started one since
     addresses = logged_addresses(session_logs(quiet[3]))
-    assert addresses and all(ipaddress.ip_address(ip).is_loopback for ip in addresses), addresses
+    assert addresses and all(is_loopback(ip) for ip in addresses), addresses
+
+
+def test_the_local_ray_cluster_listens_on_loopback_only(quiet: Quiet) -> None:
+    """Ray has no authentication: a server on every interface would let anyone who reaches the machine run code
+    beside the users' stores (before: its GCS, raylet and workers listened on `::`)."""
+    listening = quiet[4]
+    assert {"gcs_server", "raylet"} <= {name for name, _ in listening}, listening  # Ray was seen running
+    assert all(is_loopback(ip) for _, ip in listening), listening
 
 
 def test_every_library_line_is_in_the_run_log(quiet: Quiet) -> None:
@@ -61,7 +77,7 @@ def test_every_library_line_is_in_the_run_log(quiet: Quiet) -> None:
 
 
 def test_verbose_shows_the_libraries_lines_once(tmp_path: Path) -> None:
-    lines, _, _ = _run(tmp_path / "run", "--verbose")
+    lines, _, _, _ = _run(tmp_path / "run", "--verbose")
     assert sum("[ROUND 1/1]" in line for line in lines) == 1  # Flower's handler only, not ours as well
     assert any("DEPRECATED FEATURE" in line for line in lines)
     assert sum("task adaptation round 1: 2 of 2" in line for line in lines) == 1
