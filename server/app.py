@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.logger import console_handler as flower_console
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import load_file
 from tqdm import tqdm
@@ -40,8 +41,10 @@ from server.exchange import exchange
 from server.item_statistics import sum_item_tables
 from server.report import (
     comparisons,
+    failed_updates,
     method_results,
     method_statistics,
+    unevaluated_test_users,
     versions,
     write_report,
 )
@@ -268,6 +271,17 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for `flwr run`: config from [tool.flwr.app.config] (+ --run-config overrides)."""
+    """Entry point for `flwr run`: config from [tool.flwr.app.config] (+ --run-config overrides). Ends with the
+    report's table, as flower-simulation does; a run that is not complete raises, so that Flower marks it failed
+    (`flwr ls`: the run's status) where it would report success."""
+    for name in ("oppu", "server"):  # our lines through Flower's console handler: the only one a ServerApp has there
+        logging.getLogger(name).addHandler(flower_console)
+        logging.getLogger(name).setLevel(logging.INFO)
     cfg, counts, run_dir = flwr_run_settings(context.run_config)
-    run_oppu(grid, cfg, ServerOptions(run_dir=run_dir, expected_nodes=counts.nodes(cfg)))
+    report = run_oppu(grid, cfg, ServerOptions(run_dir=run_dir, expected_nodes=counts.nodes(cfg)))
+    log.info("report: %s\n%s", run_dir / "report.md", (run_dir / "report.md").read_text())
+    failures = [why] if (why := unevaluated_test_users(report, counts.test)) else []
+    if updates := failed_updates(report):
+        failures.append(f"{updates} training-user update(s) failed, so the task adapter lacks them")
+    if failures:
+        raise RuntimeError("the run is not complete: " + "; ".join(failures))

@@ -220,6 +220,20 @@ def _references_line(report: Mapping[str, Any]) -> str:
             + (f"; the best constant is {constant!r}" if constant is not None else "") + ".\n\n")
 
 
+def unevaluated_test_users(report: Mapping[str, Any], expected: int) -> str | None:
+    """Why not every one of the `expected` test users was evaluated (the first errors), or None."""
+    users = report["users"]
+    if not users["failed"] and users["evaluated"] >= expected:
+        return None
+    return (f"{users['failed']} test user(s) failed, {users['evaluated']} of {expected} evaluated:\n  "
+            + "\n  ".join(report["errors"][:10]))
+
+
+def failed_updates(report: Mapping[str, Any]) -> int:
+    """Training users' task-adaptation updates that failed, over every round (Flower itself exits 0 after them)."""
+    return sum(report["task_adaptation"]["failed_updates"].values())
+
+
 def write_report(run_dir: Path, task: TaskSpec, report: dict[str, Any]) -> None:
     """report.json, report.md and plot.png under the run directory."""
     atomic_write_json(run_dir / "report.json", report)

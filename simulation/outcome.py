@@ -11,6 +11,7 @@ from typing import NoReturn
 
 from common.config import UserCounts
 from common.exit_status import BAD_INPUT, DONE, FAILED, INTERRUPTED
+from server.report import failed_updates, unevaluated_test_users
 from simulation.errors import EngineStopped, SetupError
 
 
@@ -52,14 +53,10 @@ def setup_failure(prog: str, error: SetupError, verbose: bool) -> int:
 
 def run_failures(report: dict, counts: UserCounts, allow_failed_updates: bool) -> list[str]:
     """Why a finished run is not a complete one: test users not evaluated, and (without --allow-failed-updates)
-    training users' updates missing from the task adapter. Flower itself exits 0 after failed rounds."""
-    users, failures = report["users"], []
-    if users["failed"] or users["evaluated"] < counts.test:
-        failures.append(f"{users['failed']} test user(s) failed, {users['evaluated']} of {counts.test} "
-                        "evaluated:\n  " + "\n  ".join(report["errors"][:10]))
-    failed_updates = sum(report["task_adaptation"]["failed_updates"].values())
-    if failed_updates and not allow_failed_updates:
-        failures.append(f"{failed_updates} training-user update(s) failed, so the task adapter lacks them (see the "
+    training users' updates missing from the task adapter."""
+    failures = [why] if (why := unevaluated_test_users(report, counts.test)) else []
+    if (updates := failed_updates(report)) and not allow_failed_updates:
+        failures.append(f"{updates} training-user update(s) failed, so the task adapter lacks them (see the "
                         "log above); pass --allow-failed-updates to accept it, or run again in a new --run-dir "
                         "(--resume keeps this task adapter)")
     return failures

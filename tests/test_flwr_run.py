@@ -1,0 +1,96 @@
+"""`flwr run`, Flower's supported path (README "Running with `flwr run`"), for real: this clone's app on the local
+SuperLink that `flwr run` starts (under a FLWR_HOME of the test's own), a 4-node simulation federation. A complete
+run shows the report and passes the privacy audit; a run with a test user that cannot be evaluated is marked failed
+in Flower's run list (Flower's own exit status is 0 either way)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from run_traces import command_lines, processes_naming, still_running
+
+from client.partition import load_users, split_users
+from common.config import flwr_run_settings
+from simulation.deploy.processes import free_ports
+from simulation.engine import RAY_LOCAL_ONLY
+from simulation.privacy_audit import main as audit_main
+
+REPO = Path(__file__).resolve().parents[1]
+FLWR = Path(sys.executable).parent / "flwr"
+RUN_CONFIG = {"num-clients": 2, "train-clients": 2, "model": "tiny-random", "data": "synthetic", "task": "LaMP-2M",
+              "rounds": 1, "methods": "base,oppu", "max-history": 8, "task-history": 4}
+
+
+def _toml(value: object) -> str:
+    return json.dumps(value)  # a number or a string, written as TOML writes it
+
+
+Flwr = dict[str, str]  # the environment `flwr` runs in
+
+
+@pytest.fixture(scope="module")
+def flwr_env(tmp_path_factory: pytest.TempPathFactory):
+    """A FLWR_HOME whose `local` connection is Flower's local simulation, on ports of its own (`flwr run` would use
+    any local SuperLink that answers on its default port); the SuperLink is stopped at the end (`flwr run` leaves it
+    running)."""
+    home = tmp_path_factory.mktemp("flwr-home")
+    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    http_port, control_port = free_ports(2)
+    yield {**os.environ, "FLWR_HOME": str(home), "PATH": f"{FLWR.parent}{os.pathsep}{os.environ['PATH']}",
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port), "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           RAY_LOCAL_ONLY: "0"}  # (the Ray that Flower starts listens on loopback only, as README says to set)
+    superlinks = processes_naming(home)  # its state database lies under this home
+    for process in superlinks:
+        process.terminate()
+    assert not still_running(superlinks, time.monotonic() + 15), command_lines(superlinks)
+
+
+def _flwr(env: Flwr, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(FLWR), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _run(env: Flwr, run_dir: Path) -> str:
+    """`flwr run` of RUN_CONFIG into `run_dir`; its output (exit status 0, as Flower gives even for a failed run)."""
+    config = " ".join(f"{key}={_toml(value)}" for key, value in {**RUN_CONFIG, "run-dir": str(run_dir)}.items())
+    done = _flwr(env, "run", ".", "local", "--stream", "--run-config", config,
+                 "--federation-config", "num-supernodes=4")
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    return done.stdout + done.stderr
+
+
+def _latest_status(env: Flwr) -> dict:
+    listed = _flwr(env, "ls", "local", "--format", "json")
+    runs = json.loads(listed.stdout)["runs"]
+    return max(runs, key=lambda run: run["finished-at"])
+
+
+def test_a_flwr_run_shows_its_report_and_passes_the_audit(flwr_env: Flwr, tmp_path: Path) -> None:
+    output = _run(flwr_env, tmp_path / "run")
+    assert f"report: {tmp_path / 'run' / 'report.md'}" in output and "# OPPU-FL report: LaMP-2M" in output
+    assert "task adaptation round 1: 2 of 2 updates averaged" in output  # our lines, through Flower's handler
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["users"] == {"test": 2, "evaluated": 2, "failed": 0, "train": 2}
+    assert json.loads((tmp_path / "run" / "audit" / "canaries.json").read_text()) == {}
+    assert audit_main([str(tmp_path / "run")]) == 0  # before: failed, audit/canaries.json missing
+    assert _latest_status(flwr_env)["status"] == "finished:completed"
+
+
+def test_a_flwr_run_with_a_failed_test_user_is_marked_failed(flwr_env: Flwr, tmp_path: Path) -> None:
+    cfg, counts, _ = flwr_run_settings(RUN_CONFIG)
+    test, _ = split_users(load_users(cfg, counts.users_hint()), counts, cfg)
+    run_dir = tmp_path / "run"
+    (run_dir / "clients").mkdir(parents=True)
+    (run_dir / "clients" / test[1].user_id).write_text("")  # a file where its store should be: its node fails
+    output = _run(flwr_env, run_dir)
+    assert "1 of 2 test users evaluated, 1 failed" in output  # the report still written and shown
+    status = _latest_status(flwr_env)
+    assert status["status"] == "finished:failed"
+    assert status["status-details"].startswith("Simulation failed with exception: the run is not complete: 1 test "
+                                               "user(s) failed, 1 of 2 evaluated:")
