@@ -6,7 +6,6 @@ in Flower's run list (Flower's own exit status is 0 either way)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from run_traces import command_lines, processes_naming, still_running
 
 from client.partition import load_users, split_users
 from common.config import flwr_run_settings
+from simulation.deploy.commands import CONNECTION, flwr_run_command, launcher_env
 from simulation.deploy.processes import free_ports
 from simulation.engine import RAY_LOCAL_ONLY
 from simulation.privacy_audit import main as audit_main
@@ -25,26 +25,20 @@ REPO = Path(__file__).resolve().parents[1]
 FLWR = Path(sys.executable).parent / "flwr"
 RUN_CONFIG = {"num-clients": 2, "train-clients": 2, "model": "tiny-random", "data": "synthetic", "task": "LaMP-2M",
               "rounds": 1, "methods": "base,oppu", "max-history": 8, "task-history": 4}
-
-
-def _toml(value: object) -> str:
-    return json.dumps(value)  # a number or a string, written as TOML writes it
-
-
 Flwr = dict[str, str]  # the environment `flwr` runs in
 
 
 @pytest.fixture(scope="module")
 def flwr_env(tmp_path_factory: pytest.TempPathFactory):
-    """A FLWR_HOME whose `local` connection is Flower's local simulation, on ports of its own (`flwr run` would use
+    """A FLWR_HOME whose one connection is Flower's local simulation, on ports of its own (`flwr run` would use
     any local SuperLink that answers on its default port); the SuperLink is stopped at the end (`flwr run` leaves it
     running)."""
     home = tmp_path_factory.mktemp("flwr-home")
-    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+                                      'address = ":local:"\n')
     http_port, control_port = free_ports(2)
-    yield {**os.environ, "FLWR_HOME": str(home), "PATH": f"{FLWR.parent}{os.pathsep}{os.environ['PATH']}",
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port), "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    yield {**launcher_env(home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
            RAY_LOCAL_ONLY: "0"}  # (the Ray that Flower starts listens on loopback only, as README says to set)
     superlinks = processes_naming(home)  # its state database lies under this home
     for process in superlinks:
@@ -52,21 +46,21 @@ def flwr_env(tmp_path_factory: pytest.TempPathFactory):
     assert not still_running(superlinks, time.monotonic() + 15), command_lines(superlinks)
 
 
-def _flwr(env: Flwr, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(FLWR), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+def _flwr(env: Flwr, command: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 def _run(env: Flwr, run_dir: Path) -> str:
-    """`flwr run` of RUN_CONFIG into `run_dir`; its output (exit status 0, as Flower gives even for a failed run)."""
-    config = " ".join(f"{key}={_toml(value)}" for key, value in {**RUN_CONFIG, "run-dir": str(run_dir)}.items())
-    done = _flwr(env, "run", ".", "local", "--stream", "--run-config", config,
-                 "--federation-config", "num-supernodes=4")
+    """`flwr run` of RUN_CONFIG into `run_dir`, as oppu-deploy runs it; its output (exit status 0, as Flower gives
+    even for a failed run)."""
+    cfg, counts, _ = flwr_run_settings(RUN_CONFIG)
+    done = _flwr(env, [*flwr_run_command(cfg, counts, run_dir), "--federation-config", "num-supernodes=4"])
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     return done.stdout + done.stderr
 
 
 def _latest_status(env: Flwr) -> dict:
-    listed = _flwr(env, "ls", "local", "--format", "json")
+    listed = _flwr(env, [str(FLWR), "ls", CONNECTION, "--format", "json"])
     runs = json.loads(listed.stdout)["runs"]
     return max(runs, key=lambda run: run["finished-at"])
 
