@@ -60,6 +60,10 @@ def own_partition(run_config: tuple[tuple[str, Any], ...], partition_id: int) ->
     (the store's directory, the run directory)."""
     cfg, counts, run_dir = flwr_run_settings(dict(run_config))
     test, train = split_users(load_users(cfg, counts.users_hint()), counts, cfg)
+    if not 0 <= partition_id < len(test) + len(train):
+        raise ValueError(f"partition-id {partition_id}: the run config names {len(test)} test and {len(train)} "
+                         f"training users, one node each; start the federation with num-supernodes="
+                         f"{len(test) + len(train)}")
     role, user = ("test", test[partition_id]) if partition_id < len(test) else ("train", train[partition_id - len(test)])
     store = UserStore(run_dir, user.user_id)
     atomic_write_json(store.data, {**user.to_json(), "role": role})

@@ -458,3 +458,20 @@ def flwr_run_settings(record: Mapping[str, Any]) -> tuple[RunConfig, UserCounts,
     record = dict(record)
     num_test, num_train, run_dir = (record.pop(key, default) for key, default in RUN_KEYS.items())
     return RunConfig.from_record(record), UserCounts(int(num_test), int(num_train)), Path(str(run_dir)).resolve()
+
+
+def run_settings(cfg: RunConfig, counts: UserCounts) -> dict:
+    """What must match for a run directory's run to go on (flower-simulation --resume, `flwr run` into the same
+    run-dir): saved as run.json once its node stores exist, or as `flwr run`'s ServerApp starts."""
+    return {"config": cfg.to_record(), "num_clients": counts.test, "train_clients": counts.train}
+
+
+def settings_differences(earlier: dict, settings: dict) -> str:
+    """The run settings (run_settings) that differ, named as their flags: 'rounds 1 there, 2 here; ...' (empty:
+    none)."""
+    def flat(saved: dict) -> dict:
+        return {**saved.get("config", {}), **{k.replace("_", "-"): v for k, v in saved.items() if k != "config"}}
+
+    theirs, ours = flat(earlier), flat(settings)
+    return "; ".join(f"{key} {theirs.get(key)!r} there, {ours.get(key)!r} here"
+                     for key in [*ours, *(k for k in theirs if k not in ours)] if theirs.get(key) != ours.get(key))

@@ -27,11 +27,11 @@ from client.model_loading import load_fresh
 from client.references import best_constant, reference_names
 from client.task_adapter import initial_task_state, save_task_adapter
 from common import protocol as p
-from common.config import PHASE_TIMEOUT, RunConfig, flwr_run_settings
+from common.config import PHASE_TIMEOUT, RunConfig, flwr_run_settings, run_settings, settings_differences
 from common.item_table import ItemTable
 from common.metrics import decision_rule
 from common.model_files import model_hash
-from common.store import atomic_write_json, read_saved_state
+from common.store import atomic_write_json, read_json, read_saved_state
 from common.tasks import get_task
 from server.audited_grid import AuditedGrid
 from server.calibration import calibrate_answers
@@ -278,6 +278,11 @@ def main(grid: Grid, context: Context) -> None:
         logging.getLogger(name).addHandler(flower_console)
         logging.getLogger(name).setLevel(logging.INFO)
     cfg, counts, run_dir = flwr_run_settings(context.run_config)
+    settings = run_settings(cfg, counts)  # the same settings go on in the same run-dir, as --resume would
+    if (earlier := read_json(run_dir / "run.json")) and (differ := settings_differences(earlier, settings)):
+        raise RuntimeError(f"run-dir {run_dir} holds a run made with other settings ({differ}); give another "
+                           "run-dir, or the same settings to go on with that run")
+    atomic_write_json(run_dir / "run.json", settings)
     report = run_oppu(grid, cfg, ServerOptions(run_dir=run_dir, expected_nodes=counts.nodes(cfg)))
     log.info("report: %s\n%s", run_dir / "report.md", (run_dir / "report.md").read_text())
     failures = [why] if (why := unevaluated_test_users(report, counts.test)) else []

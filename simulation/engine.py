@@ -17,13 +17,13 @@ from unittest import mock
 import torch
 from flwr.clientapp import ClientApp
 
-from common.config import PHASE_TIMEOUT, RunConfig, UserCounts
+from common.config import PHASE_TIMEOUT, RunConfig, UserCounts, run_settings
 from common.store import atomic_write_json, read_json
 from simulation.console import run_log
 from simulation.errors import EngineStopped, SetupError
 from simulation.node_stores import partition_users, plant_canaries, write_partitions
 from simulation.ray_cluster import join_ray_cluster
-from simulation.run_dir import copy_task_adapter, hold_run_dir, prepare_run_dir, read_run_state, run_settings
+from simulation.run_dir import copy_task_adapter, hold_run_dir, prepare_run_dir, read_run_state
 
 log = logging.getLogger("oppu")
 ClientAppFactory = Callable[[Path], ClientApp]  # run directory -> the ClientApp its simulated nodes run

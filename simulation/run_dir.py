@@ -12,28 +12,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig, UserCounts
+from common.config import RunConfig, UserCounts, run_settings, settings_differences
 from common.store import JsonFileError, atomic_directory, atomic_write_json, load_json_file, read_json
 from simulation.errors import SetupError
 
 RUNS_DIR = Path("runs")
 RUN_LOCK = "run.lock"  # in the run directory, held by the process that runs it
-
-
-def run_settings(cfg: RunConfig, counts: UserCounts) -> dict:
-    """What must match for --resume to continue a run (saved as run.json once its node stores exist)."""
-    return {"config": cfg.to_record(), "num_clients": counts.test, "train_clients": counts.train}
-
-
-def settings_differences(earlier: dict, settings: dict) -> str:
-    """The run settings (run_settings) that differ, named as their flags: 'rounds 1 there, 2 here; ...' (empty:
-    none)."""
-    def flat(saved: dict) -> dict:
-        return {**saved.get("config", {}), **{k.replace("_", "-"): v for k, v in saved.items() if k != "config"}}
-
-    theirs, ours = flat(earlier), flat(settings)
-    return "; ".join(f"{key} {theirs.get(key)!r} there, {ours.get(key)!r} here"
-                     for key in [*ours, *(k for k in theirs if k not in ours)] if theirs.get(key) != ours.get(key))
 
 
 def _latest_run() -> Path | None:

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import RUN_KEYS, RunConfig, UserCounts, flwr_run_settings
+from common.config import RUN_KEYS, RunConfig, UserCounts, flwr_run_settings, run_settings
 from simulation.engine import client_resources
 from simulation.errors import SetupError
 from simulation.flags import build_parser
-from simulation.run_dir import prepare_run_dir, run_settings
+from simulation.run_dir import prepare_run_dir
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 

@@ -1,5 +1,5 @@
 """`flwr run`, Flower's supported path (README "Running with `flwr run`"), for real: this clone's app on the local
-SuperLink that `flwr run` starts (under a FLWR_HOME of the test's own), a 4-node simulation federation. A complete
+SuperLink that `flwr run` starts (under a FLWR_HOME of the test's own), a simulation federation of a node per user. A complete
 run shows the report and passes the privacy audit; a run with a test user that cannot be evaluated is marked failed
 in Flower's run list (Flower's own exit status is 0 either way)."""
 
@@ -50,11 +50,12 @@ def _flwr(env: Flwr, command: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
-def _run(env: Flwr, run_dir: Path) -> str:
-    """`flwr run` of RUN_CONFIG into `run_dir`, as oppu-deploy runs it; its output (exit status 0, as Flower gives
-    even for a failed run)."""
-    cfg, counts, _ = flwr_run_settings(RUN_CONFIG)
-    done = _flwr(env, [*flwr_run_command(cfg, counts, run_dir), "--federation-config", "num-supernodes=4"])
+def _run(env: Flwr, run_dir: Path, **changes: object) -> str:
+    """`flwr run` of RUN_CONFIG (with `changes`) into `run_dir`, as oppu-deploy runs it; its output (exit status 0, as
+    Flower gives even for a failed run)."""
+    cfg, counts, _ = flwr_run_settings({**RUN_CONFIG, **changes})
+    done = _flwr(env, [*flwr_run_command(cfg, counts, run_dir), "--federation-config",
+                       f"num-supernodes={counts.nodes(cfg)}"])
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     return done.stdout + done.stderr
 
@@ -65,15 +66,38 @@ def _latest_status(env: Flwr) -> dict:
     return max(runs, key=lambda run: run["finished-at"])
 
 
-def test_a_flwr_run_shows_its_report_and_passes_the_audit(flwr_env: Flwr, tmp_path: Path) -> None:
-    output = _run(flwr_env, tmp_path / "run")
-    assert f"report: {tmp_path / 'run' / 'report.md'}" in output and "# OPPU-FL report: LaMP-2M" in output
+@pytest.fixture(scope="module")
+def finished(flwr_env: Flwr, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A complete `flwr run`: (its run directory, its output)."""
+    run_dir = tmp_path_factory.mktemp("flwr-run") / "run"
+    return run_dir, _run(flwr_env, run_dir)
+
+
+def test_a_flwr_run_shows_its_report_and_passes_the_audit(flwr_env: Flwr, finished: tuple[Path, str]) -> None:
+    run_dir, output = finished
+    assert f"report: {run_dir / 'report.md'}" in output and "# OPPU-FL report: LaMP-2M" in output
     assert "task adaptation round 1: 2 of 2 updates averaged" in output  # our lines, through Flower's handler
-    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    report = json.loads((run_dir / "report.json").read_text())
     assert report["users"] == {"test": 2, "evaluated": 2, "failed": 0, "train": 2}
-    assert json.loads((tmp_path / "run" / "audit" / "canaries.json").read_text()) == {}
-    assert audit_main([str(tmp_path / "run")]) == 0  # before: failed, audit/canaries.json missing
+    assert json.loads((run_dir / "audit" / "canaries.json").read_text()) == {}
+    assert audit_main([str(run_dir)]) == 0  # before: failed, audit/canaries.json missing
     assert _latest_status(flwr_env)["status"] == "finished:completed"
+
+
+def test_the_same_run_dir_goes_on_with_the_same_settings_only(flwr_env: Flwr, finished: tuple[Path, str]) -> None:
+    """Before, a run with 3 training users reused the task adapter and results that 2 had made there (the task
+    adapter's key holds no user counts), and reported them as its own."""
+    run_dir, _ = finished
+    settings = (run_dir / "run.json").read_text()
+    output = _run(flwr_env, run_dir, **{"train-clients": 3})
+    status = _latest_status(flwr_env)
+    assert status["status"] == "finished:failed"
+    assert f"Simulation failed with exception: run-dir {run_dir} holds a run made with other settings " \
+           "(train-clients 2 there, 3 here); give another run-dir" in status["status-details"]
+    assert (run_dir / "run.json").read_text() == settings and "reusing the task adapter" not in output
+    output = _run(flwr_env, run_dir)  # the same settings: the run goes on from what it stored
+    assert "reusing the task adapter" in output and _latest_status(flwr_env)["status"] == "finished:completed"
+    assert json.loads((run_dir / "report.json").read_text())["users"]["evaluated"] == 2
 
 
 def test_a_flwr_run_with_a_failed_test_user_is_marked_failed(flwr_env: Flwr, tmp_path: Path) -> None:

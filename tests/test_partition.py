@@ -50,6 +50,13 @@ def test_under_flwr_run_a_node_writes_only_its_own_partition(tmp_path: Path) -> 
     assert config["audit-dir"] == str(tmp_path / "run" / "audit")
 
 
+def test_under_flwr_run_a_node_beyond_the_users_is_told_how_many_nodes_to_start(tmp_path: Path) -> None:
+    run_config = {**CFG, "num-clients": 2, "train-clients": 1, "run-dir": str(tmp_path / "run")}
+    with pytest.raises(ValueError, match=r"^partition-id 3: the run config names 2 test and 1 training users, one "
+                                         r"node each; start the federation with num-supernodes=3$"):
+        _node_config(node_config_mod(), {"partition-id": 3}, run_config)  # (before: an IndexError)
+
+
 def test_a_node_with_neither_user_dir_nor_partition_is_told_what_to_give(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="neither 'user-dir' nor 'partition-id'"):
         _node_config(node_config_mod(tmp_path), {})

@@ -15,13 +15,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from common.config import run_settings, settings_differences
 from common.exit_status import DONE, FAILED
 from common.store import read_saved_state
 from simulation.engine import SimulationOptions, simulate
 from simulation.errors import EngineStopped, SetupError
 from simulation.flags import DefaultsHelpFormatter, add_run_flags, check_run_flags, run_config_of, user_counts
 from simulation.outcome import engine_stopped, run_failures, setup_failure, stop_now
-from simulation.run_dir import RUNS_DIR, read_run_state, run_settings, settings_differences
+from simulation.run_dir import RUNS_DIR, read_run_state
 from simulation.console import setup_console
 from simulation.studies.arms import STUDIES, Arm
 
