@@ -274,7 +274,7 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point for `flwr run`: config from [tool.flwr.app.config] (+ --run-config overrides). Ends with the
     report's table, as flower-simulation does; a run that is not complete raises, so that Flower marks it failed
     (`flwr ls`: the run's status) where it would report success."""
-    for name in ("oppu", "server"):  # our lines through Flower's console handler: the only one a ServerApp has there
+    for name in ("oppu", "server", "client", "common"):  # our lines through Flower's handler, a ServerApp's only one
         logging.getLogger(name).addHandler(flower_console)
         logging.getLogger(name).setLevel(logging.INFO)
     cfg, counts, run_dir = flwr_run_settings(context.run_config)
