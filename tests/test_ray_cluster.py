@@ -1,10 +1,10 @@
 """`flower-simulation --ray-address`: the run joins a Ray cluster that the test starts (`ray start --head` on
-127.0.0.2: Ray replaces 127.0.0.1 by the machine's network address) and stops; the driver starts no Ray of its own."""
+127.0.0.1, it and the driver in Ray's local-only mode, which keeps every Ray process on loopback; without it Ray
+replaces 127.0.0.1 by the machine's network address) and stops; the driver starts no Ray of its own."""
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import os
 import random
@@ -17,15 +17,17 @@ import time
 from pathlib import Path
 
 import psutil
-from run_traces import command_lines, logged_addresses, still_running
+from run_traces import command_lines, is_loopback, listening_addresses, logged_addresses, still_running
 
 from simulation.deploy.processes import free_ports, stop_trees
+from simulation.engine import RAY_LOCAL_ONLY
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--num-clients", "1", "--train-clients", "1", "--rounds", "1", "--methods", "base,oppu", "--task", "LaMP-2M",
         "--data", "synthetic", "--model", "tiny-random", "--batch-tokens", "256", "--personal-epochs", "1",
         "--max-history", "8", "--task-history", "4"]
-HOST = "127.0.0.2"  # loopback
+HOST = "127.0.0.1"  # loopback
+ENV = {**os.environ, "PYTHONPATH": str(REPO), RAY_LOCAL_ONLY: "0"}  # the head's and the driver's
 
 
 def _worker_port_block(count: int) -> int:
@@ -60,7 +62,7 @@ def _ray_head(temp_dir: Path, log: Path) -> tuple[subprocess.Popen, int]:
              "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard=false",
              "--disable-usage-stats", "--temp-dir", str(temp_dir), "--min-worker-port", str(low),
              "--max-worker-port", str(low + 40), *(x for pair in ports.items() for x in pair)],
-            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         ), int(ports["--port"])
 
 
@@ -79,7 +81,7 @@ def test_simulation_joins_a_ray_cluster(tmp_path: Path) -> None:
         run_dir = tmp_path / "run"
         driver = subprocess.run(
             [sys.executable, "-m", "simulation.cli", *ARGS, "--run-dir", str(run_dir), "--ray-address",
-             f"{HOST}:{port}"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+             f"{HOST}:{port}"], cwd=REPO, env=ENV, capture_output=True,
             text=True, timeout=240)
         assert driver.returncode == 0, driver.stderr[-4000:]
         report = json.loads((run_dir / "report.json").read_text())
@@ -90,7 +92,10 @@ def test_simulation_joins_a_ray_cluster(tmp_path: Path) -> None:
         assert len(list(logs.glob("python-core-driver-*.log"))) == 1
         assert list(logs.glob("python-core-worker-*.log"))
         addresses = logged_addresses(logs)
-        assert addresses and all(ipaddress.ip_address(ip).is_loopback for ip in addresses), addresses
+        assert addresses and all(is_loopback(ip) for ip in addresses), addresses
+        listening = listening_addresses(head.pid)
+        assert {"gcs_server", "raylet"} <= {name for name, _ in listening}, listening
+        assert all(is_loopback(ip) for _, ip in listening), listening  # (on 127.0.0.2: every interface)
         tree = [psutil.Process(head.pid), *psutil.Process(head.pid).children(recursive=True)]
     finally:
         stop_trees([psutil.Process(head.pid)] if head.poll() is None else [], grace=15)
