@@ -6,6 +6,7 @@ import signal
 
 import pytest
 
+import simulation  # noqa: F401  (first: Flower's telemetry off before any test imports flwr; simulation/__init__.py)
 from client.model_build import resolve_model
 from client.model_loading import load_base
 
