@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from simulation import FLOWER_TELEMETRY
+
 REPO = Path(__file__).resolve().parents[1]
 PROBE = """
 import os
@@ -25,9 +27,9 @@ print(os.environ["FLWR_TELEMETRY_ENABLED"], telemetry.FLWR_TELEMETRY_ENABLED, ou
 
 @pytest.mark.parametrize(("given", "seen"), [(None, "0 0 disabled"), ("1", "1 1")])
 def test_flower_telemetry_is_off_unless_the_user_turns_it_on(given: str | None, seen: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "FLWR_TELEMETRY_ENABLED"}
+    env = {k: v for k, v in os.environ.items() if k != FLOWER_TELEMETRY}
     if given is not None:
-        env["FLWR_TELEMETRY_ENABLED"] = given
+        env[FLOWER_TELEMETRY] = given
     probe = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True, text=True,
                            timeout=120)
     assert probe.returncode == 0, probe.stderr[-2000:]
