@@ -41,9 +41,9 @@ from server.exchange import exchange
 from server.item_statistics import sum_item_tables
 from server.report import (
     comparisons,
-    failed_updates,
     method_results,
     method_statistics,
+    missing_updates,
     unevaluated_test_users,
     versions,
     write_report,
@@ -285,8 +285,6 @@ def main(grid: Grid, context: Context) -> None:
     atomic_write_json(run_dir / "run.json", settings)
     report = run_oppu(grid, cfg, ServerOptions(run_dir=run_dir, expected_nodes=counts.nodes(cfg)))
     log.info("report: %s\n%s", run_dir / "report.md", (run_dir / "report.md").read_text())
-    failures = [why] if (why := unevaluated_test_users(report, counts.test)) else []
-    if updates := failed_updates(report):
-        failures.append(f"{updates} training-user update(s) failed, so the task adapter lacks them")
+    failures = [why for why in (unevaluated_test_users(report, counts.test), missing_updates(report)) if why]
     if failures:
         raise RuntimeError("the run is not complete: " + "; ".join(failures))

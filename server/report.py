@@ -229,9 +229,11 @@ def unevaluated_test_users(report: Mapping[str, Any], expected: int) -> str | No
             + "\n  ".join(report["errors"][:10]))
 
 
-def failed_updates(report: Mapping[str, Any]) -> int:
-    """Training users' task-adaptation updates that failed, over every round (Flower itself exits 0 after them)."""
-    return sum(report["task_adaptation"]["failed_updates"].values())
+def missing_updates(report: Mapping[str, Any]) -> str | None:
+    """How many training users' task-adaptation updates failed, over every round (Flower itself exits 0 after them),
+    or None."""
+    failed = sum(report["task_adaptation"]["failed_updates"].values())
+    return f"{failed} training-user update(s) failed, so the task adapter lacks them" if failed else None
 
 
 def write_report(run_dir: Path, task: TaskSpec, report: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from common.config import UserCounts
 from common.exit_status import BAD_INPUT, DONE, FAILED, INTERRUPTED
-from server.report import failed_updates, unevaluated_test_users
+from server.report import missing_updates, unevaluated_test_users
 from simulation.errors import EngineStopped, SetupError
 
 
@@ -55,10 +55,9 @@ def run_failures(report: dict, counts: UserCounts, allow_failed_updates: bool) -
     """Why a finished run is not a complete one: test users not evaluated, and (without --allow-failed-updates)
     training users' updates missing from the task adapter."""
     failures = [why] if (why := unevaluated_test_users(report, counts.test)) else []
-    if (updates := failed_updates(report)) and not allow_failed_updates:
-        failures.append(f"{updates} training-user update(s) failed, so the task adapter lacks them (see the "
-                        "log above); pass --allow-failed-updates to accept it, or run again in a new --run-dir "
-                        "(--resume keeps this task adapter)")
+    if (missing := missing_updates(report)) and not allow_failed_updates:
+        failures.append(f"{missing} (see the log above); pass --allow-failed-updates to accept it, or run again in "
+                        "a new --run-dir (--resume keeps this task adapter)")
     return failures
 
 

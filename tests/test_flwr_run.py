@@ -1,7 +1,7 @@
 """`flwr run`, Flower's supported path (README "Running with `flwr run`"), for real: this clone's app on the local
-SuperLink that `flwr run` starts (under a FLWR_HOME of the test's own), a simulation federation of a node per user. A complete
-run shows the report and passes the privacy audit; a run with a test user that cannot be evaluated is marked failed
-in Flower's run list (Flower's own exit status is 0 either way)."""
+SuperLink that `flwr run` starts (under a FLWR_HOME of the test's own), a simulation federation of a node per user.
+A complete run shows the report and passes the privacy audit; a run with a test user that cannot be evaluated is
+marked failed in Flower's run list (Flower's own exit status is 0 either way)."""
 
 from __future__ import annotations
 
