@@ -94,7 +94,7 @@ def annotated(user, role: str, cfg: RunConfig, config: ConfigRecord):
     if table is None:
         raise RuntimeError("item-statistics is on, but the message carries no item table")
     task = get_task(cfg.task)
-    rest = others_table(user, role, task, table)
+    rest = others_table(user, role, task, table, cfg.item_dp_clip if table.noise_std else None)
     return annotate(user, task, rest), query_readings(user, task, rest)
 
 
@@ -212,20 +212,21 @@ def adapt_secure(msg: Message, context: Context) -> Message:
 
 def _item_table_reply(msg: Message, context: Context) -> Message:
     """The collect stage of the item-table round (--item-statistics): a training user's item table as the one
-    vector, weight 1, which secaggplus_mod masks; no model is loaded. A test user's node refuses: it sends
+    vector, weight 1, which secaggplus_mod masks (under --item-dp-epsilon clipped and with this node's share of
+    the noise); no model is loaded. A test user's node refuses: it sends
     metric statistics only."""
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
-    from client.item_statistics import contribution
+    from client.item_statistics import sent_vector
     from common.secure_update import on_quantization_grid
-    from common.tasks import get_task
 
-    cfg, _ = _run_config(msg.content[p.FITINS_CONFIG])
+    config = msg.content[p.FITINS_CONFIG]
+    cfg, _ = _run_config(config)
     user, role, _ = node_user(context)
     if role != "train":
         raise RuntimeError("the item-table round asked a test user's node: only training users send item tables")
-    vector = on_quantization_grid(contribution(user, get_task(cfg.task)).vector())
+    vector = on_quantization_grid(sent_vector(user, cfg, int(config[p.ROUND_CLIENTS])))
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vector), 1, {})
     return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
@@ -263,7 +264,7 @@ def personalize(msg: Message, context: Context) -> Message:
     store = UserStore(user_dir.parent.parent, personal.user_id)
     arrays = msg.content[p.ARRAYS]
     task_sha = str(config.get(p.TASK_ADAPTER_SHA256, ""))
-    table = [config.get(key) for key in p.ITEM_TABLE_KEYS]
+    table = [config.get(key) for key in p.ITEM_TABLE_KEYS if key in config]
     quantile = float(config.get(p.ANSWER_QUANTILE, 0.5))  # type: ignore[arg-type]
     result_key = hashlib.sha256(
         json.dumps([cfg.to_record(), model_sha, task_sha, table, quantile], sort_keys=True).encode()

@@ -15,11 +15,15 @@ it asks about.
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics as stats
 
+import numpy as np
+
 from client.data import User
+from common.config import RunConfig
 from common.item_table import ItemReading, ItemTable
-from common.tasks import ANNOTATION_FIELD, TaskSpec
+from common.tasks import ANNOTATION_FIELD, TaskSpec, get_task
 
 
 def item_text(task: TaskSpec, fields: dict[str, str]) -> str:
@@ -27,8 +31,9 @@ def item_text(task: TaskSpec, fields: dict[str, str]) -> str:
     return fields[task.item_key_field]
 
 
-def contribution(user: User, task: TaskSpec) -> ItemTable:
-    """This user's table: each rated item's rating and its offset from the user's mean rating, in its bucket."""
+def contribution(user: User, task: TaskSpec, clip: float | None = None) -> ItemTable:
+    """This user's table: each rated item's rating and its offset from the user's mean rating, in its bucket;
+    `clip`: scaled to that L2 norm, as --item-dp-epsilon sends it (ItemTable.clipped)."""
     table = ItemTable.empty()
     if not user.history:
         return table
@@ -36,7 +41,16 @@ def contribution(user: User, task: TaskSpec) -> ItemTable:
     level = stats.fmean(scores)
     for item, score in zip(user.history, scores):
         table.add(item_text(task, item.fields), score, score - level)
-    return table
+    return table.clipped(clip) if clip is not None else table
+
+
+def sent_vector(user: User, cfg: RunConfig, round_clients: int) -> list[np.ndarray]:
+    """The vector a training user's node adds to the SecAgg+ sum: its table; under --item-dp-epsilon its clipped
+    table with its share of the noise (std / sqrt(nodes of the round)), so the sum carries the noise whole."""
+    table = contribution(user, get_task(cfg.task))
+    if cfg.item_dp_epsilon <= 0:
+        return table.vector()
+    return table.private_vector(cfg.item_dp_clip, cfg.item_noise_std() / math.sqrt(round_clients))
 
 
 def others_line(reading: ItemReading) -> str:
@@ -45,10 +59,11 @@ def others_line(reading: ItemReading) -> str:
             f"({reading.raters} rated it)")
 
 
-def others_table(user: User, role: str, task: TaskSpec, table: ItemTable) -> ItemTable:
+def others_table(user: User, role: str, task: TaskSpec, table: ItemTable, clip: float | None = None) -> ItemTable:
     """The population `table` without `user`'s own ratings: a training user's contribution is in the sum, a test
-    user's never is (role: the node's, "train" or "test")."""
-    return table.minus(contribution(user, task)) if role == "train" else table
+    user's never is (role: the node's, "train" or "test"); `clip`: the contribution was clipped to it (a noisy
+    table, --item-dp-epsilon)."""
+    return table.minus(contribution(user, task, clip)) if role == "train" else table
 
 
 def annotate(user: User, task: TaskSpec, others: ItemTable) -> User:

@@ -104,7 +104,7 @@ AT_LEAST = {
     "max_prompt_tokens": 1, "batch_tokens": 1, "task_batch_tokens": 0, "profile_items": 1, "profile_max_tokens": 1,
     "num_queries": 1, "validation_items": 1, "selection_items": 1, "max_text_chars": 1, "max_user_history": 1,
 }
-POSITIVE = ("local_epochs", "task_lr", "personal_epochs", "personal_lr")
+POSITIVE = ("local_epochs", "task_lr", "personal_epochs", "personal_lr", "item_dp_clip")
 # settings that only test users' personalization and evaluation read: a task adapter made under other values of
 # these serves as well (`--task-adapter-from`); of `methods` and `k` task adaptation reads only the retrieval depths
 PERSONALIZATION_ONLY = (
@@ -249,6 +249,14 @@ class RunConfig:
         "the sum; test users send none); every question then says how other users rate its item "
         "(docs/privacy.md, docs/quality.md)",
     )
+    item_dp_epsilon: float = _opt(
+        0.0,
+        "user-level differential privacy of the item table (--item-statistics): epsilon at --dp-delta of its one "
+        "release (0: off). Each training user's table is scaled to L2 norm --item-dp-clip and its node adds its "
+        "share of the Gaussian noise before SecAgg+ masks it (distributed DP); the server keeps the items whose "
+        "noisy count clears twice the noise (docs/privacy.md has the price in MAE)",
+    )
+    item_dp_clip: float = _opt(3.0, "L2 norm each training user's item table is scaled down to under --item-dp-epsilon")
     seed: int = _opt(0, "seed of sampling, adapter initialisation and data order")
     device: str = _opt("auto", "where clients compute: auto (CUDA if present), cpu, cuda or cuda:N")
     dtype: str = _opt(
@@ -300,6 +308,11 @@ class RunConfig:
         if self.local_dp_epsilon > 0 and (self.dp_noise > 0 or self.secure_aggregation):
             raise ValueError("local-dp-epsilon cannot be combined with dp-noise or secure-aggregation: for noise "
                              "under secure aggregation use --secure-aggregation --dp-noise (distributed DP)")
+        if self.item_dp_epsilon < 0:
+            raise ValueError(f"item-dp-epsilon must be >= 0 (0: no DP of the item table), got {self.item_dp_epsilon}")
+        if self.item_dp_epsilon > 0 and not self.item_statistics:
+            raise ValueError("item-dp-epsilon makes the item table of --item-statistics private; it is off "
+                             "(--no-item-statistics): drop one of the two")
         check_dtype_name(self.dtype)
         if self.quantize not in QUANTIZATIONS:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {self.quantize!r}")
@@ -325,6 +338,14 @@ class RunConfig:
         items users share."""
         task = get_task(self.task)
         return self.item_statistics and task.metric == "regression" and task.shared_items
+
+    def item_noise_std(self) -> float:
+        """The std of the Gaussian noise in each sum of the item table under --item-dp-epsilon (0 without)."""
+        from common.item_table import dp_noise_multiplier  # flwr's accountant: only where the table is private
+
+        if self.item_dp_epsilon <= 0:
+            return 0.0
+        return dp_noise_multiplier(self.item_dp_epsilon, self.dp_delta) * self.item_dp_clip
 
     def calibrates_answers(self) -> bool:
         """Whether the test users' validation items pick the shared model's answer quantile: --answer-calibration

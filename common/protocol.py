@@ -54,7 +54,8 @@ ANSWER_QUANTILE = "answer-quantile"  # the quantile the shared model's methods a
 # --item-statistics: the summed item table, sent with every later message (rated buckets only)
 ITEM_BUCKETS, ITEM_RATINGS = "item-buckets", "item-ratings"
 ITEM_OFFSETS, ITEM_COUNTS = "item-offsets", "item-counts"
-ITEM_TABLE_KEYS = (ITEM_BUCKETS, ITEM_RATINGS, ITEM_OFFSETS, ITEM_COUNTS)
+ITEM_NOISE = "item-noise"  # --item-dp-epsilon: the std of the noise in each of the table's sums
+ITEM_TABLE_KEYS = (ITEM_BUCKETS, ITEM_RATINGS, ITEM_OFFSETS, ITEM_COUNTS, ITEM_NOISE)
 
 # reply keys
 ROLE = "role"

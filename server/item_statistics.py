@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
@@ -19,7 +21,7 @@ from tqdm import tqdm
 
 from common import protocol as p
 from common.config import RunConfig
-from common.item_table import ItemTable
+from common.item_table import ItemTable, dp_epsilon
 from common.store import atomic_write_json, read_saved_state
 from server.audited_grid import AuditedGrid
 from server.secure_aggregation import secure_round
@@ -58,14 +60,30 @@ def sum_item_tables(grid: AuditedGrid, cfg: RunConfig, config: ConfigRecord, nod
     bar = tqdm(total=SECAGG_STAGES * len(nodes), desc=f"item statistics (SecAgg+ over {len(nodes)} nodes)",
                unit="reply")
     with bar, grid.counting_replies(lambda _: bar.update(1)):
-        average, summed = secure_round(grid, 0, NO_ARRAYS, nodes, {**config, p.SECURE_PAYLOAD: p.ITEM_TABLE},
-                                       timeout, NEIGHBOURS if len(nodes) > NEIGHBOURS else 1.0)
+        average, summed = secure_round(
+            grid, 0, NO_ARRAYS, nodes, {**config, p.SECURE_PAYLOAD: p.ITEM_TABLE, p.ROUND_CLIENTS: len(nodes)},
+            timeout, NEIGHBOURS if len(nodes) > NEIGHBOURS else 1.0,
+        )
     if average is None:
         raise RuntimeError(f"the secure sum of the item tables failed ({len(nodes)} nodes asked)")
-    table = ItemTable.from_vector(average, scale=len(summed))
-    record = {"nodes": len(summed), "items": table.items(), "ratings": int(table.counts.sum())}
+    noise_std = cfg.item_noise_std() * math.sqrt(len(summed) / len(nodes))  # the survivors' noise shares
+    table = ItemTable.from_vector(average, scale=len(summed), noise_std=noise_std)
+    record: dict[str, Any] = {"nodes": len(summed), "items": table.items(), "ratings": int(table.counts.sum())}
+    if noise_std:
+        record["dp"] = privacy_record(cfg, noise_std)
     atomic_write_json(path, {"key": key, "record": record, **table.to_config()})
-    log.info("item statistics: SecAgg+ sum of %d of %d nodes' tables, %d items, %d ratings", len(summed), len(nodes),
-             record["items"], record["ratings"])
+    log.info("item statistics: SecAgg+ sum of %d of %d nodes' tables, %d items, %d ratings%s", len(summed),
+             len(nodes), record["items"], record["ratings"],
+             f" (user-level DP: epsilon {record['dp']['epsilon']:.2f} at delta {cfg.dp_delta:g}, noise std "
+             f"{noise_std:.2f} per sum; the ratings are weighted counts)" if noise_std else "")
     return table, record
+
+
+def privacy_record(cfg: RunConfig, noise_std: float) -> dict[str, Any]:
+    """What --item-dp-epsilon spent: the release's epsilon at --dp-delta from the noise the survivors added (less
+    noise than asked when nodes dropped out: a larger epsilon), the clip and the noise."""
+    multiplier = noise_std / cfg.item_dp_clip
+    return {"epsilon": dp_epsilon(multiplier, cfg.dp_delta), "delta": cfg.dp_delta, "noise_multiplier": multiplier,
+            "clip": cfg.item_dp_clip, "noise_std": noise_std, "releases": 1,
+            "accounting": "Flower's RDP accountant, one Gaussian release, add or remove one user"}
 

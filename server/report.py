@@ -186,6 +186,16 @@ def _privacy_line(dp: Mapping[str, Any] | None) -> str:
             f"{dp['releases']} release(s), {dp['accounting']} accounting.\n")
 
 
+def _item_privacy_line(record: Mapping[str, Any] | None) -> str:
+    dp = (record or {}).get("dp")
+    if not dp:
+        return ""
+    return (f"\nItem table with user-level DP (--item-dp-epsilon: each training user's table scaled to L2 norm "
+            f"{dp['clip']:g}, each device adds its share of the noise before SecAgg+ masks it): noise std "
+            f"{dp['noise_std']:.3g} per sum, (epsilon {dp['epsilon']:.3g}, delta {dp['delta']:.0e}) for its one "
+            f"release; {record['items']} items kept.\n")
+
+
 def _split_text(config: Mapping[str, Any]) -> str:
     if config.get("split") == "validation":
         return (f"**validation** (each test user's {config['validation-items']} latest history items, unseen by "
@@ -248,6 +258,7 @@ def write_report(run_dir: Path, task: TaskSpec, report: dict[str, Any]) -> None:
         + _task_adaptation_line(report["task_adaptation"]) + _decision_line(report) + markdown_table(task, results)
         + _references_line(report) + _comparison_lines(task, report)
         + _privacy_line(report["task_adaptation"].get("differential_privacy"))
+        + _item_privacy_line(report.get("item_statistics"))
         + "\nTimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()) + "\n"
     )
     atomic_write_text(run_dir / "report.md", summary)
