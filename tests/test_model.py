@@ -293,7 +293,7 @@ for file, offset, data_path, digest, size, last in chunks:
         p.CHUNK_FILE_SHA256: digest, p.CHUNK_FILE_SIZE: size, p.CHUNK_LAST: last})[p.CONFIG]))
 replies.append(dict(send(announce, test_dir, p.ANNOUNCE, p.CONFIG, announced)[p.CONFIG]))
 table = send(adapt_secure, train_dir, "train", p.FITINS_CONFIG,
-             {**run_config, p.MODEL_SHA256: sha, p.SECURE_PAYLOAD: p.ITEM_TABLE})
+             {**run_config, p.MODEL_SHA256: sha, p.SECURE_PAYLOAD: p.ITEM_TABLE, p.ROUND_CLIENTS: 1})
 table = [a.tolist() for a in parameters_to_ndarrays(recorddict_to_fitres(table, keep_input=True).parameters)]
 heavy = sorted(m for m in ("torch", "transformers", "peft", "rouge_score", "nltk", "scipy") if m in sys.modules)
 print(json.dumps({"replies": replies, "item_table": table, "heavy": heavy}))
