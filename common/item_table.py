@@ -11,14 +11,13 @@ own items share that bucket.
 Under `--item-dp-epsilon` the table is a user-level differentially private release: each training user's table is
 scaled down to L2 norm at most the clip (ratings sent centred, as rating minus CENTRE), every node adds its share of
 Gaussian noise before SecAgg+ masks it, and the server keeps the buckets whose noisy count clears KEEP_ABOVE noise
-standard deviations (post-processing: no privacy cost). Reading such a table shrinks each item harder, by
-NOISE_SHRINK pseudo-ratings per unit of noise std. The three constants were chosen on the test users' validation
-items (docs/privacy.md).
+standard deviations (post-processing: no privacy cost; the accounting is common/privacy.py's). Reading such a
+table shrinks each item harder, by NOISE_SHRINK pseudo-ratings per unit of noise std. The three constants were
+chosen on the test users' validation items (docs/privacy.md).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 from collections.abc import Mapping
@@ -27,8 +26,6 @@ from typing import Any
 
 import numpy as np
 from flwr.supercore.differential_privacy import add_gaussian_noise_inplace
-from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
-from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from common import protocol as p
 
@@ -37,29 +34,6 @@ SHRINK = 5.0  # pseudo-ratings at the population's mean (offset 0) per item: an 
 LOWEST, CENTRE, HIGHEST = 1.0, 3.0, 5.0  # the rating scale of the tasks with an item table
 NOISE_SHRINK = 2.0  # a noisy table's extra pseudo-ratings per unit of its noise std
 KEEP_ABOVE = 2.0  # a noisy table keeps the buckets whose count exceeds this many noise stds
-
-
-@functools.lru_cache(maxsize=64)
-def dp_epsilon(noise_multiplier: float, delta: float) -> float:
-    """Epsilon at `delta` of one release of the summed tables with Gaussian noise of std `noise_multiplier` times
-    the clip, each user's table at most the clip in L2 (Flower's RDP accountant, add or remove one user)."""
-    accountant = RdpAccountant(PrivacyConfig(
-        target_delta=delta, population_size=1, neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-        sampling_method=SamplingMethod.NO_AMPLIFICATION,
-    ))
-    accountant.compose(GaussianPrivacyEvent(noise_multiplier=noise_multiplier, sample_size=1, population_size=1))
-    return accountant.get_epsilon(delta)
-
-
-@functools.lru_cache(maxsize=64)
-def dp_noise_multiplier(epsilon: float, delta: float) -> float:
-    """The least noise multiplier whose one release spends at most `epsilon` at `delta` (bisection on
-    `dp_epsilon`, which falls as the noise grows)."""
-    low, high = 1e-3, 1e3
-    for _ in range(60):
-        middle = math.sqrt(low * high)
-        low, high = (middle, high) if dp_epsilon(middle, delta) > epsilon else (low, middle)
-    return high
 
 
 def bucket(text: str) -> int:

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord
-from flwr.serverapp import Grid, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Result, Strategy
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
 from common.config import RunConfig
+from common.privacy import rdp_accountant
 from server.secure_aggregation import SecureAdaptation
 from server.strategy import TaskAdapterFedAvg, task_fedavg
 from server.view import ServerView
@@ -63,22 +64,11 @@ class TaskAdaptationDefense:
         """(epsilon, delta) of the secure rounds' releases (the survivors' noise shares), by Flower's RDP accountant
         as for server-side DP."""
         population = len(self.fedavg.train_nodes)
-        accountant = rdp_accountant(self.cfg, population)
+        accountant = rdp_accountant(self.cfg.dp_delta, population)
         for noise, clients in secure.releases:
             accountant.compose(GaussianPrivacyEvent(noise_multiplier=noise, sample_size=clients,
                                                     population_size=population))
         return accountant.get_privacy_spent()
-
-
-def rdp_accountant(cfg: RunConfig, population: int) -> RdpAccountant:
-    """Flower's RDP accountant of client-level DP over `population` training users (no sampling amplification)."""
-    return RdpAccountant(
-        PrivacyConfig(
-            target_delta=cfg.dp_delta, population_size=population,
-            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION,
-        )
-    )
 
 
 def task_adaptation_defense(
@@ -91,7 +81,7 @@ def task_adaptation_defense(
     if cfg.dp_noise > 0:
         wrapped = DifferentialPrivacyServerSideFixedClipping(
             fedavg, noise_multiplier=cfg.dp_noise, clipping_norm=cfg.dp_clip,
-            num_sampled_clients=fedavg.sample_size, accountant=rdp_accountant(cfg, len(train_nodes)),
+            num_sampled_clients=fedavg.sample_size, accountant=rdp_accountant(cfg.dp_delta, len(train_nodes)),
         )
         return TaskAdaptationDefense(cfg, fedavg, wrapped)
     return TaskAdaptationDefense(cfg, fedavg, fedavg)

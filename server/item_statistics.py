@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from common import protocol as p
 from common.config import RunConfig
-from common.item_table import ItemTable, dp_epsilon
+from common.item_table import ItemTable
+from common.privacy import release_epsilon
 from common.store import atomic_write_json, read_saved_state
 from server.audited_grid import AuditedGrid
 from server.secure_aggregation import secure_round
@@ -83,7 +84,7 @@ def privacy_record(cfg: RunConfig, noise_std: float) -> dict[str, Any]:
     """What --item-dp-epsilon spent: the release's epsilon at --dp-delta from the noise the survivors added (less
     noise than asked when nodes dropped out: a larger epsilon), the clip and the noise."""
     multiplier = noise_std / cfg.item_dp_clip
-    return {"epsilon": dp_epsilon(multiplier, cfg.dp_delta), "delta": cfg.dp_delta, "noise_multiplier": multiplier,
-            "clip": cfg.item_dp_clip, "noise_std": noise_std, "releases": 1,
+    return {"epsilon": release_epsilon(multiplier, cfg.dp_delta), "delta": cfg.dp_delta,
+            "noise_multiplier": multiplier, "clip": cfg.item_dp_clip, "noise_std": noise_std, "releases": 1,
             "accounting": "Flower's RDP accountant, one Gaussian release, add or remove one user"}
 

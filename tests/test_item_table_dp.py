@@ -17,8 +17,8 @@ from client.item_statistics import contribution, others_table, sent_vector
 from common import protocol as p
 from common.exit_status import BAD_INPUT
 from common.config import RunConfig
-from common.item_table import CENTRE, KEEP_ABOVE, NOISE_SHRINK, SHRINK, ItemTable, bucket, dp_epsilon, \
-    dp_noise_multiplier
+from common.item_table import CENTRE, KEEP_ABOVE, NOISE_SHRINK, SHRINK, ItemTable, bucket
+from common.privacy import release_epsilon, release_noise_multiplier
 from common.tasks import get_task
 from server.item_statistics import privacy_record
 from simulation.cli import main as cli_main
@@ -49,12 +49,13 @@ def test_a_users_table_is_scaled_to_the_clip_and_keeps_its_means() -> None:
 
 def test_the_noise_multiplier_spends_the_epsilon_asked_for() -> None:
     for epsilon in (1.0, 5.0, 20.0):
-        z = dp_noise_multiplier(epsilon, 1e-5)
-        assert dp_epsilon(z, 1e-5) == pytest.approx(epsilon, rel=1e-3)
-        assert dp_epsilon(z * 0.9, 1e-5) > epsilon  # less noise spends more
-    assert dp_noise_multiplier(1.0, 1e-5) > dp_noise_multiplier(5.0, 1e-5) > dp_noise_multiplier(20.0, 1e-5)
+        z = release_noise_multiplier(epsilon, 1e-5)
+        assert release_epsilon(z, 1e-5) == pytest.approx(epsilon, rel=1e-3)
+        assert release_epsilon(z * 0.9, 1e-5) > epsilon  # less noise spends more
+    multipliers = [release_noise_multiplier(epsilon, 1e-5) for epsilon in (1.0, 5.0, 20.0)]
+    assert multipliers[0] > multipliers[1] > multipliers[2]
     cfg = RunConfig(item_dp_epsilon=5.0, item_dp_clip=2.0)
-    assert cfg.item_noise_std() == pytest.approx(2.0 * dp_noise_multiplier(5.0, 1e-5))
+    assert cfg.item_noise_std() == pytest.approx(2.0 * release_noise_multiplier(5.0, 1e-5))
     assert RunConfig().item_noise_std() == 0.0
     # nodes that drop out take their noise shares with them: the release then spent more
     assert privacy_record(cfg, cfg.item_noise_std() * math.sqrt(0.5))["epsilon"] > 5.0 * 1.3
