@@ -213,8 +213,7 @@ def adapt_secure(msg: Message, context: Context) -> Message:
 def _item_table_reply(msg: Message, context: Context) -> Message:
     """The collect stage of the item-table round (--item-statistics): a training user's item table as the one
     vector, weight 1, which secaggplus_mod masks (under --item-dp-epsilon clipped and with this node's share of
-    the noise); no model is loaded. A test user's node refuses: it sends
-    metric statistics only."""
+    the noise); no model is loaded. A test user's node refuses: it sends metric statistics only."""
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 

@@ -341,10 +341,10 @@ class RunConfig:
 
     def item_noise_std(self) -> float:
         """The std of the Gaussian noise in each sum of the item table under --item-dp-epsilon (0 without)."""
-        from common.privacy import release_noise_multiplier  # flwr's accountant: only where the table is private
-
         if self.item_dp_epsilon <= 0:
             return 0.0
+        from common.privacy import release_noise_multiplier  # flwr's accountant: only where the table is private
+
         return release_noise_multiplier(self.item_dp_epsilon, self.dp_delta) * self.item_dp_clip
 
     def calibrates_answers(self) -> bool:
