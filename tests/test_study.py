@@ -70,18 +70,39 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _check_rows_against_reports(table: dict, reports: dict[str, dict]) -> None:
-    """Each row's metric is its report's; each difference is the difference of the reports' metrics."""
+    """Each row's metric is its report's (a method's or a reference row's); each difference, also the one against
+    the best reference row, is the difference of the reports' metrics."""
 
     def reported(label: str) -> float:
-        arm, method = label.split("/") if "/" in label else ("run", label)
-        return reports[arm]["methods"][method]["metrics"]["accuracy"]
+        arm, name = label.split("/") if "/" in label else ("run", label)
+        return {**reports[arm]["methods"], **reports[arm]["references"]}[name]["metrics"]["accuracy"]
 
     for row in table["rows"]:
         assert row["metric"] == pytest.approx(reported(row["label"]), abs=1e-12)
-        d = row["difference"]
-        if d is not None:
-            assert d["low"] <= d["high"]
-            assert d["difference"] == pytest.approx(reported(row["label"]) - reported(d["reference"]), abs=1e-12)
+        for d in (row["difference"], row["baseline"]):
+            if d is not None:
+                assert d["low"] <= d["high"]
+                assert d["difference"] == pytest.approx(reported(row["label"]) - reported(d["reference"]), abs=1e-12)
+
+
+def _references_of(table: dict) -> list[str]:
+    return [row["label"] for row in table["rows"] if row["label"].split("/")[-1].startswith("ref-")]
+
+
+def _check_best_reference(table: dict, arm: str | None = None) -> None:
+    """The table lists the run's reference rows (those of `arm` in a study of several runs), and every other row
+    is compared with the one of highest accuracy among them."""
+    references = _references_of(table)
+    prefix = f"{arm}/" if arm else ""
+    assert references and all(label.startswith(prefix + "ref-") for label in references)
+    metric = {row["label"]: row["metric"] for row in table["rows"]}
+    best = max(references, key=lambda label: (metric[label], label))
+    assert metric[best] == max(metric[label] for label in references)
+    for row in table["rows"]:
+        if row["label"] in references:
+            assert row["baseline"] is None
+        else:
+            assert row["baseline"]["reference"] == best
 
 
 @pytest.fixture(scope="module")
@@ -98,15 +119,19 @@ def test_retrieval_depth_study_in_one_run(depth_study: Path) -> None:
     written = json.loads((depth_study / "retrieval-depth.json").read_text())
     assert written["metric"] == "accuracy" and written["arms"] == {"run": str(depth_study / "run")}
     against_base, adapter_gain = written["tables"]
-    assert [row["label"] for row in against_base["rows"]] == DEPTH_METHODS
+    assert [row["label"] for row in against_base["rows"]] == DEPTH_METHODS + sorted(report["references"])
+    _check_best_reference(against_base)
     assert [row["difference"]["reference"] for row in adapter_gain["rows"]] == ["base", "rag-k1", "rag-k2"]
+    assert all(row["baseline"] is None for row in adapter_gain["rows"])
     for table in written["tables"]:
         _check_rows_against_reports(table, {"run": report})
     assert adapter_gain["rows"][0]["difference"]["difference"] > 0  # planted preferences: OPPU beats the base
     assert written["figure"]["x"] == [0, 1, 2]
     assert written["figure"]["series"]["RAG+OPPU"][0] == against_base["rows"][3]["metric"]
     assert (depth_study / "retrieval-depth.png").read_bytes()[:8] == PNG
-    assert "95% CI" in (depth_study / "retrieval-depth.md").read_text()
+    markdown = (depth_study / "retrieval-depth.md").read_text()
+    assert "95% CI" in markdown and "vs best reference" in markdown
+    assert f"Best reference row over these users: {against_base['rows'][1]['baseline']['reference']}" in markdown
 
 
 def test_a_finished_study_is_reused_and_other_settings_are_refused(
@@ -127,8 +152,15 @@ def test_activity_buckets_read_from_the_node_stores(depth_study: Path, tmp_path:
     STUDIES["activity"].finish(cfg, {"run": run_dir}, args, tmp_path)
     written = json.loads((tmp_path / "activity.json").read_text())
     lengths = sorted(history_lengths(run_dir).values())
-    assert [[row["label"] for row in t["rows"]] for t in written["tables"]] == [DEPTH_METHODS] * 2
+    references = sorted(json.loads((run_dir / "report.json").read_text())["references"])
+    assert [[row["label"] for row in t["rows"]] for t in written["tables"]] == [DEPTH_METHODS + references] * 2
     assert [t["rows"][0]["users"] for t in written["tables"]] == [2, 1]
+    for table in written["tables"]:
+        _check_best_reference(table)
+    best = [t["rows"][0]["baseline"]["reference"] for t in written["tables"]]
+    name = f"{best[0]} (best reference)" if len(set(best)) == 1 else "best reference row"
+    assert written["figure"]["series"][name] == [
+        next(r["metric"] for r in t["rows"] if r["label"] == b) for t, b in zip(written["tables"], best)]
     assert written["figure"]["x"] == [f"{lengths[0]}–{lengths[1]} items", f"{lengths[2]}–{lengths[2]} items"]
     assert (tmp_path / "activity.png").read_bytes()[:8] == PNG
     # a node store that no longer holds what the server received is refused
@@ -138,6 +170,35 @@ def test_activity_buckets_read_from_the_node_stores(depth_study: Path, tmp_path:
     (run_dir / "clients" / user / "result.json").write_text(json.dumps(result))
     with pytest.raises(ValueError, match="do not hold what the server received"):
         stored_statistics(run_dir)
+
+
+@pytest.mark.parametrize("study, arms", [("behaviour-shift", ("full", "least-relevant")),
+                                         ("history-format", ("both", "input", "output"))])
+def test_studies_of_several_runs_compare_each_method_with_the_reference_rows(
+    depth_study: Path, tmp_path: Path, study: str, arms: tuple[str, ...]
+) -> None:
+    """The analysis of a study of several runs (here copies of one run, which hold every method these studies
+    ask for) puts the reference rows beside the methods: each arm's own where they read that arm's history
+    (behaviour-shift), else the first arm's."""
+    runs = {arm: tmp_path / arm for arm in arms}
+    for run_dir in runs.values():
+        shutil.copytree(depth_study / "run", run_dir)
+    args = build_parser().parse_args([study, "--task", "LaMP-2M", "--data", "synthetic", "--model", "tiny-random"])
+    STUDIES[study].finish(run_config_of(args, build_parser()), runs, args, tmp_path)
+    written = json.loads((tmp_path / f"{study}.json").read_text())
+    report = json.loads((depth_study / "run" / "report.json").read_text())
+    for table in written["tables"]:
+        _check_rows_against_reports(table, dict.fromkeys(arms, report))
+    compared = [t for t in written["tables"] if _references_of(t)]
+    if study == "behaviour-shift":
+        assert [t["title"] for t in compared] == [f"Against the non-personalized model, {arm} history" for arm in arms]
+        for arm, table in zip(arms, compared):
+            _check_best_reference(table, arm)
+    else:
+        assert len(compared) == 1
+        _check_best_reference(compared[0], arms[0])
+        assert "are the `both` run's" in (tmp_path / f"{study}.md").read_text()
+    assert (tmp_path / f"{study}.png").read_bytes()[:8] == PNG
 
 
 def test_similarity_of_an_existing_run_is_written_beside_it(depth_study: Path, tmp_path: Path) -> None:
@@ -158,7 +219,10 @@ def test_peft_types_study_in_three_runs(tmp_path: Path) -> None:
     assert {kind: r["config"]["peft"] for kind, r in reports.items()} == {k: k for k in reports}
     written = json.loads((study_dir / "peft-types.json").read_text())
     gain, versus_lora = written["tables"]
-    assert [row["label"] for row in gain["rows"]] == [f"{k}/{m}" for k in reports for m in ("base", "oppu")]
+    assert [row["label"] for row in gain["rows"]] == [f"{k}/{m}" for k in reports for m in ("base", "oppu")] + [
+        f"lora/{name}" for name in sorted(reports["lora"]["references"])]
+    _check_best_reference(gain, "lora")
+    assert all(reports[kind]["references"] == reports["lora"]["references"] for kind in reports)
     for table in (gain, versus_lora):
         _check_rows_against_reports(table, reports)
     shares = {row["label"]: row["extra"]["trainable share"] for row in gain["rows"] if row["extra"]}

@@ -33,6 +33,7 @@ from simulation.studies.report import (
     StudyResult,
     Table,
     build_table,
+    reference_labels,
     write_study,
 )
 from simulation.studies.similarity import similarity_inputs, write_similarity
@@ -79,6 +80,16 @@ def _metrics(table: Table) -> dict[str, float]:
     return {row.label: row.metric for row in table.rows}
 
 
+def _best_reference(table: Table) -> str | None:
+    """The table's best reference row: the one its other rows were compared with, if it has reference rows."""
+    return next((row.baseline.reference for row in table.rows if row.baseline), None)
+
+
+def _shared_references_note(arm: str) -> str:
+    return (f"Reference rows (`ref-*`, non-LLM) are the `{arm}` run's: they read only the user's history, which every "
+            "arm holds alike.")
+
+
 # retrieval depth (paper Figure 5): one run, every depth as its own method
 
 
@@ -102,7 +113,7 @@ def _depth_analysis(task: TaskSpec, cfg: RunConfig, runs: dict[str, Path], args:
     per_user = list(report["per_user"].values())
     methods = _depth_methods(args.depths)
     against_base = build_table(task, "Against the non-personalized model", per_user,
-                               [("base", None), *((m, "base") for m in methods[1:])])
+                               [("base", None), *((m, "base") for m in methods[1:])], references=reference_labels(per_user))
     adapter_gain = build_table(task, "Personal adapter at each depth (RAG+OPPU vs RAG)", per_user,
                                [("oppu", "base"), *((method_name(True, k), method_name(False, k)) for k in args.depths)])
     metric = _metrics(against_base)
@@ -141,7 +152,7 @@ def _peft_analysis(task: TaskSpec, cfg: RunConfig, runs: dict[str, Path], args: 
     extra = {f"{kind}/oppu": sizes[kind] for kind in PEFT_ARMS}
     gain = build_table(task, "Personal module against the non-personalized model, per PEFT type", per_user,
                        [row for kind in PEFT_ARMS for row in ((f"{kind}/base", None), (f"{kind}/oppu", f"{kind}/base"))],
-                       extra)
+                       extra, references=reference_labels(per_user, PEFT_ARMS[0]))
     versus_lora = build_table(task, "Against LoRA", per_user,
                               [("lora/oppu", None), ("ia3/oppu", "lora/oppu"), ("prompt/oppu", "lora/oppu")], extra)
     metric = _metrics(gain)
@@ -149,7 +160,8 @@ def _peft_analysis(task: TaskSpec, cfg: RunConfig, runs: dict[str, Path], args: 
         "base": [metric[f"{kind}/base"] for kind in PEFT_ARMS],
         "oppu": [metric[f"{kind}/oppu"] for kind in PEFT_ARMS],
     }, "personal PEFT type (trainable share of parameters)")
-    return StudyResult("peft-types", "PEFT types", task.name, [gain, versus_lora], figure, _arm_dirs(runs))
+    return StudyResult("peft-types", "PEFT types", task.name, [gain, versus_lora], figure, _arm_dirs(runs),
+                       [_shared_references_note(PEFT_ARMS[0])])
 
 
 # activity levels (paper Figure 3): one run, users grouped by history length
@@ -172,9 +184,16 @@ def _activity_analysis(task: TaskSpec, cfg: RunConfig, runs: dict[str, Path], ar
     tables, labels = [], []
     for bucket in (list(b) for b in np.array_split(users, min(args.buckets, len(users)))):
         label = f"{lengths[bucket[0]]}–{lengths[bucket[-1]]} items"
-        tables.append(build_table(task, f"History of {label} ({len(bucket)} users)", [stats[u] for u in bucket], rows))
+        in_bucket = [stats[u] for u in bucket]
+        tables.append(build_table(task, f"History of {label} ({len(bucket)} users)", in_bucket, rows,
+                                  references=reference_labels(in_bucket)))
         labels.append(label)
-    figure = Figure("bars", labels, {m: [_metrics(t)[m] for t in tables] for m in methods},
+    series: dict[str, list[float | None]] = {m: [_metrics(t)[m] for t in tables] for m in methods}
+    best = [_best_reference(t) for t in tables]
+    if any(best):  # one bar per bucket: its own best reference row, named when every bucket has the same
+        name = f"{best[0]} (best reference)" if len(set(best)) == 1 else "best reference row"
+        series[name] = [_metrics(t)[b] if b else None for t, b in zip(tables, best)]
+    figure = Figure("bars", labels, series,
                     "history length of the user (equal-count buckets of test users)")
     notes = [("History lengths are read from the node stores (clients/<user>/data.json) on the machine that holds "
               "them; test users are the users with the longest histories, so the buckets span that upper range.")]
@@ -197,17 +216,19 @@ def _shift_analysis(task: TaskSpec, cfg: RunConfig, runs: dict[str, Path], args:
     per_user = paired_by_user(runs)
     shift = build_table(task, "Least relevant history against full history, per method", per_user,
                         [(f"least-relevant/{m}", f"full/{m}") for m in SHIFT_METHODS])
-    against_base = build_table(task, "Against the non-personalized model, per history", per_user, [
-        row for arm in SHIFT_ARMS
-        for row in ((f"{arm}/base", None), *((f"{arm}/{m}", f"{arm}/base") for m in SHIFT_METHODS[1:]))
-    ])
-    metric = _metrics(against_base)
+    against_base = [  # one table per arm: its reference rows read the history that arm keeps
+        build_table(task, f"Against the non-personalized model, {arm} history", per_user,
+                    [(f"{arm}/base", None), *((f"{arm}/{m}", f"{arm}/base") for m in SHIFT_METHODS[1:])],
+                    references=reference_labels(per_user, arm))
+        for arm in SHIFT_ARMS
+    ]
+    metric = {label: value for table in against_base for label, value in _metrics(table).items()}
     figure = Figure("bars", list(SHIFT_METHODS), {arm: [metric[f"{arm}/{m}"] for m in SHIFT_METHODS] for arm in SHIFT_ARMS},
                     "method")
     notes = [(f"least-relevant: the {cfg.selection_items} history items least similar to the user's queries "
               "(MiniLM embeddings, on the device); retrieval and personal training see only those. Both arms use "
               "--max-history 0 (all selected items).")]
-    return StudyResult("behaviour-shift", "Behaviour shift", task.name, [shift, against_base], figure, _arm_dirs(runs),
+    return StudyResult("behaviour-shift", "Behaviour shift", task.name, [shift, *against_base], figure, _arm_dirs(runs),
                        notes)
 
 
@@ -224,13 +245,15 @@ def _format_arms(cfg: RunConfig, args: argparse.Namespace) -> list[Arm]:
 def _format_analysis(task: TaskSpec, cfg: RunConfig, runs: dict[str, Path], args: argparse.Namespace) -> StudyResult:
     per_user = paired_by_user(runs)
     gain = build_table(task, "Personal adapter against the non-personalized model, per history format", per_user,
-                       [row for f in FORMATS for row in ((f"{f}/base", None), (f"{f}/oppu", f"{f}/base"))])
+                       [row for f in FORMATS for row in ((f"{f}/base", None), (f"{f}/oppu", f"{f}/base"))],
+                       references=reference_labels(per_user, FORMATS[0]))
     versus_both = build_table(task, "Against input and output together", per_user,
                               [("both/oppu", None), ("input/oppu", "both/oppu"), ("output/oppu", "both/oppu")])
     metric = _metrics(gain)
     figure = Figure("bars", list(FORMATS), {m: [metric[f"{f}/{m}"] for f in FORMATS] for m in ("base", "oppu")},
                     "history items used for personal training")
-    return StudyResult("history-format", "History format", task.name, [gain, versus_both], figure, _arm_dirs(runs))
+    return StudyResult("history-format", "History format", task.name, [gain, versus_both], figure, _arm_dirs(runs),
+                       [_shared_references_note(FORMATS[0])])
 
 
 # adapter similarity (paper appendix G): read from the node stores of an existing or a fresh run

@@ -2,7 +2,9 @@
 
 A table is built from per-user statistics keyed by label ("oppu", "ia3/oppu", ...): a row's metric is
 combined exactly over the users that have the label, its difference is paired over the users that have
-both the label and the row's reference (server/bootstrap.py).
+both the label and the row's reference (common/bootstrap.py). A table given the run's reference rows (the
+non-LLM baselines, `ref-*`) lists them too, and every other row gets a second difference: against the best of
+them over the table's users, the bar a method must clear (as report.md does for a run).
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from client.references import PREFIX as REFERENCE_PREFIX
 from common.bootstrap import Difference, paired_difference
 from common.metrics import Statistics, combine, finalize, primary_metric
 from common.store import atomic_write_json, atomic_write_text
 from common.tasks import TaskSpec
-from server.report import write_png
+from server.report import best_reference, write_png
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class Row:
     users: int
     difference: Difference | None = None  # against the row's reference, if it has one
     extra: dict[str, Any] = field(default_factory=dict)  # study-specific columns (e.g. trainable parameters)
+    baseline: Difference | None = None  # against the table's best reference row, if the table has them
 
 
 @dataclass(frozen=True)
@@ -56,24 +60,40 @@ class StudyResult:
     notes: list[str] = field(default_factory=list)
 
 
+def reference_labels(per_user: Sequence[Mapping[str, Statistics]], arm: str | None = None) -> list[str]:
+    """The reference rows (`ref-*`) the users' statistics hold: a run's own, or with `arm` those of that arm of a
+    study ("<arm>/ref-recent-mean"), in their order in the first user's statistics."""
+    prefix = REFERENCE_PREFIX if arm is None else f"{arm}/{REFERENCE_PREFIX}"
+    return [label for label in (per_user[0] if per_user else {}) if label.startswith(prefix)]
+
+
 def build_table(
     task: TaskSpec,
     title: str,
     per_user: Sequence[Mapping[str, Statistics]],
     rows: Sequence[tuple[str, str | None]],
     extra: Mapping[str, dict[str, Any]] | None = None,
+    references: Sequence[str] = (),
 ) -> Table:
-    """Rows given as (label, reference label or None); `extra` adds columns per label."""
+    """Rows given as (label, reference label or None); `extra` adds columns per label; `references` (reference-row
+    labels) are listed after the rows, and every other row is compared with the best of them."""
     lead, _ = primary_metric(task)
-    built = []
-    for label, reference in rows:
+
+    def metric(label: str) -> tuple[float, int]:
         users = [u[label] for u in per_user if label in u]
         if not users:
             raise ValueError(f"table {title!r}: no user has statistics for {label!r}")
+        return finalize(task, combine(users))[lead], len(users)
+
+    best = best_reference(task, {label: {"metrics": {lead: metric(label)[0]}} for label in references})
+    built = []
+    for label, reference in [*rows, *((label, None) for label in references)]:
+        value, users = metric(label)
         built.append(Row(
-            label, finalize(task, combine(users))[lead], len(users),
+            label, value, users,
             paired_difference(task, per_user, label, reference) if reference else None,
             dict((extra or {}).get(label, {})),
+            paired_difference(task, per_user, label, best) if best and label not in references else None,
         ))
     return Table(title, built)
 
@@ -83,21 +103,35 @@ def _markdown(task: TaskSpec, result: StudyResult) -> str:
     lines = [f"# {result.title} ({task.name}, {lead} {'↑' if higher_better else '↓'})", ""]
     for table in result.tables:
         extra = list(dict.fromkeys(key for row in table.rows for key in row.extra))
+        baselines = any(row.baseline for row in table.rows)
         lines += [f"## {table.title}", "",
-                  f"| method | {lead} | users | difference | vs | 95% CI | " + "".join(f"{k} | " for k in extra),
-                  "|---|---:|---:|---:|---|---|" + "---:|" * len(extra)]
+                  f"| method | {lead} | users | difference | vs | 95% CI | "
+                  + ("vs best reference | 95% CI | " if baselines else "") + "".join(f"{k} | " for k in extra),
+                  "|---|---:|---:|---:|---|---|" + ("---:|---|" if baselines else "") + "---:|" * len(extra)]
         for row in table.rows:
-            d = row.difference
-            compared = (f"{d.difference:+.4f} | {d.reference} | [{d.low:+.4f}, {d.high:+.4f}]"
-                        if d else "– | – | –")
+            compared = _compared(row.difference, with_reference=True)
+            against_best = f"{_compared(row.baseline, with_reference=False)} | " if baselines else ""
             cells = "".join(f"{_cell(row.extra.get(k, '–'))} | " for k in extra)
-            lines.append(f"| {row.label} | {row.metric:.4f} | {row.users} | {compared} | {cells}")
+            lines.append(f"| {row.label} | {row.metric:.4f} | {row.users} | {compared} | {against_best}{cells}")
+        best = next((row.baseline.reference for row in table.rows if row.baseline), None)
+        if best:
+            lines += ["", f"Best reference row over these users: {best} (the reference rows are non-LLM predictors, "
+                      "computed on each device from the user's own history and, where the run has one, the "
+                      "population's item table)."]
         lines.append("")
     lines.append("Differences are label minus reference over the same users; 95% CIs from a paired bootstrap "
                  "over users (1000 resamples, metric recomputed from summed statistics).")
     lines += [f"- {note}" for note in result.notes]
     lines += ["", "Runs: " + ", ".join(f"`{arm}`: {path}" for arm, path in result.arms.items()), ""]
     return "\n".join(lines)
+
+
+def _compared(d: Difference | None, with_reference: bool) -> str:
+    """A difference as table cells: value, (the reference,) CI; dashes for none."""
+    if d is None:
+        return "– | – | –" if with_reference else "– | –"
+    named = f" | {d.reference}" if with_reference else ""
+    return f"{d.difference:+.4f}{named} | [{d.low:+.4f}, {d.high:+.4f}]"
 
 
 def _cell(value: Any) -> str:
