@@ -130,8 +130,9 @@ def test_retrieval_depth_study_in_one_run(depth_study: Path) -> None:
     assert written["figure"]["series"]["RAG+OPPU"][0] == against_base["rows"][3]["metric"]
     assert (depth_study / "retrieval-depth.png").read_bytes()[:8] == PNG
     markdown = (depth_study / "retrieval-depth.md").read_text()
-    assert "95% CI" in markdown and "vs best reference" in markdown
-    assert f"Best reference row over these users: {against_base['rows'][1]['baseline']['reference']}" in markdown
+    best = against_base["rows"][1]["baseline"]["reference"]
+    assert "95% CI" in markdown and f"vs {best} (best reference) | 95% CI |" in markdown
+    assert f"{best}: the best reference row over these users" in markdown
 
 
 def test_a_finished_study_is_reused_and_other_settings_are_refused(

@@ -32,6 +32,7 @@ from simulation.studies.report import (
     Figure,
     StudyResult,
     Table,
+    best_reference_row,
     build_table,
     reference_labels,
     write_study,
@@ -78,11 +79,6 @@ def _arm_dirs(runs: dict[str, Path]) -> dict[str, str]:
 
 def _metrics(table: Table) -> dict[str, float]:
     return {row.label: row.metric for row in table.rows}
-
-
-def _best_reference(table: Table) -> str | None:
-    """The table's best reference row: the one its other rows were compared with, if it has reference rows."""
-    return next((row.baseline.reference for row in table.rows if row.baseline), None)
 
 
 def _shared_references_note(arm: str) -> str:
@@ -189,7 +185,7 @@ def _activity_analysis(task: TaskSpec, cfg: RunConfig, runs: dict[str, Path], ar
                                   references=reference_labels(in_bucket)))
         labels.append(label)
     series: dict[str, list[float | None]] = {m: [_metrics(t)[m] for t in tables] for m in methods}
-    best = [_best_reference(t) for t in tables]
+    best = [best_reference_row(t) for t in tables]
     if any(best):  # one bar per bucket: its own best reference row, named when every bucket has the same
         name = f"{best[0]} (best reference)" if len(set(best)) == 1 else "best reference row"
         series[name] = [_metrics(t)[b] if b else None for t, b in zip(tables, best)]

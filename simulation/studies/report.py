@@ -60,6 +60,11 @@ class StudyResult:
     notes: list[str] = field(default_factory=list)
 
 
+def best_reference_row(table: Table) -> str | None:
+    """The table's best reference row: the one its other rows were compared with (None: it has no reference rows)."""
+    return next((row.baseline.reference for row in table.rows if row.baseline), None)
+
+
 def reference_labels(per_user: Sequence[Mapping[str, Statistics]], arm: str | None = None) -> list[str]:
     """The reference rows (`ref-*`) the users' statistics hold: a run's own, or with `arm` those of that arm of a
     study ("<arm>/ref-recent-mean"), in their order in the first user's statistics."""
@@ -103,19 +108,18 @@ def _markdown(task: TaskSpec, result: StudyResult) -> str:
     lines = [f"# {result.title} ({task.name}, {lead} {'↑' if higher_better else '↓'})", ""]
     for table in result.tables:
         extra = list(dict.fromkeys(key for row in table.rows for key in row.extra))
-        baselines = any(row.baseline for row in table.rows)
+        best = best_reference_row(table)
         lines += [f"## {table.title}", "",
                   f"| method | {lead} | users | difference | vs | 95% CI | "
-                  + ("vs best reference | 95% CI | " if baselines else "") + "".join(f"{k} | " for k in extra),
-                  "|---|---:|---:|---:|---|---|" + ("---:|---|" if baselines else "") + "---:|" * len(extra)]
+                  + (f"vs {best} (best reference) | 95% CI | " if best else "") + "".join(f"{k} | " for k in extra),
+                  "|---|---:|---:|---:|---|---|" + ("---:|---|" if best else "") + "---:|" * len(extra)]
         for row in table.rows:
             compared = _compared(row.difference, with_reference=True)
-            against_best = f"{_compared(row.baseline, with_reference=False)} | " if baselines else ""
+            against_best = f"{_compared(row.baseline, with_reference=False)} | " if best else ""
             cells = "".join(f"{_cell(row.extra.get(k, '–'))} | " for k in extra)
             lines.append(f"| {row.label} | {row.metric:.4f} | {row.users} | {compared} | {against_best}{cells}")
-        best = next((row.baseline.reference for row in table.rows if row.baseline), None)
         if best:
-            lines += ["", f"Best reference row over these users: {best} (the reference rows are non-LLM predictors, "
+            lines += ["", f"{best}: the best reference row over these users (reference rows are non-LLM predictors, "
                       "computed on each device from the user's own history and, where the run has one, the "
                       "population's item table)."]
         lines.append("")
