@@ -225,7 +225,8 @@ def _item_table_reply(msg: Message, context: Context) -> Message:
     user, role, _ = node_user(context)
     if role != "train":
         raise RuntimeError("the item-table round asked a test user's node: only training users send item tables")
-    vector = on_quantization_grid(sent_vector(user, cfg, int(config[p.ROUND_CLIENTS])))
+    round_clients = int(config[p.ROUND_CLIENTS])
+    vector = on_quantization_grid(sent_vector(user, cfg, round_clients), round_clients)
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vector), 1, {})
     return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 

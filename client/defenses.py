@@ -49,7 +49,7 @@ def secure_vector(cfg: RunConfig, update: list[np.ndarray], loss: float, shares:
     the update clipped to --dp-clip plus this device's share of the Gaussian noise (std noise * clip / sqrt(clients
     of the round)), so the sum carries it whole (the noise is numpy's unseeded draw: never repeatable)."""
     if cfg.dp_noise <= 0:
-        return on_quantization_grid(pack_update(update, loss, shares))
+        return on_quantization_grid(pack_update(update, loss, shares), round_clients)
     clip_inputs_inplace(update, cfg.dp_clip)
     add_gaussian_noise_inplace(update, cfg.dp_noise * cfg.dp_clip / math.sqrt(round_clients))
-    return on_quantization_grid(pack_update(update, None, []))
+    return on_quantization_grid(pack_update(update, None, []), round_clients)

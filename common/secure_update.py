@@ -6,7 +6,11 @@ So a client sends its *update* (new task LoRA minus the global one: small, so th
 = 7.6e-6 per client, is far below it) and not the weights, and every client has weight 1 (a weight w < max_weight
 scales values by w/max_weight before quantization and loses precision). The user's training loss and answer-label
 shares ride in the same vector, so the server learns only their averages too (what FedAvg's metric aggregation
-reports). The sum of n clients' quantized values must stay below MODULUS_RANGE: n <= 2**32 / 2**22 = 1024 per round.
+reports). The sum of a round's quantized values must stay below MODULUS_RANGE, or it wraps around and the average
+comes out wrong with no error (Flower checks only its neighbour count): each of n clients adds up to
+QUANTIZATION_RANGE per value (its weight too), so a round of n clients quantizes to the finest power of two q <= 2**22
+with n * q < 2**32 (`quantization_range`): 2**22 up to 1,023 clients, 2**21 up to 2,047, 2**19 for the 5,656 nodes
+of an item-table round over six MovieLens-100Ks, each halving doubling the step.
 
 Flower's stochastic rounding draws from numpy's global random state, which nothing seeds, so the same vectors
 summed twice gave sums a few steps apart, and a repeated run differed (simulation/node_ids.py). A client therefore
@@ -21,9 +25,8 @@ import hashlib
 import numpy as np
 
 CLIPPING_RANGE = 16.0  # covers task-LoRA updates (Adam moves a weight ~lr per step) and training losses < 16
-QUANTIZATION_RANGE = 2**22  # Flower's default
+QUANTIZATION_RANGE = 2**22  # Flower's default: the finest levels, those of a round of up to 1,023 clients
 MODULUS_RANGE = 2**32  # Flower's default (and its maximum)
-QUANTUM = 2 * CLIPPING_RANGE / QUANTIZATION_RANGE  # one quantization step, 2**-17: its multiples stay exact
 SHARES = 1.0  # each client's secrets are shared with every client of the round (a float: a share of the round)
 THRESHOLD = 0.5  # shares needed to unmask: the server must collude with half a round's clients to unmask one
 
@@ -43,18 +46,36 @@ def pack_update(update: list[np.ndarray], loss: float | None, answer_shares: lis
     return vector
 
 
-def on_quantization_grid(vector: list[np.ndarray]) -> list[np.ndarray]:
-    """`vector` stochastically rounded to multiples of QUANTUM (down or up, with the chance that keeps its mean),
-    the random bits seeded by the vector's bytes: the same vector always rounds the same way, and the server, which
-    never sees it, cannot predict the rounding."""
+def quantization_range(round_clients: int) -> int:
+    """The quantization levels of a SecAgg+ round of `round_clients` clients: the finest power of two, at most
+    QUANTIZATION_RANGE, at which their sum stays below MODULUS_RANGE."""
+    if round_clients < 1:
+        raise ValueError(f"a secure-aggregation round needs a client, got {round_clients}")
+    levels = QUANTIZATION_RANGE
+    while round_clients * levels >= MODULUS_RANGE:
+        levels //= 2
+    return levels
+
+
+def quantum(round_clients: int) -> float:
+    """One quantization step of a round of `round_clients` clients (2**-17 up to 1,023): a power of two, so its
+    multiples stay exact."""
+    return 2 * CLIPPING_RANGE / quantization_range(round_clients)
+
+
+def on_quantization_grid(vector: list[np.ndarray], round_clients: int) -> list[np.ndarray]:
+    """`vector` stochastically rounded to multiples of the round's quantum (down or up, with the chance that keeps
+    its mean), the random bits seeded by the vector's bytes: the same vector always rounds the same way, and the
+    server, which never sees it, cannot predict the rounding."""
+    step = quantum(round_clients)
     arrays = [np.asarray(a, dtype=np.float64) for a in vector]
     digest = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     rounded = []
     for a in arrays:
-        steps = a / QUANTUM  # exact: QUANTUM is a power of two
+        steps = a / step  # exact: the step is a power of two
         low = np.floor(steps)
-        rounded.append((low + (rng.random(a.shape) < steps - low)) * QUANTUM)
+        rounded.append((low + (rng.random(a.shape) < steps - low)) * step)
     return rounded
 
 

@@ -35,9 +35,9 @@ from common.config import RunConfig
 from common.secure_update import (
     CLIPPING_RANGE,
     MODULUS_RANGE,
-    QUANTIZATION_RANGE,
     SHARES,
     THRESHOLD,
+    quantization_range,
     unpack_update,
 )
 from server.strategy import TaskAdapterFedAvg
@@ -81,9 +81,9 @@ def secure_round(
     )
     context.state[MAIN_PARAMS_RECORD] = arrays
     context.state[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
-    workflow = SecAggPlusWorkflow(
-        shares, THRESHOLD, max_weight=1.0, clipping_range=CLIPPING_RANGE, quantization_range=QUANTIZATION_RANGE,
-        modulus_range=MODULUS_RANGE, timeout=timeout,
+    workflow = SecAggPlusWorkflow(  # the levels by the round's size, so that its sum never wraps (common/secure_update.py)
+        shares, THRESHOLD, max_weight=1.0, clipping_range=CLIPPING_RANGE,
+        quantization_range=quantization_range(len(nodes)), modulus_range=MODULUS_RANGE, timeout=timeout,
     )
     workflow(grid, context)
     return strategy.average, strategy.nodes

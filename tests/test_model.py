@@ -326,7 +326,7 @@ def test_the_handlers_that_load_no_model_load_no_torch(tiny_model_dir, tmp_path)
     assert replies[-1] == {"role": "test", "has-model": True}  # installed, and found by its hash
     assert verify_model_dir(find_model_by_hash(sha, cache_dir=tmp_path / "cache")) == sha
     # the training user's item table, as the FitRes secaggplus_mod masks
-    expected = on_quantization_grid(contribution(train[0], get_task(cfg.task)).vector())
+    expected = on_quantization_grid(contribution(train[0], get_task(cfg.task)).vector(), 1)
     assert result["item_table"] == [a.tolist() for a in expected] and sum(expected[2]) > 0
     assert result["heavy"] == []
 

@@ -11,12 +11,27 @@ import cloudpickle
 import numpy as np
 import pytest
 import secure_clients
-from flwr.common.secure_aggregation.quantization import quantize
+from flwr.common.secure_aggregation.ndarrays_arithmetic import (
+    factor_combine,
+    factor_extract,
+    parameters_addition,
+    parameters_mod,
+)
+from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from safetensors.numpy import load_file
 
 from common.audit_log import tensor_sha256
 from common.config import RunConfig
-from common.secure_update import CLIPPING_RANGE, QUANTIZATION_RANGE, QUANTUM, on_quantization_grid, pack_update, unpack_update
+from common.secure_update import (
+    CLIPPING_RANGE,
+    MODULUS_RANGE,
+    QUANTIZATION_RANGE,
+    on_quantization_grid,
+    pack_update,
+    quantization_range,
+    quantum,
+    unpack_update,
+)
 from server.view import read_server_view
 from simulation.engine import ClientAppFactory, SimulationOptions, simulate
 from simulation.errors import SetupError
@@ -107,23 +122,54 @@ def test_packed_vector_round_trip_and_clipping_range() -> None:
         pack_update(update, CLIPPING_RANGE + 1, [])
 
 
-def test_a_vector_on_the_quantization_grid_quantizes_the_same_whatever_numpy_draws() -> None:
+@pytest.mark.parametrize("clients", [4, 5656])
+def test_a_vector_on_the_quantization_grid_quantizes_the_same_whatever_numpy_draws(clients: int) -> None:
+    levels, step = quantization_range(clients), quantum(clients)
     vector = [np.linspace(-0.01, 0.01, 1001), np.array([2.5, 0.123456789, -15.9999999])]
-    rounded = on_quantization_grid(vector)
-    assert all(np.abs(r - v).max() < QUANTUM for r, v in zip(rounded, vector))
-    assert all(np.array_equal(r, q) for r, q in zip(rounded, on_quantization_grid(vector)))  # the same bytes
+    rounded = on_quantization_grid(vector, clients)
+    assert all(np.abs(r - v).max() < step for r, v in zip(rounded, vector))
+    assert all(np.array_equal(r, q) for r, q in zip(rounded, on_quantization_grid(vector, clients)))  # the same bytes
     quantized = []
     for seed in (0, 1):  # Flower's stochastic rounding draws from numpy's global state
         np.random.seed(seed)
-        quantized.append(quantize(rounded, CLIPPING_RANGE, QUANTIZATION_RANGE))
+        quantized.append(quantize(rounded, CLIPPING_RANGE, levels))
         np.random.seed(seed)
-        assert not all(np.array_equal(a, b) for a, b in zip(quantize(vector, CLIPPING_RANGE, QUANTIZATION_RANGE),
+        assert not all(np.array_equal(a, b) for a, b in zip(quantize(vector, CLIPPING_RANGE, levels),
                                                              quantized[0])) or seed == 0
     assert all(np.array_equal(a, b) for a, b in zip(*quantized))
-    assert all(np.array_equal((q - QUANTIZATION_RANGE // 2) * QUANTUM, r) for q, r in zip(quantized[0], rounded))
+    assert all(np.array_equal((q - levels // 2) * step, r) for q, r in zip(quantized[0], rounded))
     # unbiased: a value 0.3 of a step above a multiple rounds up about 30 % of the time
-    share = np.mean(on_quantization_grid([np.full(100_000, 5 * QUANTUM + 0.3 * QUANTUM)])[0] > 5.5 * QUANTUM)
+    share = np.mean(on_quantization_grid([np.full(100_000, 5 * step + 0.3 * step)], clients)[0] > 5.5 * step)
     assert abs(share - 0.3) < 0.01
+
+
+def _workflow_average(vectors: list[list[np.ndarray]], levels: int) -> list[np.ndarray]:
+    """What Flower's SecAgg+ turns the clients' vectors into, masks aside (they cancel modulo MODULUS_RANGE): each
+    client quantizes its vector and prepends its weight (secaggplus_mod), the server sums modulo MODULUS_RANGE and
+    dequantizes (SecAggPlusWorkflow's collect and unmask stages)."""
+    total = None
+    for vector in vectors:
+        quantized = [q.astype(np.int64) for q in quantize(vector, CLIPPING_RANGE, levels)]  # as the int64 masks make it
+        sent = factor_combine(levels, quantized)  # weight 1: `levels` for the ratio
+        total = sent if total is None else parameters_addition(total, sent)
+    weight, summed = factor_extract(parameters_mod(total, MODULUS_RANGE))
+    average = dequantize(summed, CLIPPING_RANGE, levels)
+    return [(a - (len(vectors) - 1) * CLIPPING_RANGE) * levels / weight for a in average]
+
+
+def test_a_round_of_many_clients_quantizes_coarser_so_that_its_sum_never_wraps() -> None:
+    assert [quantization_range(n) for n in (1, 4, 1023, 1024, 2047, 2048, 5656)] == [
+        2**22, 2**22, 2**22, 2**21, 2**21, 2**20, 2**19]
+    assert all(n * quantization_range(n) < MODULUS_RANGE for n in (1023, 1024, 5656, 100_000))
+    clients = 1500  # item tables of a population of 1,500 training users: mostly empty buckets
+    tables = [[np.array([1.0 + i % 5, 0.0, 0.0, -0.5 + (i % 3) / 4, 16.0])] for i in range(clients)]
+    exact = np.mean([t[0] for t in tables], axis=0)
+    wrapped = _workflow_average(tables, QUANTIZATION_RANGE)[0]  # Flower's default levels for every round
+    assert np.isfinite(wrapped).all() and np.abs(wrapped - exact).max() > 1  # the sum wrapped: nothing says so
+    levels = quantization_range(clients)
+    rounded = [on_quantization_grid(t, clients) for t in tables]
+    assert np.allclose(_workflow_average(rounded, levels)[0], np.mean([r[0] for r in rounded], axis=0), atol=1e-9)
+    assert np.allclose(_workflow_average(rounded, levels)[0], exact, atol=quantum(clients))
 
 
 def test_secure_aggregation_flags_are_checked(tmp_path: Path) -> None:
