@@ -14,6 +14,7 @@ transformers and peft (tests/test_model.py runs those handlers in a fresh proces
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from client.audit_mod import audit_mod
 from client.memory import free_memory_mod
 from client.partition import node_config_mod
 from common import protocol as p
+from common.secure_update import masks_from_whole_seed
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 Handler = Callable[[Message, Context], Message]
+# SecAgg+'s masks from their whole seed, not Flower's 32 bits of it (common/secure_update.py); the server does the same
+importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod").pseudo_rand_gen = masks_from_whole_seed
 
 
 def _cache_dir(context: Context) -> Path | None:

@@ -12,6 +12,13 @@ QUANTIZATION_RANGE per value (its weight too), so a round of n clients quantizes
 with n * q < 2**32 (`quantization_range`): 2**22 up to 1,023 clients, 2**21 up to 2,047, 2**19 for the 5,656 nodes
 of an item-table round over six MovieLens-100Ks, each halving doubling the step.
 
+Flower's SecAgg+ expands each mask's seed (a 32-byte key) with numpy's RandomState after folding it to 32 bits
+(`pseudo_rand_gen`; flwrlabs/flower#7522), so a mask carried 32 bits of entropy and came from a generator that is not
+a cryptographic one. `masks_from_whole_seed` expands the whole seed with AES-256 in counter mode instead (the
+`cryptography` package, which Flower's SecAgg+ uses for its keys); both sides put it in place of Flower's, the
+client in client/app.py and the server in server/secure_aggregation.py, since the server regenerates the masks it
+removes and the two must agree.
+
 Flower's stochastic rounding draws from numpy's global random state, which nothing seeds, so the same vectors
 summed twice gave sums a few steps apart, and a repeated run differed (simulation/node_ids.py). A client therefore
 rounds its vector onto the quantization steps itself (`on_quantization_grid`), as unbiased as Flower's and with
@@ -23,6 +30,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 CLIPPING_RANGE = 16.0  # covers task-LoRA updates (Adam moves a weight ~lr per step) and training losses < 16
 QUANTIZATION_RANGE = 2**22  # Flower's default: the finest levels, those of a round of up to 1,023 clients
@@ -86,3 +94,20 @@ def unpack_update(
     rest = vector[num_tensors:]
     loss = float(rest[0][0]) if rest else None
     return vector[:num_tensors], loss, [float(x) for x in rest[1]] if len(rest) > 1 else []
+
+
+def masks_from_whole_seed(seed: bytes, num_range: int, dimensions_list: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """SecAgg+'s masks, in place of Flower's `pseudo_rand_gen` (same arguments and result: one int64 array per
+    shape, values in [0, num_range)): AES-256-CTR keyed by SHA-256 of the whole seed, 4 bytes a value (num_range is
+    a power of two up to 2**32, as Flower requires of its modulus: the low bits carry no bias)."""
+    if num_range & (num_range - 1) or not 0 < num_range <= 2**32:
+        raise ValueError(f"SecAgg+'s modulus must be a power of two up to 2**32, got {num_range}")
+    sizes = [int(np.prod(shape)) for shape in dimensions_list]  # a shape () is one value
+    key = hashlib.sha256(b"oppu-fl secagg+ mask\0" + seed).digest()
+    stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(4 * sum(sizes)))
+    values = (np.frombuffer(stream, dtype="<u4") & np.uint32(num_range - 1)).astype(np.int64)
+    masks, start = [], 0
+    for shape, size in zip(dimensions_list, sizes):
+        masks.append(values[start:start + size].reshape(shape))
+        start += size
+    return masks

@@ -5,7 +5,8 @@ API only: the workflow reads a `LegacyContext` (a legacy Strategy's configure_fi
 manager) and runs its four stages over a Grid. The Message-API `strategy.start` has no hook for a multi-message
 round, so each round here runs Flower's workflow unchanged on our (audited) grid, with a LegacyContext that holds
 what our FedAvg decided: its seeded sample of training nodes (as legacy client proxies) and the round's config.
-The workflow hands the unmasked average to `aggregate_fit`, which keeps it; no cryptography is ours.
+The workflow hands the unmasked average to `aggregate_fit`, which keeps it. No cryptography is ours but the masks'
+expansion from their seeds, which replaces Flower's 32-bit one on both sides (common/secure_update.py).
 
 A client that fails or drops out after the key sharing is unmasked from its neighbours' key shares (the workflow's
 dropout recovery); a round that keeps fewer clients than the reconstruction threshold fails and is reported as such.
@@ -26,6 +27,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.secure_aggregation import secaggplus_workflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
@@ -37,12 +39,15 @@ from common.secure_update import (
     MODULUS_RANGE,
     SHARES,
     THRESHOLD,
+    masks_from_whole_seed,
     quantization_range,
     unpack_update,
 )
 from server.strategy import TaskAdapterFedAvg
 
 log = logging.getLogger("oppu")
+# the masks the workflow removes, from their whole seed as the clients draw them (common/secure_update.py)
+secaggplus_workflow.pseudo_rand_gen = masks_from_whole_seed
 
 
 class _KeepAverage(LegacyFedAvg):

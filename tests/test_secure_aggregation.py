@@ -18,6 +18,7 @@ from flwr.common.secure_aggregation.ndarrays_arithmetic import (
     parameters_mod,
 )
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
+from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from safetensors.numpy import load_file
 
 from common.audit_log import tensor_sha256
@@ -26,6 +27,7 @@ from common.secure_update import (
     CLIPPING_RANGE,
     MODULUS_RANGE,
     QUANTIZATION_RANGE,
+    masks_from_whole_seed,
     on_quantization_grid,
     pack_update,
     quantization_range,
@@ -141,6 +143,32 @@ def test_a_vector_on_the_quantization_grid_quantizes_the_same_whatever_numpy_dra
     # unbiased: a value 0.3 of a step above a multiple rounds up about 30 % of the time
     share = np.mean(on_quantization_grid([np.full(100_000, 5 * step + 0.3 * step)], clients)[0] > 5.5 * step)
     assert abs(share - 0.3) < 0.01
+
+
+def test_masks_come_from_the_whole_seed_on_both_sides() -> None:
+    """Flower's generator folds a seed to 32 bits, so two keys that fold alike give the same mask; ours reads the
+    whole seed, and it is what both the client mod and the server workflow draw from."""
+    import importlib
+
+    import client.app  # noqa: F401  (each side puts ours in place when it loads)
+    import server.secure_aggregation  # noqa: F401
+
+    for module in ("flwr.client.mod.secure_aggregation.secaggplus_mod",
+                   "flwr.server.workflow.secure_aggregation.secaggplus_workflow"):
+        assert importlib.import_module(module).pseudo_rand_gen is masks_from_whole_seed
+    shapes = [(), (3, 4), (100_000,)]
+    one, other = bytes(32), (b"\x01\0\0\0" * 2) + bytes(24)  # both fold to the 32-bit seed 0
+    assert all(np.array_equal(a, b) for a, b in zip(pseudo_rand_gen(one, MODULUS_RANGE, shapes),
+                                                    pseudo_rand_gen(other, MODULUS_RANGE, shapes)))
+    ours = masks_from_whole_seed(one, MODULUS_RANGE, shapes)
+    assert [m.shape for m in ours] == shapes and all(m.dtype == np.int64 for m in ours)
+    assert all(np.array_equal(a, b) for a, b in zip(ours, masks_from_whole_seed(one, MODULUS_RANGE, shapes)))
+    assert not np.array_equal(ours[2], masks_from_whole_seed(other, MODULUS_RANGE, shapes)[2])
+    values = ours[2]
+    assert 0 <= values.min() and values.max() < MODULUS_RANGE
+    assert abs(values.mean() / MODULUS_RANGE - 0.5) < 0.01  # uniform over the range
+    with pytest.raises(ValueError, match="a power of two up to 2\\*\\*32, got 1000"):
+        masks_from_whole_seed(one, 1000, shapes)
 
 
 def _workflow_average(vectors: list[list[np.ndarray]], levels: int) -> list[np.ndarray]:
