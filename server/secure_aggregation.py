@@ -86,7 +86,8 @@ def secure_round(
     )
     context.state[MAIN_PARAMS_RECORD] = arrays
     context.state[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
-    workflow = SecAggPlusWorkflow(  # the levels by the round's size, so that its sum never wraps (common/secure_update.py)
+    # quantization levels by the round's size, so that its sum never wraps (common/secure_update.py)
+    workflow = SecAggPlusWorkflow(
         shares, THRESHOLD, max_weight=1.0, clipping_range=CLIPPING_RANGE,
         quantization_range=quantization_range(len(nodes)), modulus_range=MODULUS_RANGE, timeout=timeout,
     )

@@ -109,7 +109,8 @@ def _depth_analysis(task: TaskSpec, cfg: RunConfig, runs: dict[str, Path], args:
     per_user = list(report["per_user"].values())
     methods = _depth_methods(args.depths)
     against_base = build_table(task, "Against the non-personalized model", per_user,
-                               [("base", None), *((m, "base") for m in methods[1:])], references=reference_labels(per_user))
+                               [("base", None), *((m, "base") for m in methods[1:])],
+                               references=reference_labels(per_user))
     adapter_gain = build_table(task, "Personal adapter at each depth (RAG+OPPU vs RAG)", per_user,
                                [("oppu", "base"), *((method_name(True, k), method_name(False, k)) for k in args.depths)])
     metric = _metrics(against_base)
