@@ -83,17 +83,17 @@ def build_table(
     """Rows given as (label, reference label or None); `extra` adds columns per label; `references` (reference-row
     labels) are listed after the rows, and every other row is compared with the best of them."""
     lead, _ = primary_metric(task)
-
-    def metric(label: str) -> tuple[float, int]:
+    listed = [*rows, *((label, None) for label in references)]
+    measured: dict[str, tuple[float, int]] = {}  # label -> (metric, users)
+    for label, _ in listed:
         users = [u[label] for u in per_user if label in u]
         if not users:
             raise ValueError(f"table {title!r}: no user has statistics for {label!r}")
-        return finalize(task, combine(users))[lead], len(users)
-
-    best = best_reference(task, {label: {"metrics": {lead: metric(label)[0]}} for label in references})
+        measured[label] = finalize(task, combine(users))[lead], len(users)
+    best = best_reference(task, {label: {"metrics": {lead: measured[label][0]}} for label in references})
     built = []
-    for label, reference in [*rows, *((label, None) for label in references)]:
-        value, users = metric(label)
+    for label, reference in listed:
+        value, users = measured[label]
         built.append(Row(
             label, value, users,
             paired_difference(task, per_user, label, reference) if reference else None,
