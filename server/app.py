@@ -83,7 +83,7 @@ def _message_config(cfg: RunConfig, model_sha: str, item_table: ItemTable | None
 
 
 def adapt_task(
-    grid: Grid, cfg: RunConfig, opts: ServerOptions, model_dir: Path, model_sha: str, train_nodes: list[int],
+    grid: AuditedGrid, cfg: RunConfig, opts: ServerOptions, model_dir: Path, model_sha: str, train_nodes: list[int],
     item_table: ItemTable | None = None,
 ) -> tuple[ArrayRecord, dict[str, Any]]:
     """FedAvg rounds of the shared task LoRA over training nodes, skipped when the run directory holds one made

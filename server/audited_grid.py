@@ -25,7 +25,7 @@ class AuditedGrid(Grid):
         self._grid = grid
         self._audit_dir = audit_dir
         self.wait_for_reply = wait_for_reply
-        self._on_reply: Callable[[Message], None] | None = None
+        self._observers: list[Callable[[Message], None]] = []
 
     def set_run(self, run: Run) -> None:
         self._grid.set_run(run)
@@ -60,14 +60,19 @@ class AuditedGrid(Grid):
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return exchange(self, list(messages), timeout if timeout is not None else float("inf"), self._on_reply)
+        def observe(reply: Message) -> None:
+            for observer in list(self._observers):
+                observer(reply)
+
+        return exchange(self, list(messages), timeout if timeout is not None else float("inf"), observe)
 
     @contextmanager
-    def counting_replies(self, on_reply: Callable[[Message], None]) -> Iterator[None]:
+    def observing_replies(self, on_reply: Callable[[Message], None]) -> Iterator[None]:
         """Meanwhile `on_reply` sees each reply that one of Flower's workflows (SecAgg+'s stages) collects through
-        `send_and_receive`: how the console shows the progress of a workflow whose loop is Flower's."""
-        self._on_reply = on_reply
+        `send_and_receive`, as it arrives, after the observers set up before it: how the console shows the progress
+        of a workflow whose loop is Flower's, and how the SecAgg+ sum adds each masked vector as it comes."""
+        self._observers.append(on_reply)
         try:
             yield
         finally:
-            self._on_reply = None
+            self._observers.remove(on_reply)

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Result, Strategy
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
 from common.config import RunConfig
 from common.privacy import rdp_accountant
+from server.audited_grid import AuditedGrid
 from server.secure_aggregation import SecureAdaptation
 from server.strategy import TaskAdapterFedAvg, task_fedavg
 from server.view import ServerView
@@ -34,7 +34,7 @@ class TaskAdaptationDefense:
     fedavg: TaskAdapterFedAvg
     runner: Strategy | SecureAdaptation
 
-    def start(self, grid: Grid, initial: ArrayRecord, timeout: float, train_config: ConfigRecord) -> Result:
+    def start(self, grid: AuditedGrid, initial: ArrayRecord, timeout: float, train_config: ConfigRecord) -> Result:
         return self.runner.start(grid=grid, initial_arrays=initial, num_rounds=self.cfg.rounds, timeout=timeout,
                                  train_config=train_config)
 

@@ -60,7 +60,7 @@ def sum_item_tables(grid: AuditedGrid, cfg: RunConfig, config: ConfigRecord, nod
         return ItemTable.from_config(saved), saved["record"]
     bar = tqdm(total=SECAGG_STAGES * len(nodes), desc=f"item statistics (SecAgg+ over {len(nodes)} nodes)",
                unit="reply")
-    with bar, grid.counting_replies(lambda _: bar.update(1)):
+    with bar, grid.observing_replies(lambda _: bar.update(1)):
         average, summed = secure_round(
             grid, 0, NO_ARRAYS, nodes, {**config, p.SECURE_PAYLOAD: p.ITEM_TABLE, p.ROUND_CLIENTS: len(nodes)},
             timeout, NEIGHBOURS if len(nodes) > NEIGHBOURS else 1.0,

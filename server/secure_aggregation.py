@@ -1,12 +1,13 @@
 """Task adaptation under Flower's SecAgg+: the server learns only the average of a round's updates.
 
-flwr 1.41 ships SecAgg+ as `SecAggPlusWorkflow` (server) and `secaggplus_mod` (client) for the legacy workflow
+flwr 1.42 ships SecAgg+ as `SecAggPlusWorkflow` (server) and `secaggplus_mod` (client) for the legacy workflow
 API only: the workflow reads a `LegacyContext` (a legacy Strategy's configure_fit/aggregate_fit and a client
 manager) and runs its four stages over a Grid. The Message-API `strategy.start` has no hook for a multi-message
-round, so each round here runs Flower's workflow unchanged on our (audited) grid, with a LegacyContext that holds
-what our FedAvg decided: its seeded sample of training nodes (as legacy client proxies) and the round's config.
-The workflow hands the unmasked average to `aggregate_fit`, which keeps it. No cryptography is ours but the masks'
-expansion from their seeds, which replaces Flower's 32-bit one on both sides (common/secure_update.py).
+round, so each round here runs Flower's workflow on our (audited) grid, with a LegacyContext that holds what our
+FedAvg decided: its seeded sample of training nodes (as legacy client proxies) and the round's config. The workflow
+hands the unmasked average to `aggregate_fit`, which keeps it. No cryptography is ours but the masks' expansion from
+their seeds, which replaces Flower's 32-bit one on both sides (common/secure_update.py); one stage differs: masked
+vectors are summed as they arrive, so the server's memory does not grow with the round's nodes.
 
 A client that fails or drops out after the key sharing is unmasked from its neighbours' key shares (the workflow's
 dropout recovery); a round that keeps fewer clients than the reconstruction threshold fails and is reported as such.
@@ -18,18 +19,23 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import flwr.compat.common.recorddict_compat as compat
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
-from flwr.common import FitRes, Parameters, Scalar, parameters_to_ndarrays
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.common import FitRes, Parameters, Scalar, bytes_to_ndarray, parameters_to_ndarrays
+from flwr.common.secure_aggregation.ndarrays_arithmetic import parameters_addition, parameters_mod
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation import secaggplus_workflow
-from flwr.serverapp import Grid
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp.strategy import Result
 
 from common import protocol as p
@@ -43,6 +49,7 @@ from common.secure_update import (
     quantization_range,
     unpack_update,
 )
+from server.audited_grid import AuditedGrid
 from server.strategy import TaskAdapterFedAvg
 
 log = logging.getLogger("oppu")
@@ -69,8 +76,52 @@ class _KeepAverage(LegacyFedAvg):
         return None, {}  # the workflow then leaves its state alone; we read the average from here
 
 
+class SummingSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow whose 'collect masked vectors' stage adds each node's masked vector to the sum as
+    its reply arrives and lets the vector go. Flower's stage holds every node's vector until the last reply (1.6 MB
+    a node in the item-table round: 9.5 GiB of server memory at 5,656 nodes); this one holds one sum. The messages,
+    the surviving nodes, the failures and the legacy results are Flower's."""
+
+    def collect_masked_vectors_stage(  # type: ignore[override]
+        self, grid: AuditedGrid, context: LegacyContext, state: WorkflowState
+    ) -> bool:
+        group = str(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
+        messages = []
+        for node in state.active_node_ids:  # each node's FitIns with the key shares forwarded to it
+            content = state.nid_to_fitins[node]
+            content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord({
+                Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.CIPHERTEXT_LIST: state.forward_ciphertexts[node],
+                Key.SOURCE_LIST: state.forward_srcs[node],
+            })
+            messages.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN,
+                                    group_id=group))
+        total: list[np.ndarray] | None = None
+
+        def add(reply: Message) -> None:
+            nonlocal total
+            if reply.has_error():
+                return
+            configs = reply.content.config_records[RECORD_KEY_CONFIGS]
+            vector = [bytes_to_ndarray(b) for b in configs.pop(Key.MASKED_PARAMETERS)]  # type: ignore[union-attr]
+            total = parameters_mod(vector if total is None else parameters_addition(total, vector), state.mod_range)
+
+        with grid.observing_replies(add):
+            replies = list(grid.send_and_receive(messages, timeout=self.timeout))
+        del state.forward_ciphertexts, state.forward_srcs, state.nid_to_fitins
+        state.active_node_ids = {reply.metadata.src_node_id for reply in replies if not reply.has_error()}
+        if total is not None:
+            state.aggregate_ndarrays = total
+        for reply in replies:
+            if reply.has_error():
+                state.failures.append(Exception(reply.error))
+                continue
+            proxy = state.nid_to_proxies[reply.metadata.src_node_id]
+            state.legacy_results.append((proxy, compat.recorddict_to_fitres(reply.content, True)))
+        return self._check_threshold(state)
+
+
 def secure_round(
-    grid: Grid, server_round: int, arrays: ArrayRecord, nodes: list[int], config: dict[str, Any], timeout: float,
+    grid: AuditedGrid, server_round: int, arrays: ArrayRecord, nodes: list[int], config: dict[str, Any], timeout: float,
     shares: int | float = SHARES,
 ) -> tuple[list[np.ndarray] | None, list[int]]:
     """One SecAgg+ round of `nodes` from the global `arrays`: (the average of their packed vectors, or None if the
@@ -85,9 +136,9 @@ def secure_round(
         config=ServerConfig(num_rounds=server_round), strategy=strategy, client_manager=manager,
     )
     context.state[MAIN_PARAMS_RECORD] = arrays
-    context.state[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
+    context.state[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
     # quantization levels by the round's size, so that its sum never wraps (common/secure_update.py)
-    workflow = SecAggPlusWorkflow(
+    workflow = SummingSecAggPlusWorkflow(
         shares, THRESHOLD, max_weight=1.0, clipping_range=CLIPPING_RANGE,
         quantization_range=quantization_range(len(nodes)), modulus_range=MODULUS_RANGE, timeout=timeout,
     )
@@ -103,7 +154,7 @@ class SecureAdaptation:
     cfg: RunConfig
     releases: list[tuple[float, int]] = field(default_factory=list)
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int, timeout: float,
+    def start(self, grid: AuditedGrid, initial_arrays: ArrayRecord, num_rounds: int, timeout: float,
               train_config: ConfigRecord) -> Result:
         """Like Flower's `strategy.start`: every round samples with our FedAvg and adds the securely averaged update
         to the global task LoRA (a failed round leaves it as it was)."""

@@ -1,16 +1,26 @@
 """Secure aggregation of task adaptation (Flower's SecAgg+) on real runs with the tiny model: the server's task
 adapter is the average of the updates the nodes kept in clear, a node that drops out mid-protocol costs only its own
-update, no clear update reaches the server, and the audit catches a node that sends one."""
+update, no clear update reaches the server, and the audit catches a node that sends one; and, in one round inside
+this process, that the server sums the masked vectors as they arrive and keeps none."""
 
 from __future__ import annotations
 
+import copy
+import importlib
 import json
+import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import cloudpickle
+import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 import pytest
 import secure_clients
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.ndarrays_arithmetic import (
     factor_combine,
     factor_extract,
@@ -18,8 +28,15 @@ from flwr.common.secure_aggregation.ndarrays_arithmetic import (
     parameters_mod,
 )
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
+
+import client.app  # noqa: F401  (each side puts the masks' expansion from the whole seed in place as it loads)
 
 from common.audit_log import tensor_sha256
 from common.config import RunConfig
@@ -34,6 +51,8 @@ from common.secure_update import (
     quantum,
     unpack_update,
 )
+from server.audited_grid import AuditedGrid
+from server.secure_aggregation import secure_round
 from server.view import read_server_view
 from simulation.engine import ClientAppFactory, SimulationOptions, simulate
 from simulation.errors import SetupError
@@ -148,11 +167,6 @@ def test_a_vector_on_the_quantization_grid_quantizes_the_same_whatever_numpy_dra
 def test_masks_come_from_the_whole_seed_on_both_sides() -> None:
     """Flower's generator folds a seed to 32 bits, so two keys that fold alike give the same mask; ours reads the
     whole seed, and it is what both the client mod and the server workflow draw from."""
-    import importlib
-
-    import client.app  # noqa: F401  (each side puts ours in place when it loads)
-    import server.secure_aggregation  # noqa: F401
-
     for module in ("flwr.client.mod.secure_aggregation.secaggplus_mod",
                    "flwr.server.workflow.secure_aggregation.secaggplus_workflow"):
         assert importlib.import_module(module).pseudo_rand_gen is masks_from_whole_seed
@@ -208,3 +222,72 @@ def test_secure_aggregation_flags_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="local-dp-epsilon cannot be combined with dp-noise or secure-aggregation"):
         RunConfig(secure_aggregation=True, local_dp_epsilon=1.0)
     assert build_parser().parse_args([]).secure_aggregation is False
+
+
+class _InProcessGrid(Grid):
+    """The transport of a SecAgg+ round inside this process: a copy of each pushed message goes at once to a real
+    ClientApp (Flower's secaggplus_mod in front of `fit`), each node with its own Context; replies wait to be
+    pulled."""
+
+    def __init__(self, nodes: list[int], fit: Callable[[int], list[np.ndarray]]):
+        app = ClientApp(mods=[secaggplus_mod])
+
+        @app.train()
+        def train(msg: Message, context: Context) -> Message:
+            res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(fit(context.node_id)), 1, {})
+            return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)
+
+        self._app, self._run = app, Run.create_empty(run_id=1)
+        self._contexts = {node: Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+                          for node in nodes}
+        self._replies: dict[str, Message] = {}
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[override]
+        raise NotImplementedError("SecAgg+'s stages build their messages themselves")
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # as Flower's grids name a pushed message
+            sent = copy.deepcopy(message)  # each side has its own copy, as over a wire (the mod alters what it gets)
+            reply = self._app(sent, self._contexts[sent.metadata.dst_node_id])
+            self._replies[message.metadata.message_id] = copy.deepcopy(reply)
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+def test_the_server_sums_masked_vectors_as_they_arrive_and_keeps_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in {"_task_id": 1, "_run_id": 1, "_node_id": SUPERLINK_NODE_ID}.items():
+        monkeypatch.setattr(TaskIdentity, name, value)  # what Flower sets in a ServerApp's process
+    nodes = list(range(2, 42))
+    vectors = {node: [np.array([node % 7 - 3.0, 0.25 * (node % 4)]), np.full(3, node / len(nodes))] for node in nodes}
+    grid = AuditedGrid(_InProcessGrid(nodes, lambda node: vectors[node]), tmp_path, lambda _: None)
+    replies: list[Message] = []
+    with grid.observing_replies(replies.append):  # every reply the workflow collects, its stages in order
+        average, summed = secure_round(grid, 1, ArrayRecord({"x": Array(np.zeros(1, dtype=np.float32))}), nodes,
+                                       {"answer": 1}, timeout=60, shares=15)
+    assert sorted(summed) == nodes
+    exact = [np.mean([vectors[node][i] for node in nodes], axis=0) for i in range(2)]
+    assert average is not None and all(np.allclose(a, e, atol=quantum(len(nodes))) for a, e in zip(average, exact))
+    collected = [r for r in replies if r.content.array_records]  # the collect stage's (fitres arrays, emptied)
+    assert len(replies) == 4 * len(nodes) and len(collected) == len(nodes)
+    # each masked vector was added to the sum as its reply came, then let go: no reply the server holds keeps one
+    assert all(Key.MASKED_PARAMETERS not in r.content.config_records[RECORD_KEY_CONFIGS] for r in replies)
