@@ -3,12 +3,28 @@ nothing is queued, and both it and the server's wait for replies end the moment 
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
+import uuid
 from queue import Queue
+from typing import Any
 
 import pytest
+from flwr.app import Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.proto.task_pb2 import Task  # pylint: disable=no-name-in-module
+from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
+from flwr.server.superlink.linkstate import LinkStateFactory
+from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.superlink.federation import NoOpFederationManager
+from flwr.superlink.grid import InMemoryGrid
 
+from server.exchange import PULL_SHARE, exchange
 from simulation.waiting import (
     LONGEST_WAIT,
     SHORTEST_WAIT,
@@ -17,6 +33,7 @@ from simulation.waiting import (
     next_wait,
     patient_extractor,
     signal_stores,
+    take_messages,
     wait_for_reply,
 )
 
@@ -120,3 +137,85 @@ def test_flowers_engine_runs_the_patient_loop() -> None:
 
     install_patient_extractor()
     assert vce_api.add_messages_to_queue is patient_extractor
+
+
+def _flower_state(nodes: int, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[int], InMemoryGrid]:
+    """Flower's in-memory link state with a run and `nodes` registered nodes, and the grid the server pushes through,
+    set up as flwr's run_simulation and its engine set them up."""
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    state = factory.state()
+    run = Run.create_empty(run_id=7)
+    run.primary_task_id, run.federation_id = 3, NOOP_FEDERATION_ID
+    state.run_ids[run.run_id] = RunRecord(run=run)
+    state.task_store[3] = Task(task_id=3, run_id=run.run_id)
+    for name, value in {"_task_id": 3, "_run_id": 7, "_node_id": SUPERLINK_NODE_ID}.items():
+        monkeypatch.setattr(TaskIdentity, name, value)  # who builds the messages: the server of run 7
+    node_ids = list(_register_nodes(nodes, factory))
+    grid = InMemoryGrid(state_factory=factory)
+    grid.set_run(run)
+    return state, node_ids, grid
+
+
+def test_a_pass_walks_flowers_stored_messages_once_and_takes_what_its_node_queries_would(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state, nodes, grid = _flower_state(300, monkeypatch)
+    twice = nodes[::60]  # five nodes get a second message
+    pushed = list(grid.push_messages([Message(RecordDict(), dst_node_id=n, message_type="train") for n in nodes]))
+    pushed += grid.push_messages([Message(RecordDict(), dst_node_id=n, message_type="train") for n in twice])
+    checked: list[int] = []
+    check = state._check_stored_messages
+
+    def counted_check(message_ids: set[str], run_id: int | None = None) -> None:
+        checked.append(len(message_ids))
+        check(message_ids, run_id)
+
+    monkeypatch.setattr(state, "_check_stored_messages", counted_check)
+    taken = take_messages(state, nodes)
+    assert [m.metadata.dst_node_id for m in taken] == nodes  # one a node, in the nodes' order
+    assert [m.metadata.message_id for m in taken] == pushed[:300]  # each node's first, as get_message_ins gives it
+    assert all(m.metadata.delivered_at for m in taken)
+    assert sum(checked) == 305  # Flower's own pass checks up to 300 x 305 stored messages
+    assert [m.metadata.message_id for m in take_messages(state, nodes)] == pushed[300:]
+    assert take_messages(state, nodes) == [] and sum(checked) == 3 * 305
+
+
+def test_the_server_pulls_no_more_often_than_a_small_share_of_its_time_allows(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each pull asks Flower's state about every reply still awaited; with a wait that ends at each stored reply,
+    the server had pulled once a reply (5,656 nodes: most of its time). Here 400 nodes answer one by one."""
+    state, nodes, grid = _flower_state(400, monkeypatch)
+    events, stop = StoreEvents(), threading.Event()
+    signal_stores(state, events)
+    grid.wait_for_reply = functools.partial(wait_for_reply, events=events)  # type: ignore[attr-defined]
+    pulls: list[tuple[float, float]] = []  # (start, seconds) of each pull
+    pull = grid.pull_messages
+
+    def timed_pull(message_ids: list[str]) -> list[Message]:
+        start = time.monotonic()
+        replies = list(pull(message_ids))
+        pulls.append((start, time.monotonic() - start))
+        return replies
+
+    def answer() -> None:  # the nodes: each reply stored on its own, as the engine's workers store them
+        while not stop.is_set():
+            for message in take_messages(state, nodes):
+                reply = Message(RecordDict(), reply_to=message)
+                reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+                state.store_message_res(reply)
+                time.sleep(0.002)
+            time.sleep(0.01)
+
+    monkeypatch.setattr(grid, "pull_messages", timed_pull)
+    nodes_thread = threading.Thread(target=answer)
+    nodes_thread.start()
+    try:
+        replies = exchange(grid, [Message(RecordDict(), dst_node_id=n, message_type="train") for n in nodes], 60)
+    finally:
+        stop.set()
+        nodes_thread.join()
+    assert [r.metadata.src_node_id for r in replies] == sorted(nodes)
+    span = pulls[-1][0] - pulls[0][0]
+    assert span > 0.5 and len(pulls) < 200  # a pull after each reply would be one for each of the 400
+    assert sum(seconds for _, seconds in pulls[:-1]) <= PULL_SHARE * span + 0.01
