@@ -312,6 +312,3 @@ def make_client_app(
     client_app.train(p.action(p.PERSONALIZE))(personalize)
     client_app.train(mods=[secaggplus_mod])(adapt_secure)  # Flower's SecAgg+ messages are plain `train`
     return client_app
-
-
-app = make_client_app()  # `flwr run` and SuperNodes (pyproject's clientapp)

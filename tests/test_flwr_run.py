@@ -112,3 +112,23 @@ def test_a_flwr_run_with_a_failed_test_user_is_marked_failed(flwr_env: Flwr, tmp
     assert status["status"] == "finished:failed"
     assert status["status-details"].startswith("Simulation failed with exception: the run is not complete: 1 test "
                                                "user(s) failed, 1 of 2 evaluated:")
+
+
+def _imports_flwr_app(first: str) -> dict:
+    """In a fresh interpreter: import `first` (or nothing), then the app module `flwr run` loads; what it found."""
+    code = (f"import sys, json\n{first}\nimport simulation.flwr_app as a\n"
+            "vce = sys.modules.get(a.ENGINE_MODULE)\n"
+            "print(json.dumps({'engine': vce is not None, 'patient': vce is not None and "
+            "vce.add_messages_to_queue.__name__ == 'patient_extractor', 'apps': [type(a.server_app).__name__, "
+            "type(a.client_app).__name__]}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_the_apps_put_the_patient_loop_in_flowers_engine_only_where_it_runs() -> None:
+    """Flower's simulation runtime has its engine loaded before it imports the apps; a SuperNode has none."""
+    in_runtime = _imports_flwr_app("import flwr.simulation.app")
+    assert in_runtime == {"engine": True, "patient": True, "apps": ["ServerApp", "ClientApp"]}
+    elsewhere = _imports_flwr_app("import flwr.supernode.runtime.run_clientapp")
+    assert elsewhere == {"engine": False, "patient": False, "apps": ["ServerApp", "ClientApp"]}

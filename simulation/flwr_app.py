@@ -1,0 +1,27 @@
+"""The ServerApp and ClientApp that `flwr run` loads (pyproject's [tool.flwr.app.components]): ours, with Flower's
+simulation engine made to wait as `flower-simulation` makes it (simulation/waiting.py).
+
+On the local simulation connection `flwr run` runs Flower's own engine, whose loop asks its link state for every
+node's message ten times a second, each query looking through every message out: with the default 943 nodes that
+kept 69 % of a core busy while 100 test users trained, and a whole core in the item-table round (a third to a half
+of a 2-core machine; docs/benchmarks.md). Flower's simulation runtime imports the ClientApp before it starts that
+loop, so loading this module puts ours in its place, where the engine's module is loaded, i.e. where an engine can
+run; and the server's wait between pulls ends when the engine stores a reply. In a SuperNode's process, or a
+ServerApp's on a SuperLink, no engine runs: nothing is installed, and the server's wait is a plain sleep (no store
+ever signals one there).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from client.app import make_client_app
+from server.app import flwr_run_server_app
+from simulation.waiting import install_patient_extractor, wait_for_reply
+
+ENGINE_MODULE = "flwr.server.superlink.fleet.vce.vce_api"  # loaded by Flower's simulation runtime before any app
+
+if ENGINE_MODULE in sys.modules:
+    install_patient_extractor()
+client_app = make_client_app()
+server_app = flwr_run_server_app(wait_for_reply)
