@@ -12,18 +12,10 @@ from typing import Any
 
 import pytest
 from flwr.app import Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.proto.task_pb2 import Task  # pylint: disable=no-name-in-module
-from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
-from flwr.server.superlink.linkstate import LinkStateFactory
-from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
-from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
-from flwr.supercore.object_store import ObjectStoreFactory
-from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
-from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
+from bench.engine_pass import SERVER_IDENTITY, flower_link_state
 from server.exchange import PULL_SHARE, exchange
 from simulation.waiting import (
     LONGEST_WAIT,
@@ -140,20 +132,10 @@ def test_flowers_engine_runs_the_patient_loop() -> None:
 
 
 def _flower_state(nodes: int, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[int], InMemoryGrid]:
-    """Flower's in-memory link state with a run and `nodes` registered nodes, and the grid the server pushes through,
-    set up as flwr's run_simulation and its engine set them up."""
-    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
-    state = factory.state()
-    run = Run.create_empty(run_id=7)
-    run.primary_task_id, run.federation_id = 3, NOOP_FEDERATION_ID
-    state.run_ids[run.run_id] = RunRecord(run=run)
-    state.task_store[3] = Task(task_id=3, run_id=run.run_id)
-    for name, value in {"_task_id": 3, "_run_id": 7, "_node_id": SUPERLINK_NODE_ID}.items():
-        monkeypatch.setattr(TaskIdentity, name, value)  # who builds the messages: the server of run 7
-    node_ids = list(_register_nodes(nodes, factory))
-    grid = InMemoryGrid(state_factory=factory)
-    grid.set_run(run)
-    return state, node_ids, grid
+    """Flower's in-memory link state with `nodes` registered nodes, as its simulation sets it up, and its grid."""
+    for name, value in SERVER_IDENTITY.items():
+        monkeypatch.setattr(TaskIdentity, name, value)
+    return flower_link_state(nodes)
 
 
 def test_a_pass_walks_flowers_stored_messages_once_and_takes_what_its_node_queries_would(
