@@ -2,13 +2,13 @@
 simulation engine made to wait as `flower-simulation` makes it (simulation/waiting.py).
 
 On the local simulation connection `flwr run` runs Flower's own engine, whose loop asks its link state for every
-node's message ten times a second, each query looking through every message out: with the 943 nodes of MovieLens-100K that
-kept 71 % of a core busy while 100 test users trained, and a whole core in the item-table round (a third to a half
-of a 2-core machine; docs/benchmarks.md). Flower's simulation runtime imports the ClientApp before it starts that
-loop, so loading this module puts ours in its place, where the engine's module is loaded, i.e. where an engine can
-run; and the server's wait between pulls ends when the engine stores a reply. In a SuperNode's process, or a
-ServerApp's on a SuperLink, no engine runs: nothing is installed, and the server's wait is a plain sleep (no store
-ever signals one there).
+node's message ten times a second, each query looking through every message out: with the 943 nodes of
+MovieLens-100K that kept 71 % of a core busy while 100 test users trained, and a whole core in the item-table round
+(a third to a half of a 2-core machine; docs/benchmarks.md). Flower's simulation runtime imports the ClientApp
+before it starts that loop, so loading this module puts ours in its place, where the engine's module is loaded, i.e.
+where an engine can run; and the server's wait between pulls ends when the engine stores a reply. In a SuperNode's
+process, or a ServerApp's on a SuperLink, no engine runs: nothing is installed, and the server's wait is a plain
+sleep (no store ever signals one there).
 """
 
 from __future__ import annotations
