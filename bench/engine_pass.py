@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = [pass_seconds(nodes, out, args.sample) for nodes, out in sizes]
     lines = ["| nodes | messages out | Flower's pass | ours | ratio | Flower's loop: busy share of a core |",
              "|---|---|---|---|---|---|"]
-    lines += [f"| {r['nodes']:,} | {r['out']:,} | {r['flower_pass_seconds']:.3f} s | {r['our_pass_seconds'] * 1e3:.1f} ms "
-              f"| {r['flower_pass_seconds'] / r['our_pass_seconds']:,.0f}x | {r['flower_busy_share']:.0%} |"
-              for r in rows]
+    lines += [f"| {r['nodes']:,} | {r['out']:,} | {r['flower_pass_seconds']:.3f} s | "
+              f"{r['our_pass_seconds'] * 1e3:.1f} ms | {r['flower_pass_seconds'] / r['our_pass_seconds']:,.0f}x | "
+              f"{r['flower_busy_share']:.0%} |" for r in rows]
     return finish(args, {"command": argv, "rows": rows}, lines)
 
 
