@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from flwr.app import Context, RecordDict
 
-from client import partition
 from client.partition import load_users, node_config_mod, split_users
 from common.config import RunConfig, UserCounts
 from simulation.node_stores import write_partitions
@@ -56,8 +55,7 @@ def test_under_flwr_run_the_nodes_of_a_worker_read_and_split_the_data_once(
 ) -> None:
     """One read for every node a worker process runs, not one each (MovieLens-100K: 0.7 s a read, 943 nodes)."""
     reads = []
-    read = partition.load_users
-    monkeypatch.setattr(partition, "load_users", lambda *args: reads.append(args) or read(*args))
+    monkeypatch.setattr("client.partition.load_users", lambda *args: reads.append(args) or load_users(*args))
     run_config = {**CFG, "num-clients": 2, "train-clients": 2, "run-dir": str(tmp_path / "run")}
     stores = [Path(_node_config(node_config_mod(), {"partition-id": i}, run_config)["user-dir"]) for i in range(4)]
     assert len(reads) == 1
