@@ -27,8 +27,7 @@ from flwr.common.config import parse_config_args
 from bench.common import finish
 from common.config import flwr_run_settings
 from common.store import read_json
-from simulation.deploy.commands import CONNECTION, flwr_run_command, launcher_env
-from simulation.deploy.processes import free_ports
+from simulation.deploy.commands import flwr_run_command, local_simulation_env
 from simulation.engine import RAY_LOCAL_ONLY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,11 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = [*flwr_run_command(cfg, counts, run_dir), "--federation-config", federation]
     command[2] = str(args.app_dir.resolve())  # `flwr run <app dir> ...`
     with tempfile.TemporaryDirectory(prefix="bench-flwr-home-") as home:
-        (Path(home) / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-                                                f'[superlink.{CONNECTION}]\naddress = ":local:"\n')
-        http, control = free_ports(2)
-        env = {**launcher_env(Path(home)), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http),
-               "FLWR_LOCAL_CONTROL_API_PORT": str(control), RAY_LOCAL_ONLY: "0"}
+        env = {**local_simulation_env(Path(home)), RAY_LOCAL_ONLY: "0"}  # (Ray on loopback only)
         seconds: dict[int, tuple[str, float]] = {}
         stop = threading.Event()
         sampler = threading.Thread(target=sample_cpu, args=(seconds, stop))

@@ -16,8 +16,7 @@ from run_traces import command_lines, processes_naming, still_running
 
 from client.partition import load_users, split_users
 from common.config import flwr_run_settings
-from simulation.deploy.commands import CONNECTION, flwr_run_command, launcher_env
-from simulation.deploy.processes import free_ports
+from simulation.deploy.commands import CONNECTION, flwr_run_command, local_simulation_env
 from simulation.engine import RAY_LOCAL_ONLY
 from simulation.privacy_audit import main as audit_main
 
@@ -34,12 +33,8 @@ def flwr_env(tmp_path_factory: pytest.TempPathFactory):
     any local SuperLink that answers on its default port); the SuperLink is stopped at the end (`flwr run` leaves it
     running)."""
     home = tmp_path_factory.mktemp("flwr-home")
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                                      'address = ":local:"\n')
-    http_port, control_port = free_ports(2)
-    yield {**launcher_env(home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
-           "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
-           RAY_LOCAL_ONLY: "0"}  # (the Ray that Flower starts listens on loopback only, as README says to set)
+    # (the Ray that Flower starts listens on loopback only, as README says to set)
+    yield {**local_simulation_env(home), RAY_LOCAL_ONLY: "0"}
     superlinks = processes_naming(home)  # its state database lies under this home
     for process in superlinks:
         process.terminate()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from common.config import RunConfig, UserCounts
 from common.store import atomic_write_text
+from simulation.deploy.processes import free_ports
 
 CONNECTION = "oppu"
 
@@ -25,10 +26,21 @@ def launcher_env(flwr_home: Path) -> dict[str, str]:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
-def write_connection(flwr_home: Path, address: str, ca: Path) -> None:
-    """FLWR_HOME/config.toml naming one SuperLink connection, CONNECTION, for `flwr supernode register`/`flwr run`."""
+def write_connection(flwr_home: Path, address: str, ca: Path | None = None) -> None:
+    """FLWR_HOME/config.toml naming one SuperLink connection, CONNECTION, for `flwr supernode register`/`flwr run`:
+    at `address` with TLS under the root certificate `ca`, or Flower's local simulation (address ":local:")."""
+    tls = f'root-certificates = "{ca.resolve()}"\n' if ca else ""
     atomic_write_text(flwr_home / "config.toml", f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                                                 f'address = "{address}"\nroot-certificates = "{ca.resolve()}"\n')
+                                                 f'address = "{address}"\n{tls}')
+
+
+def local_simulation_env(flwr_home: Path) -> dict[str, str]:
+    """The environment of a `flwr run` on Flower's local simulation connection, written into `flwr_home`: the local
+    SuperLink it starts gets ports of its own (`flwr run` would use any local SuperLink answering on the defaults)."""
+    write_connection(flwr_home, ":local:")
+    http_port, control_port = free_ports(2)
+    return {**launcher_env(flwr_home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(control_port)}
 
 
 def superlink_command(host: str, port: int, tls: tuple[Path, Path, Path], database: Path) -> list[str]:
