@@ -266,29 +266,23 @@ def make_server_app(cfg: RunConfig, opts: ServerOptions) -> ServerApp:
     return server_app
 
 
-def flwr_run_server_app(wait_for_reply: Callable[[float], None] = time.sleep) -> ServerApp:
+def run_flwr(grid: Grid, context: Context, wait_for_reply: Callable[[float], None] = time.sleep) -> None:
     """The ServerApp of `flwr run` (simulation/flwr_app.py): config from [tool.flwr.app.config] (+ --run-config
     overrides); `wait_for_reply`: how it waits between pulls (ServerOptions). Ends with the report's table, as
     flower-simulation does; a run that is not complete raises, so that Flower marks it failed (`flwr ls`: the run's
     status) where it would report success."""
-    server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid: Grid, context: Context) -> None:
-        for name in ("oppu", "server", "client", "common"):  # our lines through Flower's handler, a ServerApp's only
-            logging.getLogger(name).addHandler(flower_console)
-            logging.getLogger(name).setLevel(logging.INFO)
-        cfg, counts, run_dir = flwr_run_settings(context.run_config)
-        settings = run_settings(cfg, counts)  # the same settings go on in the same run-dir, as --resume would
-        if (earlier := read_json(run_dir / "run.json")) and (differ := settings_differences(earlier, settings)):
-            raise RuntimeError(f"run-dir {run_dir} holds a run made with other settings ({differ}); give another "
-                               "run-dir, or the same settings to go on with that run")
-        atomic_write_json(run_dir / "run.json", settings)
-        options = ServerOptions(run_dir=run_dir, expected_nodes=counts.nodes(cfg), wait_for_reply=wait_for_reply)
-        report = run_oppu(grid, cfg, options)
-        log.info("report: %s\n%s", run_dir / "report.md", (run_dir / "report.md").read_text())
-        failures = [why for why in (unevaluated_test_users(report, counts.test), missing_updates(report)) if why]
-        if failures:
-            raise RuntimeError("the run is not complete: " + "; ".join(failures))
-
-    return server_app
+    for name in ("oppu", "server", "client", "common"):  # our lines through Flower's handler, a ServerApp's only one
+        logging.getLogger(name).addHandler(flower_console)
+        logging.getLogger(name).setLevel(logging.INFO)
+    cfg, counts, run_dir = flwr_run_settings(context.run_config)
+    settings = run_settings(cfg, counts)  # the same settings go on in the same run-dir, as --resume would
+    if (earlier := read_json(run_dir / "run.json")) and (differ := settings_differences(earlier, settings)):
+        raise RuntimeError(f"run-dir {run_dir} holds a run made with other settings ({differ}); give another "
+                           "run-dir, or the same settings to go on with that run")
+    atomic_write_json(run_dir / "run.json", settings)
+    options = ServerOptions(run_dir=run_dir, expected_nodes=counts.nodes(cfg), wait_for_reply=wait_for_reply)
+    report = run_oppu(grid, cfg, options)
+    log.info("report: %s\n%s", run_dir / "report.md", (run_dir / "report.md").read_text())
+    failures = [why for why in (unevaluated_test_users(report, counts.test), missing_updates(report)) if why]
+    if failures:
+        raise RuntimeError("the run is not complete: " + "; ".join(failures))

@@ -9,14 +9,19 @@ before it starts that loop, so loading this module puts ours in its place, where
 where an engine can run; and the server's wait between pulls ends when the engine stores a reply. In a SuperNode's
 process, or a ServerApp's on a SuperLink, no engine runs: nothing is installed, and the server's wait is a plain
 sleep (no store ever signals one there).
+
+A SuperNode loads this module for its ClientApp in a fresh process for every message, so the server's code (torch,
+transformers: 6 s and 340 MB a message) is imported only when the ServerApp runs.
 """
 
 from __future__ import annotations
 
 import sys
 
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
 from client.app import make_client_app
-from server.app import flwr_run_server_app
 from simulation.waiting import install_patient_extractor, wait_for_reply
 
 ENGINE_MODULE = "flwr.server.superlink.fleet.vce.vce_api"  # loaded by Flower's simulation runtime before any app
@@ -24,4 +29,12 @@ ENGINE_MODULE = "flwr.server.superlink.fleet.vce.vce_api"  # loaded by Flower's 
 if ENGINE_MODULE in sys.modules:
     install_patient_extractor()
 client_app = make_client_app()
-server_app = flwr_run_server_app(wait_for_reply)
+server_app = ServerApp()
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    """OPPU on `flwr run`'s grid, with the run config `flwr run` gives (server/app.py: run_flwr)."""
+    from server.app import run_flwr  # here, in the ServerApp's process only (see above)
+
+    run_flwr(grid, context, wait_for_reply)

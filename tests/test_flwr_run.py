@@ -115,15 +115,17 @@ def _imports_flwr_app(first: str) -> dict:
             "vce = sys.modules.get(a.ENGINE_MODULE)\n"
             "print(json.dumps({'engine': vce is not None, 'patient': vce is not None and "
             "vce.add_messages_to_queue.__name__ == 'patient_extractor', 'apps': [type(a.server_app).__name__, "
-            "type(a.client_app).__name__]}))")
+            "type(a.client_app).__name__], 'torch': 'torch' in sys.modules}))")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.splitlines()[-1])
 
 
 def test_the_apps_put_the_patient_loop_in_flowers_engine_only_where_it_runs() -> None:
-    """Flower's simulation runtime has its engine loaded before it imports the apps; a SuperNode has none."""
+    """Flower's simulation runtime has its engine loaded before it imports the apps; a SuperNode has none, and
+    loads the module for every message: without torch (the ServerApp's code imports it when the ServerApp runs)."""
     in_runtime = _imports_flwr_app("import flwr.simulation.app")
+    del in_runtime["torch"]  # (whatever Flower's runtime imports itself)
     assert in_runtime == {"engine": True, "patient": True, "apps": ["ServerApp", "ClientApp"]}
     elsewhere = _imports_flwr_app("import flwr.supernode.runtime.run_clientapp")
-    assert elsewhere == {"engine": False, "patient": False, "apps": ["ServerApp", "ClientApp"]}
+    assert elsewhere == {"engine": False, "patient": False, "apps": ["ServerApp", "ClientApp"], "torch": False}
