@@ -267,10 +267,10 @@ def make_server_app(cfg: RunConfig, opts: ServerOptions) -> ServerApp:
 
 
 def run_flwr(grid: Grid, context: Context, wait_for_reply: Callable[[float], None] = time.sleep) -> None:
-    """The ServerApp of `flwr run` (simulation/flwr_app.py): config from [tool.flwr.app.config] (+ --run-config
-    overrides); `wait_for_reply`: how it waits between pulls (ServerOptions). Ends with the report's table, as
-    flower-simulation does; a run that is not complete raises, so that Flower marks it failed (`flwr ls`: the run's
-    status) where it would report success."""
+    """What the ServerApp of `flwr run` runs (simulation/flwr_app.py): config from [tool.flwr.app.config] (+
+    --run-config overrides); `wait_for_reply`: how it waits between pulls (ServerOptions). Ends with the report's
+    table, as flower-simulation does; a run that is not complete raises, so that Flower marks it failed (`flwr ls`:
+    the run's status) where it would report success."""
     for name in ("oppu", "server", "client", "common"):  # our lines through Flower's handler, a ServerApp's only one
         logging.getLogger(name).addHandler(flower_console)
         logging.getLogger(name).setLevel(logging.INFO)
