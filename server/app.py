@@ -64,6 +64,9 @@ class ServerOptions:
     record_view: bool = False  # keep what the server holds of each round (server/view.py: for attacks and tests)
     # the wait between pulls for replies, at most the seconds given; the simulation's ends when a reply is stored
     wait_for_reply: Callable[[float], None] = time.sleep
+    # the key nodes are ordered by (replies, the training nodes rounds sample from); under `flwr run`: the id
+    # flower-simulation would have given the node (simulation/node_ids.py), so that both give the same run
+    node_order: Callable[[int], int] = int
 
 
 def arrays_sha256(arrays: ArrayRecord) -> str:
@@ -163,7 +166,7 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> None:
 
 def run_oppu(grid: Grid, cfg: RunConfig, opts: ServerOptions) -> dict[str, Any]:
     """The whole federated OPPU run; returns (and writes) the report."""
-    grid = AuditedGrid(grid, opts.run_dir / "audit", opts.wait_for_reply)
+    grid = AuditedGrid(grid, opts.run_dir / "audit", opts.wait_for_reply, opts.node_order)
     task = get_task(cfg.task)
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -266,9 +269,10 @@ def make_server_app(cfg: RunConfig, opts: ServerOptions) -> ServerApp:
     return server_app
 
 
-def run_flwr(grid: Grid, context: Context, wait_for_reply: Callable[[float], None] = time.sleep) -> None:
+def run_flwr(grid: Grid, context: Context, wait_for_reply: Callable[[float], None] = time.sleep,
+             node_order: Callable[[int], Callable[[int], int]] = lambda seed: int) -> None:
     """What the ServerApp of `flwr run` runs (simulation/flwr_app.py): config from [tool.flwr.app.config] (+
-    --run-config overrides); `wait_for_reply`: how it waits between pulls (ServerOptions). Ends with the report's
+    --run-config overrides); `wait_for_reply` and `node_order(seed)` as ServerOptions. Ends with the report's
     table, as flower-simulation does; a run that is not complete raises, so that Flower marks it failed (`flwr ls`:
     the run's status) where it would report success."""
     for name in ("oppu", "server", "client", "common"):  # our lines through Flower's handler, a ServerApp's only one
@@ -280,7 +284,8 @@ def run_flwr(grid: Grid, context: Context, wait_for_reply: Callable[[float], Non
         raise RuntimeError(f"run-dir {run_dir} holds a run made with other settings ({differ}); give another "
                            "run-dir, or the same settings to go on with that run")
     atomic_write_json(run_dir / "run.json", settings)
-    options = ServerOptions(run_dir=run_dir, expected_nodes=counts.nodes(cfg), wait_for_reply=wait_for_reply)
+    options = ServerOptions(run_dir=run_dir, expected_nodes=counts.nodes(cfg), wait_for_reply=wait_for_reply,
+                            node_order=node_order(cfg.seed))
     report = run_oppu(grid, cfg, options)
     log.info("report: %s\n%s", run_dir / "report.md", (run_dir / "report.md").read_text())
     failures = [why for why in (unevaluated_test_users(report, counts.test), missing_updates(report)) if why]

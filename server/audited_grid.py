@@ -19,12 +19,14 @@ from server.exchange import exchange
 
 class AuditedGrid(Grid):
     """Delegates to a real Grid and writes <audit_dir>/server.jsonl; `wait_for_reply` is how `exchange` waits
-    between pulls (ServerOptions.wait_for_reply)."""
+    between pulls and `node_order` the key it orders replies by (ServerOptions)."""
 
-    def __init__(self, grid: Grid, audit_dir: Path, wait_for_reply: Callable[[float], None]):
+    def __init__(self, grid: Grid, audit_dir: Path, wait_for_reply: Callable[[float], None],
+                 node_order: Callable[[int], int] = int):
         self._grid = grid
         self._audit_dir = audit_dir
         self.wait_for_reply = wait_for_reply
+        self.node_order = node_order
         self._observers: list[Callable[[Message], None]] = []
 
     def set_run(self, run: Run) -> None:

@@ -17,8 +17,9 @@ def exchange(
     grid: Grid, messages: list[Message], timeout: float, on_reply: Callable[[Message], None] | None = None
 ) -> list[Message]:
     """Push messages, then collect replies as they arrive (calling `on_reply` on each) until all or timeout;
-    the replies in order of their node's id, so that nothing a run computes from them (the announced node lists that
-    rounds sample from, FedAvg's sum) depends on which node answered first.
+    the replies in order of their node's id (by the grid's `node_order` where it has one: AuditedGrid), so that
+    nothing a run computes from them (the announced node lists that rounds sample from, FedAvg's sum) depends on
+    which node answered first.
 
     A node that never answers within the timeout is reported as missing by the caller (no hang). Between pulls it
     waits with the grid's `wait_for_reply(seconds)` where the grid has one (the simulation's returns the moment its
@@ -44,4 +45,5 @@ def exchange(
             wait = SHORTEST_WAIT if pulled else min(LONGEST_WAIT, wait * 2)
             pause(min(wait, max(0.0, deadline - time.monotonic())))
             time.sleep(max(0.0, min(next_pull, deadline) - time.monotonic()))
-    return sorted(replies, key=lambda reply: reply.metadata.src_node_id)
+    order: Callable[[int], int] = getattr(grid, "node_order", int)
+    return sorted(replies, key=lambda reply: order(reply.metadata.src_node_id))

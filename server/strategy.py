@@ -34,7 +34,7 @@ class TaskAdapterFedAvg(FedAvg):
             weighted_by_key=p.NUM_EXAMPLES, arrayrecord_key=p.ARRAYS, configrecord_key=p.CONFIG,
             train_metrics_aggr_fn=self._keep_round, **server_step,
         )
-        self.train_nodes = sorted(train_nodes)
+        self.train_nodes = list(train_nodes)  # in the server's node order (exchange's): what each round samples from
         self.sample_size = sample_size  # training nodes each round samples
         self.seed = seed
         self.view = view

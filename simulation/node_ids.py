@@ -7,7 +7,9 @@ the default flags on the same test users gave `base` 0.766-0.828 MAE (docs/quali
 engine's registration draws the ids from the seed instead, in partition order, so the same flags sample the same
 users, train the same adapters and write the same report (with the server reading replies in node-id order,
 server/exchange.py, and clients rounding SecAgg+ vectors repeatably, common/secure_update.py). A deployment's
-SuperLink draws its own ids as before.
+SuperLink draws its own ids as before. Under `flwr run` Flower's engine has drawn its random ids before any app of
+ours loads, so the server orders nodes by the ids this module would have drawn (`flower_simulation_order`): the
+same run config then samples the same users and sums their updates in the same order as flower-simulation does.
 
 What the server may learn from it: no message changes, so the privacy audit is unchanged; code that knows the seed
 and the partition rule (test users are the longest histories) could tell which partition a node id holds, much as
@@ -18,10 +20,13 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from functools import cache
 from typing import Any
 
 from flwr.common.constant import NODE_ID_NUM_BYTES, SUPERLINK_NODE_ID
+
+from simulation.waiting import ENGINE_NODES
 
 
 def seeded_node_ids(seed: int, count: int) -> list[int]:
@@ -78,3 +83,19 @@ def install_seeded_node_ids(seed: int) -> None:
 
     register.flower_register = flower_register  # type: ignore[attr-defined]
     vce_api._register_nodes = register
+
+
+def flower_simulation_order(seed: int, engine_nodes: Mapping[int, int] = ENGINE_NODES) -> Callable[[int], int]:
+    """The server's node order under `flwr run` (ServerOptions.node_order): each node's key is the id
+    flower-simulation gives its partition (`seeded_node_ids`), read from the engine's node-to-partition mapping
+    (`engine_nodes`, complete once the engine's loop runs, before any reply); a node not in it keeps its own id."""
+
+    @cache
+    def seeded() -> list[int]:
+        return seeded_node_ids(seed, max(engine_nodes.values()) + 1)
+
+    def key(node_id: int) -> int:
+        partition = engine_nodes.get(node_id)
+        return node_id if partition is None else seeded()[partition]
+
+    return key

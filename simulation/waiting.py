@@ -39,6 +39,10 @@ SCAN_SHARE = 0.005  # the most of the driver's time that idle passes may take
 
 log = logging.getLogger(__name__)
 
+# the engine's node id -> partition id, as its loop was handed them: under `flwr run`, where Flower drew the ids
+# before any app of ours loaded, the one place that says which node holds which partition (simulation/node_ids.py)
+ENGINE_NODES: dict[int, int] = {}
+
 
 @dataclass(frozen=True)
 class StoreEvents:
@@ -120,6 +124,7 @@ def take_messages(state: Any, nodes: Iterable[int]) -> list[Any]:
 def patient_extractor(state: Any, queue: Queue, nodes_mapping: dict, f_stop: threading.Event) -> None:
     """Flower's `add_messages_to_queue` (same arguments and effect): backs off while nothing is waiting, and
     passes again as soon as the state stores a message."""
+    ENGINE_NODES.update(nodes_mapping)
     signal_stores(state)
     wait = SHORTEST_WAIT
     signalled, warned = True, False  # the first pass finds what was stored before the signals were in place

@@ -95,6 +95,27 @@ def test_the_same_run_dir_goes_on_with_the_same_settings_only(flwr_env: Flwr, fi
     assert json.loads((run_dir / "report.json").read_text())["users"]["evaluated"] == 2
 
 
+def test_flwr_run_and_flower_simulation_give_the_same_run(flwr_env: Flwr, tmp_path: Path) -> None:
+    """The same settings on both, on MovieLens (the item table summed under SecAgg+, the calibration round): each
+    round samples 2 of 6 training users, and both runs train the same task adapter and write the same report (the
+    server orders nodes by the ids flower-simulation draws from the seed; before, `flwr run` sampled by Flower's
+    random ids: other users in each round)."""
+    changes = {"data": "default", "task": "MovieLens", "train-clients": 6, "train-per-round": 2, "rounds": 2}
+    _run(flwr_env, tmp_path / "flwr-run", **changes)
+    flags = [arg for key, value in {**RUN_CONFIG, **changes}.items() for arg in (f"--{key}", str(value))]
+    done = subprocess.run([str(FLWR.parent / "flower-simulation"), *flags, "--run-dir", str(tmp_path / "simulation")],
+                          cwd=REPO, env=flwr_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    adapters, reports = [], []
+    for run_dir in (tmp_path / "flwr-run", tmp_path / "simulation"):
+        adapters.append((run_dir / "server" / "task_adapter" / "adapter_model.safetensors").read_bytes())
+        report = json.loads((run_dir / "report.json").read_text())
+        reports.append({key: report[key] for key in ("methods", "comparisons")})
+        assert report["task_adaptation"]["sampled_updates"] == {"1": 2, "2": 2}
+    assert adapters[0] == adapters[1]
+    assert reports[0] == reports[1]
+
+
 def test_a_flwr_run_with_a_failed_test_user_is_marked_failed(flwr_env: Flwr, tmp_path: Path) -> None:
     cfg, counts, _ = flwr_run_settings(RUN_CONFIG)
     test, _ = split_users(load_users(cfg, counts.users_hint()), counts, cfg)
