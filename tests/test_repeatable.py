@@ -12,7 +12,7 @@ import pytest
 
 from server.view import read_server_view
 from simulation.cli import main
-from simulation.node_ids import seeded_node_ids
+from simulation.node_ids import flower_simulation_order, seeded_node_ids
 
 FLAGS = [
     "--task", "MovieLens", "--data", "default", "--model", "tiny-random", "--num-clients", "2", "--train-clients",
@@ -69,3 +69,15 @@ def test_seeded_node_ids_are_distinct_valid_and_fixed_by_the_seed() -> None:
     assert all(0 < node_id < 2**64 for node_id in ids)
     assert seeded_node_ids(7, 5) == ids[:5]  # a bigger population keeps the smaller one's ids
     assert seeded_node_ids(8, 5) != ids[:5]
+
+
+def test_under_flwr_run_nodes_are_ordered_by_the_ids_flower_simulation_draws() -> None:
+    """Flower's engine under `flwr run` drew its own ids (here: the reverse of the seeded order); the server's order
+    is the seeded ids' of their partitions, and a node the engine did not map keeps its own id."""
+    seeded = seeded_node_ids(3, 4)
+    flower_ids = sorted(seeded, reverse=True)  # any other ids: these make the two orders differ
+    engine_nodes = {node: partition for partition, node in enumerate(flower_ids)}
+    key = flower_simulation_order(3, engine_nodes)
+    assert [key(node) for node in flower_ids] == seeded
+    assert sorted(flower_ids, key=key) != sorted(flower_ids)
+    assert key(12345) == 12345
