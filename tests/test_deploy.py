@@ -94,6 +94,7 @@ def test_a_stopped_oppu_deploy_leaves_no_process_behind_within_seconds(tmp_path:
             assert time.monotonic() < deadline, "the app did not start within 300 s"
             time.sleep(0.2)
         tree = [psutil.Process(deploy.pid), *psutil.Process(deploy.pid).children(recursive=True)]
+        started = dict(zip((p.pid for p in tree), command_lines(tree)))  # named even if one ends before the assert
         hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
         stopped_at = time.monotonic()
         deploy.send_signal(how)
@@ -102,7 +103,7 @@ def test_a_stopped_oppu_deploy_leaves_no_process_behind_within_seconds(tmp_path:
         for process in [*hogs, *([deploy] if deploy.poll() is None else [])]:
             process.kill()
             process.wait()
-    assert not alive, command_lines(alive)
+    assert not alive, [started[p.pid] for p in alive]
     assert not processes_naming(run_dir)
     if how != signal.SIGKILL:
         assert deploy.returncode == INTERRUPTED, (tmp_path / "oppu-deploy.log").read_text()
