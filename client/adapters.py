@@ -19,7 +19,11 @@ from peft import (
     PromptTuningConfig,
     get_peft_model,
 )
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import (
+    TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from transformers import PreTrainedModel
 
 from common.config import PeftSettings
@@ -33,12 +37,14 @@ def peft_config(settings: PeftSettings) -> PeftConfig:
             r=settings.r, lora_alpha=settings.alpha, target_modules=list(settings.target_modules), lora_dropout=0.0,
             task_type="CAUSAL_LM",
         )
-    if settings.kind == "ia3":
-        return IA3Config(
-            target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
-            task_type="CAUSAL_LM",
-        )
+    if settings.kind == "ia3":  # peft's layers for the architecture (Llama: k_proj, v_proj and down_proj)
+        return IA3Config(task_type="CAUSAL_LM")
     return PromptTuningConfig(num_virtual_tokens=settings.virtual_tokens, task_type="CAUSAL_LM")
+
+
+def ia3_layers_known(model_type: str) -> bool:
+    """Whether peft knows which layers IA3 scales in this architecture (its per-model-type table)."""
+    return model_type in TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
 
 
 def personal_adapter_name(user_id: str, variant: str = "") -> str:

@@ -83,11 +83,12 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return str(pick_dtype(torch.device(device))).removeprefix("torch.") if dtype == "auto" else dtype
 
 
-def attention_for(device: torch.device, dtype: str) -> str:
-    """Eager attention on CUDA and for bf16 on a CPU; the library default (sdpa) for fp32 on a CPU.
+def attention_for(device: torch.device, dtype: str) -> str | None:
+    """Eager attention on CUDA and for bf16 on a CPU; for fp32 on a CPU the library's default (None: sdpa where the
+    architecture has it, else eager; asking for sdpa by name fails on one without it, e.g. Gemma-2).
 
     CUDA: with left padding, a pad position attends to nothing, and torch's fused SDPA kernels give NaN for such
     rows (pytorch#103749, #125674); on an H200 every task-adaptation update of SmolLM2 came back NaN in bf16 and nf4,
     while eager attention masks with the dtype's minimum and stays finite. CPU bf16: the fused backward made a LoRA
     step 25% slower (SmolLM2, 1 thread, 64-512 tokens)."""
-    return "eager" if device.type == "cuda" or dtype == "bfloat16" else "sdpa"
+    return "eager" if device.type == "cuda" or dtype == "bfloat16" else None

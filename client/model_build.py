@@ -20,8 +20,10 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedTokenizerBase,
 )
+from transformers.pytorch_utils import Conv1D
 
 from client.assets import installed_asset
 from client.model_cache import cache_problem, default_cache_dir, model_slug
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2"
 TINY_MODEL = "tiny-random"
+# what peft's LoRA adapts in a causal LM: linear layers, and GPT-2's Conv1D (a linear with its weight transposed)
+LINEAR_LAYERS = (torch.nn.Linear, Conv1D)
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -140,19 +144,36 @@ def resolve_model(name: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> P
     return target
 
 
-def linear_module_names(name: str, cache_dir: Path | None = None) -> tuple[str, ...] | None:
-    """What a LoRA target may name in this model (its linear layers' own names), known before any weight is read:
-    the bundled models are Llamas; another model's config, in the cache or its local directory, is built on the
-    meta device. None while no config is at hand (a hub id not fetched yet): peft then checks at load time."""
-    if name in (DEFAULT_MODEL, TINY_MODEL):
-        return LLAMA_LINEAR_MODULES
+def _known_config(name: str, cache_dir: Path | None) -> PretrainedConfig | None:
+    """A base model's config before any weight is read: the cached copy's or its local directory's; None while none
+    is at hand (a hub id not fetched yet)."""
     for directory in ((cache_dir or default_cache_dir()) / "models" / model_slug(name), Path(name)):
         if (directory / "config.json").is_file():
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
-            head = model.get_output_embeddings()
-            linear = (n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head)
-            return tuple(dict.fromkeys(n.rsplit(".", 1)[-1] for n in linear))
+            return AutoConfig.from_pretrained(directory)
     return None
+
+
+def model_type(name: str, cache_dir: Path | None = None) -> str | None:
+    """The architecture's transformers name ('llama' for the bundled models), or None while no config is at hand."""
+    if name in (DEFAULT_MODEL, TINY_MODEL):
+        return "llama"
+    config = _known_config(name, cache_dir)
+    return config.model_type if config else None
+
+
+def linear_module_names(name: str, cache_dir: Path | None = None) -> tuple[str, ...] | None:
+    """What a LoRA target may name in this model (its linear layers' own names), known before any weight is read:
+    the bundled models are Llamas; another model is built from its config on the meta device. None while no config
+    is at hand: peft then checks at load time."""
+    if name in (DEFAULT_MODEL, TINY_MODEL):
+        return LLAMA_LINEAR_MODULES
+    config = _known_config(name, cache_dir)
+    if config is None:
+        return None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    linear = (n for n, m in model.named_modules() if isinstance(m, LINEAR_LAYERS) and m is not head)
+    return tuple(dict.fromkeys(n.rsplit(".", 1)[-1] for n in linear))
 
 

@@ -9,7 +9,8 @@ import math
 import os
 from pathlib import Path
 
-from client.model_build import UnknownModelError, linear_module_names, resolve_model
+from client.adapters import ia3_layers_known
+from client.model_build import UnknownModelError, linear_module_names, model_type, resolve_model
 from client.model_cache import CACHE_DIR_HELP
 from client.quantize import quantization_problem
 from common.config import PHASE_TIMEOUT, RUN_KEYS, RunConfig, UserCounts
@@ -171,6 +172,10 @@ def check_run_flags(args: argparse.Namespace, cfg: RunConfig, run_dir: Path | No
         if unknown:
             raise SetupError(f"--lora-targets {cfg.lora_targets}: {', '.join(unknown)} names no linear layer of "
                              f"--model {cfg.model}; expected names from {', '.join(modules)}")
+    architecture = model_type(cfg.model, getattr(args, "cache_dir", None))
+    if cfg.peft == "ia3" and architecture is not None and not ia3_layers_known(architecture):
+        raise SetupError(f"--peft ia3: peft does not know which layers of a {architecture} model (--model {cfg.model}) "
+                         "IA3 scales; use --peft lora or prompt")
     try:
         resolve_model(cfg.model, getattr(args, "cache_dir", None))
     except (UnknownModelError, FileNotFoundError) as e:  # (FileNotFoundError: the default model's package is missing)

@@ -346,4 +346,4 @@ def test_cuda_computes_attention_eagerly():
     assert attention_for(torch.device("cuda"), "bfloat16") == "eager"
     assert attention_for(torch.device("cuda"), "float32") == "eager"
     assert attention_for(torch.device("cpu"), "bfloat16") == "eager"
-    assert attention_for(torch.device("cpu"), "float32") == "sdpa"
+    assert attention_for(torch.device("cpu"), "float32") is None  # transformers: sdpa where the model has it
