@@ -11,6 +11,7 @@ from typing import NoReturn
 
 from common.config import UserCounts
 from common.exit_status import BAD_INPUT, DONE, FAILED, INTERRUPTED
+from simulation.deploy.processes import stop_trees
 from server.report import missing_updates, unevaluated_test_users
 from simulation.errors import EngineStopped, SetupError
 
@@ -32,11 +33,18 @@ def engine_stopped(prog: str, to_continue: str, error: EngineStopped) -> NoRetur
 
 def _end_process(status: int) -> NoReturn:
     """Flower's engine has stopped its workers, but its ServerApp thread would wait out the reply timeout for answers
-    that will not come, and Python waits for that thread before it exits. So Ray is shut down and the process ends
-    now."""
+    that will not come, and Python waits for that thread before it exits. So the process ends now, and with it the
+    local Ray cluster it started (GCS, raylet, agents, workers), killed at once: `ray.shutdown()` raced Flower's
+    threads, which still call into Ray, and Ray's core worker then ended this process with status 1 halfway through
+    it, leaving Ray's dashboard and runtime-env agents running (seen once under a loaded suite). A cluster joined
+    with --ray-address is not this process's to kill: it is left with `ray.shutdown()`."""
+    import psutil
     import ray  # only here, by which time the engine has loaded it
 
-    if ray.is_initialized():
+    started = psutil.Process().children()
+    if started:
+        stop_trees(started, grace=0)
+    elif ray.is_initialized():
         ray.shutdown()
     logging.shutdown()
     sys.stdout.flush()
