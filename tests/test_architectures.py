@@ -73,21 +73,17 @@ def test_a_model_without_fused_attention_loads_in_float32(model_dirs):
     assert tokenizer.pad_token_id == tokenizer.eos_token_id  # none in the tokenizer: EOS pads
 
 
-@pytest.mark.parametrize("name", ["qwen2", "gpt2"])
-def test_ia3_scales_the_layers_peft_knows_for_the_architecture(model_dirs, name):
-    model, _ = load_base(model_dirs[name], "cpu", "float32")
+@pytest.mark.parametrize(("name", "scaled_layers"), [
+    ("tiny-random", {"k_proj", "v_proj", "down_proj"}),  # the bundled Llamas' layers, as before peft chose them
+    ("qwen2", {"q_proj", "v_proj", "down_proj"}),
+    ("gpt2", {"c_attn", "c_proj"}),
+])
+def test_ia3_scales_the_layers_peft_knows_for_the_architecture(model_dirs, tiny_model_dir, name, scaled_layers):
+    model, _ = load_base(tiny_model_dir if name == "tiny-random" else model_dirs[name], "cpu", "float32")
     wrapped = get_peft_model(model, peft_config(PeftSettings(kind="ia3")), adapter_name="probe")
     scaled = {n.split(".ia3_l.")[0].rsplit(".", 1)[-1] for n, _ in wrapped.named_parameters() if ".ia3_l." in n}
     wrapped.unload()
-    assert scaled == ({"q_proj", "v_proj", "down_proj"} if name == "qwen2" else {"c_attn", "c_proj"})
-
-
-def test_the_bundled_llama_keeps_its_ia3_layers(tiny_model_dir):
-    model, _ = load_base(tiny_model_dir, "cpu", "float32")
-    wrapped = get_peft_model(model, peft_config(PeftSettings(kind="ia3")), adapter_name="probe")
-    scaled = {n.split(".ia3_l.")[0].rsplit(".", 1)[-1] for n, _ in wrapped.named_parameters() if ".ia3_l." in n}
-    wrapped.unload()
-    assert scaled == {"k_proj", "v_proj", "down_proj"}
+    assert scaled == scaled_layers
 
 
 def _run(argv: list[str], run_dir: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
