@@ -93,16 +93,42 @@ def test_a_damaged_model_cache_is_detected_and_made_again(tmp_path: Path, damage
     assert not [p for p in (tmp_path / "models").iterdir() if p.name != TINY_MODEL]  # no staging copy left
 
 
-def test_an_intact_cache_is_hashed_once_per_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model_dir = resolve_model(TINY_MODEL, tmp_path)
-    assert cache_problem(model_dir) is None
-    calls = []
+def test_an_intact_cache_is_hashed_once_while_its_files_stay_as_they_were(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check passed is remembered in the process and, for the next processes (a SuperNode starts one for every
+    message), in the cache; a file whose stats change is hashed again, and so is a model whose record is not its."""
     import client.model_cache as model_cache
 
+    model_dir = resolve_model(TINY_MODEL, tmp_path)
+    assert cache_problem(model_dir) is None
+    record = tmp_path / "verified" / f"{TINY_MODEL}.json"
+    assert json.loads(record.read_text())["sha256"] == model_hash(model_dir)
+    calls = []
     monkeypatch.setattr(model_cache, "verify_model_dir", lambda d: calls.append(d))
     assert cache_problem(model_dir) is None and calls == []  # remembered while the files' stats hold
+    monkeypatch.setattr(model_cache, "_intact", {})  # a new process
+    assert cache_problem(model_dir) is None and calls == []  # read from the cache's record
     (model_dir / "config.json").touch()  # a new mtime: checked again
     assert cache_problem(model_dir) is None and calls == [model_dir]
+    monkeypatch.setattr(model_cache, "_intact", {})
+    forged = json.loads(record.read_text())
+    record.write_text(json.dumps({**forged, "sha256": "0" * 64}))  # another model's record
+    assert cache_problem(model_dir) is None and calls == [model_dir, model_dir]
+
+
+def test_an_altered_model_is_found_by_a_later_process_despite_the_record(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import client.model_cache as model_cache
+
+    model_dir = resolve_model(TINY_MODEL, tmp_path)
+    assert cache_problem(model_dir) is None  # passed, and recorded
+    weights = model_dir / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))  # same size, new times
+    monkeypatch.setattr(model_cache, "_intact", {})
+    assert cache_problem(model_dir) == "its files do not match the sha256 in its manifest (truncated or altered)"
 
 
 def test_a_copy_another_process_installs_while_this_one_builds_is_kept(tmp_path: Path,
