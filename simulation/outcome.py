@@ -9,10 +9,12 @@ import sys
 import traceback
 from typing import NoReturn
 
+import psutil
+
 from common.config import UserCounts
 from common.exit_status import BAD_INPUT, DONE, FAILED, INTERRUPTED
-from simulation.deploy.processes import stop_trees
 from server.report import missing_updates, unevaluated_test_users
+from simulation.deploy.processes import stop_trees
 from simulation.errors import EngineStopped, SetupError
 
 
@@ -38,7 +40,6 @@ def _end_process(status: int) -> NoReturn:
     threads, which still call into Ray, and Ray's core worker then ended this process with status 1 halfway through
     it, leaving Ray's dashboard and runtime-env agents running (seen once under a loaded suite). A cluster joined
     with --ray-address is not this process's to kill: it is left with `ray.shutdown()`."""
-    import psutil
     import ray  # only here, by which time the engine has loaded it
 
     started = psutil.Process().children()
