@@ -49,11 +49,13 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -
     tokenizer.pad_token = None
     root = tmp_path_factory.mktemp("architectures")
     torch.manual_seed(0)
+    dirs: dict[str, Path] = {}
     for name, model in _models(len(tokenizer)).items():
         model.config.eos_token_id = tokenizer.eos_token_id
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-    return {name: root / name for name in ("qwen2", "gemma2", "phi3", "gpt2")}
+        dirs[name] = root / name
+        model.save_pretrained(dirs[name])
+        tokenizer.save_pretrained(dirs[name])
+    return dirs
 
 
 def test_lora_targets_name_each_architectures_own_layers(model_dirs, tmp_path):
