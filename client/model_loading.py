@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -46,3 +47,20 @@ def _load_base(model_dir: Path, device: str, dtype: str, quantize: str) -> tuple
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_weightless(model_dir: Path) -> PreTrainedModel:
+    """The base's layers with zero-strided stand-ins for its weights (4 bytes each, whatever the model's size), in
+    float32: all that peft reads to create and seed an adapter (the layers' order and shapes), so the server starts
+    FedAvg from the same seeded task LoRA as from the loaded base without reading or holding the base (an 8B one:
+    32 GB in float32). Only config.json is read."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
+    stand_ins: dict[int, torch.nn.Parameter] = {}  # by meta weight: tied weights stay one (counted once in a share)
+    for module in model.modules():
+        for name, weight in list(module.named_parameters(recurse=False)):
+            if id(weight) not in stand_ins:
+                stand_in = torch.zeros((), dtype=weight.dtype).expand(weight.shape)
+                stand_ins[id(weight)] = torch.nn.Parameter(stand_in, requires_grad=False)
+            setattr(module, name, stand_ins[id(weight)])
+    return model

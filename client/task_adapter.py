@@ -43,8 +43,8 @@ def remove_adapters(model: PeftModel) -> PreTrainedModel:
 
 
 def initial_task_state(base: PreTrainedModel, cfg: RunConfig) -> dict[str, torch.Tensor]:
-    """A freshly initialised task LoRA (seeded), as the server starts FedAvg from: the one time the server loads
-    the base."""
+    """A freshly initialised task LoRA (seeded), as the server starts FedAvg from (on a weightless base,
+    client/model_loading.load_weightless)."""
     model = attach_fresh(base, task_lora(cfg), TASK_ADAPTER, derived_seed(cfg.seed, "task"))
     try:
         return adapter_state(model, TASK_ADAPTER)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from client.model_build import resolve_model
-from client.model_loading import load_fresh
+from client.model_loading import load_weightless
 from client.references import best_constant, reference_names
 from client.task_adapter import initial_task_state, save_task_adapter
 from common import protocol as p
@@ -99,7 +99,7 @@ def adapt_task(
     if saved and saved["key"] == key:  # an interrupted run's, or one copied in by --task-adapter-from
         log.info("reusing the task adapter in %s (made with the same task-adaptation settings)", target)
         return ArrayRecord(load_file(target / "adapter_model.safetensors")), saved
-    initial = ArrayRecord(initial_task_state(load_fresh(model_dir, "cpu", "float32"), cfg))  # not kept: the server holds no model
+    initial = ArrayRecord(initial_task_state(load_weightless(model_dir), cfg))  # the server reads no weight
     defense = task_adaptation_defense(cfg, train_nodes, ServerView(opts.run_dir) if opts.record_view else None)
     result = defense.start(grid, initial, opts.timeout, _message_config(cfg, model_sha, item_table))
     # kept with the adapter: a resumed run reports the epsilon its reused adapter was released with

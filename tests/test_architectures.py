@@ -15,6 +15,7 @@ from transformers import (
     Gemma2ForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
     Phi3Config,
     Phi3ForCausalLM,
     PreTrainedModel,
@@ -22,10 +23,11 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from client.adapters import peft_config
+from client.adapters import attach_fresh, peft_config, trainable_parameters
 from client.model_build import linear_module_names, model_type
-from client.model_loading import load_base
-from common.config import PeftSettings
+from client.model_loading import load_base, load_fresh, load_weightless
+from client.task_adapter import initial_task_state, task_lora
+from common.config import PeftSettings, RunConfig
 from simulation.cli import main
 from simulation.privacy_audit import main as audit_main
 
@@ -86,6 +88,40 @@ def test_ia3_scales_the_layers_peft_knows_for_the_architecture(model_dirs, tiny_
     scaled = {n.split(".ia3_l.")[0].rsplit(".", 1)[-1] for n, _ in wrapped.named_parameters() if ".ia3_l." in n}
     wrapped.unload()
     assert scaled == scaled_layers
+
+
+@pytest.mark.parametrize(("name", "targets"), [
+    ("tiny-random", "q_proj,v_proj"), ("qwen2", "q_proj,v_proj"), ("gemma2", "q_proj,v_proj"), ("phi3", "qkv_proj"),
+    ("gpt2", "c_attn"),
+])
+def test_the_servers_weightless_base_seeds_the_same_task_lora_as_the_loaded_one(model_dirs, tiny_model_dir, name,
+                                                                               targets):
+    """The server starts FedAvg from a task LoRA made on stand-ins for the weights: the same tensors, bit for bit,
+    as on the loaded base, and the same trainable share (tied embeddings counted once)."""
+    model_dir = tiny_model_dir if name == "tiny-random" else model_dirs[name]
+    cfg = RunConfig(model=str(model_dir), lora_targets=targets)
+    weightless, loaded = initial_task_state(load_weightless(model_dir), cfg), initial_task_state(
+        load_fresh(model_dir, "cpu", "float32"), cfg)
+    assert weightless.keys() == loaded.keys() and len(loaded) == 2 * SIZE["num_hidden_layers"] * len(targets.split(","))
+    assert all(torch.equal(weightless[k], loaded[k]) for k in loaded)
+    assert any(v.abs().sum() > 0 for v in loaded.values())  # (seeded lora_A: not all zero)
+    sizes = [trainable_parameters(attach_fresh(model, task_lora(cfg), "size", 0))
+             for model in (load_weightless(model_dir), load_fresh(model_dir, "cpu", "float32"))]
+    assert sizes[0] == sizes[1]
+
+
+def test_an_8b_base_is_weightless_from_its_config_alone(tmp_path):
+    """A Llama-3-8B-shaped config without any weight file: 8.03e9 parameters held in a few bytes each, and its task
+    LoRA made from them (the server no longer reads 32 GB of float32 to start FedAvg)."""
+    LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256).save_pretrained(tmp_path)
+    model = load_weightless(tmp_path)
+    parameters = list(model.parameters())
+    assert round(sum(p.numel() for p in parameters) / 1e9, 2) == 8.03
+    assert sum(p.untyped_storage().nbytes() for p in parameters) < 4096
+    state = initial_task_state(model, RunConfig(model=str(tmp_path)))
+    # rank 8 on q_proj (4096 -> 4096) and v_proj (4096 -> 1024) of 32 layers
+    assert sum(v.numel() for v in state.values()) == 32 * 8 * (4096 + 4096 + 4096 + 1024)
 
 
 def _run(argv: list[str], run_dir: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

@@ -18,7 +18,7 @@ import numpy as np
 
 from client.adapters import attach_fresh, trainable_parameters
 from client.model_build import resolve_model
-from client.model_loading import load_fresh
+from client.model_loading import load_weightless
 from common.config import RunConfig
 from common.methods import method_name, parse_variant
 from common.tasks import TaskSpec, get_task
@@ -133,7 +133,7 @@ def peft_sizes(cfg: RunConfig, cache_dir: Path | None) -> dict[str, dict[str, fl
     model_dir = resolve_model(cfg.model, cache_dir)
     sizes = {}
     for kind in PEFT_ARMS:
-        model = attach_fresh(load_fresh(model_dir, "cpu"), dataclasses.replace(cfg, peft=kind).peft_settings(), "size", 0)
+        model = attach_fresh(load_weightless(model_dir), dataclasses.replace(cfg, peft=kind).peft_settings(), "size", 0)
         trainable, share = trainable_parameters(model)
         sizes[kind] = {"trainable parameters": int(trainable), "trainable share": share}
     return sizes
