@@ -44,19 +44,16 @@ def announce(grid: Grid, model_name: str, model_sha: str, timeout: float) -> tup
     return nodes, [r for r in replies if r.has_error()]
 
 
-def _chunks(model_dir: Path) -> Iterator[tuple[str, int, bytes, str, int]]:
-    """(file, offset, data, file sha256, file size) for every model file, in name order."""
-    for path in sorted(f for f in model_dir.iterdir() if f.is_file() and f.name != MANIFEST):
-        digest = file_sha256(path)
-        size = path.stat().st_size
+def model_chunks(model_dir: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[str, int, bytes, str, int, bool]]:
+    """(file, offset, data, file sha256, file size, last) for every model file but the manifest, in name order, read
+    as it is sent: the server holds one chunk of the model at a time, not the model (an 8B base is 16 GB)."""
+    files = sorted(f for f in model_dir.iterdir() if f.is_file() and f.name != MANIFEST)
+    for index, path in enumerate(files):
+        digest, size = file_sha256(path), path.stat().st_size
         with open(path, "rb") as f:
-            offset = 0
-            while True:
-                data = f.read(CHUNK_BYTES)
-                yield path.name, offset, data, digest, size
-                offset += len(data)
-                if offset >= size:
-                    break
+            for offset in range(0, max(size, 1), chunk_bytes):  # an empty file is one empty chunk
+                last = index == len(files) - 1 and offset + chunk_bytes >= size
+                yield path.name, offset, f.read(chunk_bytes), digest, size, last
 
 
 def send_model(grid: Grid, nodes: Iterable[int], model_dir: Path, model_name: str, model_sha: str, timeout: float) -> set[int]:
@@ -64,14 +61,12 @@ def send_model(grid: Grid, nodes: Iterable[int], model_dir: Path, model_name: st
     nodes = list(nodes)
     if not nodes:
         return set()
-    chunks = list(_chunks(model_dir))
     installed: set[int] = set()
-    for index, (name, offset, data, digest, size) in enumerate(chunks):
+    for name, offset, data, digest, size, last in model_chunks(model_dir):
         config = ConfigRecord(
             {
                 p.MODEL_NAME: model_name, p.MODEL_SHA256: model_sha, p.CHUNK_FILE: name, p.CHUNK_OFFSET: offset,
-                p.CHUNK_DATA: data, p.CHUNK_FILE_SHA256: digest, p.CHUNK_FILE_SIZE: size,
-                p.CHUNK_LAST: index == len(chunks) - 1,
+                p.CHUNK_DATA: data, p.CHUNK_FILE_SHA256: digest, p.CHUNK_FILE_SIZE: size, p.CHUNK_LAST: last,
             }
         )
         messages = [

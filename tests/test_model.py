@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from common.config import RunConfig, UserCounts
 from common.model_files import MANIFEST, model_hash, verify_model_dir
 from common.secure_update import on_quantization_grid
 from common.tasks import get_task
+from server.distribution import model_chunks
 from simulation.node_stores import write_partitions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,17 +214,23 @@ def test_model_slug_keeps_simple_names_and_separates_hub_ids():
 # ------------------------------------------------------------------------------- transfer from the server
 
 
-def _chunks(model_dir: Path, size: int = 1 << 16):
-    """(file, offset, data, sha256, size, last) for every model file but the manifest, in name order."""
-    files = sorted(p for p in model_dir.iterdir() if p.is_file() and p.name != MANIFEST)
-    out = []
-    for path in files:
-        data = path.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        for offset in range(0, max(len(data), 1), size):
-            out.append([path.name, offset, data[offset : offset + size], digest, len(data), False])
-    out[-1][-1] = True
-    return out
+def _chunks(model_dir: Path, size: int = 1 << 16) -> list[list]:
+    """The server's chunks of a model, as lists a test may alter."""
+    return [list(chunk) for chunk in model_chunks(model_dir, size)]
+
+
+def test_the_server_reads_the_model_one_chunk_at_a_time(tmp_path):
+    """Sending a model costs the server one chunk of memory, not the model's size (an 8B base: 16 GB)."""
+    (tmp_path / "model.safetensors").write_bytes(os.urandom(8 << 20))
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    tracemalloc.start()
+    chunks = [(file, offset, len(data), last) for file, offset, data, _, _, last in model_chunks(tmp_path, 1 << 20)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 3 << 20, peak
+    assert chunks[:2] == [("config.json", 0, 2, False), ("empty.txt", 0, 0, False)]
+    assert chunks[2:] == [("model.safetensors", i << 20, 1 << 20, i == 7) for i in range(8)]
 
 
 def test_find_model_by_hash(tiny_model_dir, tmp_path):
