@@ -166,20 +166,26 @@ def check_run_flags(args: argparse.Namespace, cfg: RunConfig, run_dir: Path | No
     quantization = quantization_problem(cfg.quantize, cfg.device) if clients_here else None
     if quantization:
         raise SetupError(quantization)
-    modules = linear_module_names(cfg.model, getattr(args, "cache_dir", None))
+    try:
+        _check_model(cfg, getattr(args, "cache_dir", None))
+    except (UnknownModelError, FileNotFoundError) as e:  # (FileNotFoundError: the default model's package is missing)
+        raise SetupError(str(e)) from e
+
+
+def _check_model(cfg: RunConfig, cache_dir: Path | None) -> None:
+    """--model is at hand (built into the cache) and has the layers --lora-targets and --peft name: read from its
+    config first, so a wrong flag is refused before a model is fetched, converted or copied."""
+    modules = linear_module_names(cfg.model, cache_dir)
     if modules is not None:
         unknown = [t for t in cfg.peft_settings().target_modules if t not in modules]
         if unknown:
             raise SetupError(f"--lora-targets {cfg.lora_targets}: {', '.join(unknown)} names no linear layer of "
                              f"--model {cfg.model}; expected names from {', '.join(modules)}")
-    architecture = model_type(cfg.model, getattr(args, "cache_dir", None))
+    architecture = model_type(cfg.model, cache_dir)
     if cfg.peft == "ia3" and architecture is not None and not ia3_layers_known(architecture):
         raise SetupError(f"--peft ia3: peft does not know which layers of a {architecture} model (--model {cfg.model}) "
                          "IA3 scales; use --peft lora or prompt")
-    try:
-        resolve_model(cfg.model, getattr(args, "cache_dir", None))
-    except (UnknownModelError, FileNotFoundError) as e:  # (FileNotFoundError: the default model's package is missing)
-        raise SetupError(str(e)) from e
+    resolve_model(cfg.model, cache_dir)
 
 
 def user_counts(args: argparse.Namespace) -> UserCounts:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from client import device
 from client.device import BF16_MIN_SPEEDUP, cpu_bf16_speedup, pick_dtype, resolve_dtype
@@ -54,6 +56,44 @@ def test_tiny_model_rebuilds_bit_for_bit(tiny_model_dir, tmp_path):
     assert model_hash(rebuilt) == model_hash(tiny_model_dir)
     assert (rebuilt / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model-")], "staging directory left behind"
+
+
+def test_a_local_model_directory_is_copied_not_loaded(tiny_model_dir, tmp_path):
+    """A user's own model (sharded, with stray files beside it, as a hub download has) enters the cache as its
+    config, weights and tokenizer, byte for byte: nothing holds the base in memory (an 8B one: 17 GB), its shards stay
+    shards, and the same model loads from it."""
+    source = tmp_path / "my-model"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(source, max_shard_size="4MB")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(source)
+    (source / "original").mkdir()
+    (source / "original" / "consolidated.00.pth").write_bytes(b"a second copy of the weights")
+    (source / "training_args.bin").write_bytes(b"state of another job")
+    shards = sorted(p.name for p in source.glob("model-*.safetensors"))
+    assert len(shards) >= 2
+
+    cached = resolve_model(str(source), tmp_path / "cache")
+    assert sorted(p.name for p in cached.iterdir()) == sorted(
+        {*shards, "model.safetensors.index.json", "config.json", "generation_config.json", "tokenizer.json",
+         "tokenizer_config.json", "chat_template.jinja", MANIFEST})
+    assert all((cached / s).read_bytes() == (source / s).read_bytes() for s in shards)
+    assert verify_model_dir(cached) == model_hash(cached)
+    tokens = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        logits = [load_base(d, "cpu", "float32")[0](tokens).logits for d in (cached, tiny_model_dir)]
+    assert torch.equal(*logits)
+
+
+def test_a_local_model_without_safetensors_is_loaded_and_saved(tiny_model_dir, tmp_path):
+    """Weights in another format (here PyTorch's pickle) go through transformers, which writes safetensors."""
+    source = tmp_path / "my-model"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(source)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(source)
+    state = load_file(source / "model.safetensors")
+    torch.save(state, source / "pytorch_model.bin")
+    (source / "model.safetensors").unlink()
+    cached = resolve_model(str(source), tmp_path / "cache")
+    assert (cached / "model.safetensors").is_file() and not (cached / "pytorch_model.bin").exists()
+    assert load_file(cached / "model.safetensors").keys() == state.keys()
 
 
 def test_verify_model_dir_returns_manifest_hash(tiny_model_dir):

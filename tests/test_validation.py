@@ -331,6 +331,24 @@ def test_an_unknown_model_is_refused_before_ray_starts(tmp_path, capsys, monkeyp
     assert "unreachable" not in err and "127.0.0.2" not in err
 
 
+@pytest.mark.parametrize(("files", "why"), [
+    ({}, "no config.json in {dir}"),
+    ({"config.json": '{"hidden_size": 8}'}, "{dir}/config.json: Unrecognized model in {dir}"),
+    ({"config.json": '{"model_type": "llama"}'}, "no tokenizer in {dir}: expected tokenizer.json or "),
+])
+def test_a_model_directory_without_what_transformers_reads_is_refused(tmp_path, capsys, files, why):
+    """What the directory lacks, named, in one line; nothing enters the cache."""
+    model_dir = tmp_path / "my-model"
+    model_dir.mkdir()
+    for name, text in files.items():
+        (model_dir / name).write_text(text)
+    err = refused(["--task", "LaMP-2M", "--data", "synthetic", "--model", str(model_dir), "--cache-dir",
+                   str(tmp_path / "cache")], capsys, tmp_path / "run",
+                  f"flower-simulation: --model {str(model_dir)!r}: expected smollm2, tiny-random, a model directory or "
+                  f"a reachable hub id ({why.format(dir=model_dir)}")
+    assert len(err.splitlines()) == 1 and not list((tmp_path / "cache").rglob("*.json"))
+
+
 def test_a_hub_id_is_refused_at_once_where_the_hub_does_not_answer(tmp_path, capsys, monkeypatch):
     """One request, not huggingface_hub's 5 retries per file (52 s for a mistyped name on a machine without
     network); the hub stands at a closed loopback port."""
