@@ -33,11 +33,11 @@ def load_fresh(model_dir: Path, device: str = "cpu", dtype: str = "auto", quanti
 @cache
 def _load_base(model_dir: Path, device: str, dtype: str, quantize: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     torch_device = torch.device(device)
-    # each weight is read straight onto the device: a base loaded on the CPU and then moved held a host copy per
-    # client (an 8B one: 16 GB each); 4-bit weights are quantized as they are placed (a quantized model cannot move)
-    placement = {"": torch_device.index or 0} if torch_device.type == "cuda" else {"": torch_device}
-    settings = {"dtype": getattr(torch, dtype), "attn_implementation": attention_for(torch_device, dtype),
-                "device_map": placement}
+    settings = {"dtype": getattr(torch, dtype), "attn_implementation": attention_for(torch_device, dtype)}
+    if torch_device.type == "cuda":
+        # each weight read straight onto the GPU, not into a host copy per client first (an 8B base: 16 GB each);
+        # 4-bit weights are quantized as they are placed (a quantized model cannot move). A CPU loads on the host.
+        settings["device_map"] = {"": torch_device.index or 0}
     if quantize != "none":
         settings["quantization_config"] = quantization_config(quantize, device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, **settings)
