@@ -88,7 +88,8 @@ class UnknownModelError(ValueError):
     """--model names neither a bundled model nor a model directory nor a hub id that could be fetched."""
 
 
-def unknown_model(name: str, why: str) -> UnknownModelError:
+def _unknown_model(name: str, why: str) -> UnknownModelError:
+    """The one-line refusal of a --model value, with why it was refused."""
     return UnknownModelError(
         f"--model {name!r}: expected {DEFAULT_MODEL}, {TINY_MODEL}, a model directory or a reachable hub id ({why})"
     )
@@ -98,15 +99,15 @@ def _build_from_transformers(name: str, staging: Path) -> None:
     source = Path(name)
     config = _read_config(name, source) if source.is_dir() else None  # (None: a hub id)
     if config is not None and not any((source / file).is_file() for file in TOKENIZER_FILES):
-        raise unknown_model(name, f"no tokenizer in {source}: expected {' or '.join(TOKENIZER_FILES)}")
+        raise _unknown_model(name, f"no tokenizer in {source}: expected {' or '.join(TOKENIZER_FILES)}")
     if config is None and (unreachable := _hub_unreachable(name)):
-        raise unknown_model(name, unreachable)
+        raise _unknown_model(name, unreachable)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         if not (config is not None and _copy_safetensors(source, config, staging)):
             AutoModelForCausalLM.from_pretrained(name).save_pretrained(staging)
     except (OSError, ValueError) as e:  # transformers: no directory or hub id it could fetch, or no causal LM in it
-        raise unknown_model(name, str(e).splitlines()[0]) from None
+        raise _unknown_model(name, str(e).splitlines()[0]) from None
     tokenizer.save_pretrained(staging)
 
 
@@ -114,17 +115,18 @@ def _read_config(name: str, directory: Path) -> PretrainedConfig:
     """A model directory's config; where there is none or transformers cannot read it (no or an unknown
     model_type), an UnknownModelError that names the file."""
     if not (directory / CONFIG_NAME).is_file():
-        raise unknown_model(name, f"no {CONFIG_NAME} in {directory}")
+        raise _unknown_model(name, f"no {CONFIG_NAME} in {directory}")
     try:
         return AutoConfig.from_pretrained(directory)
     except (OSError, ValueError) as e:
-        raise unknown_model(name, f"{directory / CONFIG_NAME}: {str(e).splitlines()[0]}") from None
+        raise _unknown_model(name, f"{directory / CONFIG_NAME}: {str(e).splitlines()[0]}") from None
 
 
 def _copy_safetensors(source: Path, config: PretrainedConfig, staging: Path) -> bool:
     """Copy a local causal LM's config and safetensors weights (shards too) as they are; False where it has no
-    such weights (then it is loaded and saved). Loading and saving held the whole base in memory: a 1B bf16 one
-    2.5 GB for 3 s, an 8B one about 17 GB; stray files (an `original/` checkpoint, training state) are not copied."""
+    such weights (then it is loaded and saved). Loading and saving held the whole base in memory (a 1B bf16 one:
+    2.9 GB, an 8B one about 17 GB; bench/coordinator.py); stray files (an `original/` checkpoint, training state)
+    are not copied."""
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return False  # from_pretrained says why it is no causal LM
     index = source / SAFE_WEIGHTS_INDEX_NAME
