@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+from bench import gpu_sizes
 from bench.common import finish
 from client.model_build import resolve_model
 from client.model_loading import load_fresh, load_weightless
@@ -35,11 +36,10 @@ from common.config import RunConfig
 from common.model_files import write_manifest
 from server.distribution import model_chunks
 
-SIZES = {  # Llama-3.2-1B's and Llama-3-8B's shapes, and a tiny one for the test
+SIZES = {  # Llama-3.2-1B's shape (bench.gpu_sizes'), Llama-3-8B's, and a tiny one for the test
     "tiny": LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True),
-    "1b": LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "1b": gpu_sizes.SIZES["1b"],
     "8b": LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256),
 }

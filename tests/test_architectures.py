@@ -60,6 +60,12 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -
     return dirs
 
 
+@pytest.fixture(scope="module")
+def base_dirs(model_dirs: dict[str, Path], tiny_model_dir: Path) -> dict[str, Path]:
+    """The architectures' directories and the bundled tiny Llama's, by name."""
+    return {"tiny-random": tiny_model_dir, **model_dirs}
+
+
 def test_lora_targets_name_each_architectures_own_layers(model_dirs, tmp_path):
     assert {"q_proj", "v_proj", "down_proj"} <= set(linear_module_names(str(model_dirs["qwen2"]), tmp_path))
     assert {"qkv_proj", "gate_up_proj"} <= set(linear_module_names(str(model_dirs["phi3"]), tmp_path))
@@ -82,8 +88,8 @@ def test_a_model_without_fused_attention_loads_in_float32(model_dirs):
     ("qwen2", {"q_proj", "v_proj", "down_proj"}),
     ("gpt2", {"c_attn", "c_proj"}),
 ])
-def test_ia3_scales_the_layers_peft_knows_for_the_architecture(model_dirs, tiny_model_dir, name, scaled_layers):
-    model, _ = load_base(tiny_model_dir if name == "tiny-random" else model_dirs[name], "cpu", "float32")
+def test_ia3_scales_the_layers_peft_knows_for_the_architecture(base_dirs, name, scaled_layers):
+    model, _ = load_base(base_dirs[name], "cpu", "float32")
     wrapped = get_peft_model(model, peft_config(PeftSettings(kind="ia3")), adapter_name="probe")
     scaled = {n.split(".ia3_l.")[0].rsplit(".", 1)[-1] for n, _ in wrapped.named_parameters() if ".ia3_l." in n}
     wrapped.unload()
@@ -94,11 +100,10 @@ def test_ia3_scales_the_layers_peft_knows_for_the_architecture(model_dirs, tiny_
     ("tiny-random", "q_proj,v_proj"), ("qwen2", "q_proj,v_proj"), ("gemma2", "q_proj,v_proj"), ("phi3", "qkv_proj"),
     ("gpt2", "c_attn"),
 ])
-def test_the_servers_weightless_base_seeds_the_same_task_lora_as_the_loaded_one(model_dirs, tiny_model_dir, name,
-                                                                               targets):
+def test_the_servers_weightless_base_seeds_the_same_task_lora_as_the_loaded_one(base_dirs, name, targets):
     """The server starts FedAvg from a task LoRA made on stand-ins for the weights: the same tensors, bit for bit,
     as on the loaded base, and the same trainable share (tied embeddings counted once)."""
-    model_dir = tiny_model_dir if name == "tiny-random" else model_dirs[name]
+    model_dir = base_dirs[name]
     cfg = RunConfig(model=str(model_dir), lora_targets=targets)
     weightless, loaded = initial_task_state(load_weightless(model_dir), cfg), initial_task_state(
         load_fresh(model_dir, "cpu", "float32"), cfg)
